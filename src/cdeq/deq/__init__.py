@@ -1,0 +1,24 @@
+"""The DEQ layer, its backward strategies and regularisers."""
+
+from .backward import (
+    BackwardStrategy,
+    ImplicitBackward,
+    JacobianFreeBackward,
+    PhantomBackward,
+    get_backward,
+)
+from .layer import DEQ, SolverSpec
+from .regularizers import apply_weight_norm, jacobian_frobenius, spectral_radius
+
+__all__ = [
+    "DEQ",
+    "BackwardStrategy",
+    "ImplicitBackward",
+    "JacobianFreeBackward",
+    "PhantomBackward",
+    "SolverSpec",
+    "apply_weight_norm",
+    "get_backward",
+    "jacobian_frobenius",
+    "spectral_radius",
+]

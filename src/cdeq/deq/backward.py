@@ -1,0 +1,148 @@
+"""Backward strategies: how gradients reach the parameters through a fixed point.
+
+Each strategy is a small object with one method, ``attach(f, z_star, x) -> z``: given the
+equilibrium ``z_star`` found without a graph, it returns a tensor equal (or close) to ``z_star``
+whose graph carries the chosen gradient to the parameters of ``f`` and to ``x``.
+
+- :class:`ImplicitBackward`: exact implicit differentiation. The incoming gradient ``v`` is
+  replaced by the solution ``g`` of ``g = J_f(z*)^T g + v`` (the adjoint fixed point), found with a
+  solver of its own.
+- :class:`PhantomBackward`: ``k`` damped unrolled steps from ``z*`` (phantom gradient).
+- :class:`JacobianFreeBackward`: one step from ``z*``, i.e. ``J`` replaced by zero (``k = 1``,
+  no damping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import Config, check_int, check_range
+from ..solvers import Solver, SolverResult, get_solver
+
+
+class BackwardStrategy:
+    """Base class of backward strategies."""
+
+    extra_nfe: int = 1
+
+    def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
+        raise NotImplementedError
+
+
+class ImplicitBackward(BackwardStrategy):
+    """Exact gradient by the implicit function theorem.
+
+    Args:
+        solver: solver of the adjoint fixed point (name, dict or :class:`Solver`).
+        max_iter, tol: its limits.
+    """
+
+    extra_nfe = 1
+
+    def __init__(self, solver: str | dict | Solver = "anderson", max_iter: int = 40,
+                 tol: float = 1e-6) -> None:
+        self.solver = get_solver(solver, max_iter=max_iter, tol=tol, compact=False)
+        self.last_stats: SolverResult | None = None
+
+    def __repr__(self) -> str:
+        return f"ImplicitBackward({self.solver!r})"
+
+    def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
+        z_in = z_star.detach().requires_grad_()
+        z_out = f(z_in, x)
+        if not z_out.requires_grad:
+            return z_out
+
+        inside = [False]  # the vector-Jacobian products below pass through this hook again
+
+        def hook(grad: Tensor) -> Tensor:
+            if inside[0]:
+                return grad
+
+            def adjoint(g: Tensor, _: Any) -> Tensor:
+                (vjp,) = torch.autograd.grad(z_out, z_in, g, retain_graph=True)
+                return vjp + grad
+
+            inside[0] = True
+            try:
+                res = self.solver.solve(adjoint, grad.detach().clone())
+            finally:
+                inside[0] = False
+            self.last_stats = res
+            return res.z
+
+        z_out.register_hook(hook)
+        return z_out
+
+
+@dataclasses.dataclass
+class PhantomConfig(Config):
+    steps: int = 5
+    damping: float = 0.5
+
+    def validate(self) -> None:
+        check_int("steps", self.steps, minimum=1)
+        check_range("damping", self.damping, 1e-6, 1.0)
+
+
+class PhantomBackward(BackwardStrategy):
+    """Phantom gradient: ``k`` steps of ``z <- (1 - lam) z + lam f(z, x)`` from ``z*`` with a graph."""
+
+    def __init__(self, steps: int = 5, damping: float = 0.5) -> None:
+        self.config = PhantomConfig(steps=steps, damping=damping)
+        self.extra_nfe = steps
+
+    def __repr__(self) -> str:
+        return f"PhantomBackward(steps={self.config.steps}, damping={self.config.damping})"
+
+    def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
+        lam = self.config.damping
+        z = z_star.detach()
+        for _ in range(self.config.steps):
+            z = (1 - lam) * z + lam * f(z, x)
+        return z
+
+
+class JacobianFreeBackward(BackwardStrategy):
+    """Jacobian-free backward: one step ``f(z*, x)``, treating ``J_f`` as zero."""
+
+    extra_nfe = 1
+
+    def __repr__(self) -> str:
+        return "JacobianFreeBackward()"
+
+    def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
+        return f(z_star.detach(), x)
+
+
+BACKWARDS = {
+    "implicit": ImplicitBackward,
+    "phantom": PhantomBackward,
+    "jacobian_free": JacobianFreeBackward,
+}
+
+
+def get_backward(spec: str | dict | BackwardStrategy) -> BackwardStrategy:
+    """A strategy from an instance, a name, or ``{"name": ..., **kwargs}``."""
+    from ..config import ConfigError, check_keys
+
+    if isinstance(spec, BackwardStrategy):
+        return spec
+    kwargs: dict[str, Any] = {}
+    if isinstance(spec, dict):
+        kwargs = dict(spec)
+        spec = kwargs.pop("name", None)
+    if spec not in BACKWARDS:
+        raise ConfigError(f"unknown backward {spec!r}; choose from {sorted(BACKWARDS)}")
+    cls = BACKWARDS[spec]
+    allowed = {
+        "implicit": ["solver", "max_iter", "tol"],
+        "phantom": ["steps", "damping"],
+        "jacobian_free": [],
+    }[spec]
+    check_keys(f"backward {spec!r}", kwargs, allowed)
+    return cls(**kwargs)
