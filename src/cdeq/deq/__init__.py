@@ -22,3 +22,7 @@ __all__ = [
     "jacobian_frobenius",
     "spectral_radius",
 ]
+
+from .model import DEQModel  # noqa: E402
+
+__all__ += ["DEQModel"]

@@ -43,8 +43,8 @@ class ImplicitBackward(BackwardStrategy):
 
     extra_nfe = 1
 
-    def __init__(self, solver: str | dict | Solver = "anderson", max_iter: int = 40,
-                 tol: float = 1e-6) -> None:
+    def __init__(self, solver: str | dict | Solver = "anderson", max_iter: int = 30,
+                 tol: float = 1e-5) -> None:
         self.solver = get_solver(solver, max_iter=max_iter, tol=tol, compact=False)
         self.last_stats: SolverResult | None = None
 

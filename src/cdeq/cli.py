@@ -1,0 +1,219 @@
+"""The ``cdeq`` command line.
+
+::
+
+    cdeq demo                                  # = cdeq run digits: the whole job, a few minutes
+    cdeq run TASK [--config FILE] [--out DIR] [--quick] [--data PATH] [--name NAME] [--set K=V ...]
+    cdeq train|record|distill|evaluate --out DIR   # one stage on the artifacts of the earlier ones
+    cdeq generate --model DIR --prompt TEXT --tokens N [--nfe K]
+    cdeq tasks                                 # the built-in tasks
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """``["teacher.epochs=3", "task_config.channels=16"]`` -> nested dict."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r} is not valid; write KEY=VALUE, e.g. teacher.epochs=3")
+        key, value = pair.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _load_config_file(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"--config {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config {p} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {p} must hold a JSON object of configuration sections")
+    return data
+
+
+def _user_config(args: argparse.Namespace) -> dict:
+    from .pipeline import _merge
+
+    user = _load_config_file(getattr(args, "config", None))
+    task_cfg: dict = {}
+    if getattr(args, "data", None):
+        task_cfg["data"] = args.data
+    if getattr(args, "name", None):
+        task_cfg["name"] = args.name
+    if task_cfg:
+        user = _merge(user, {"task_config": task_cfg})
+    return _merge(user, _overrides(getattr(args, "set", None) or []))
+
+
+def _resolve_task(task: str, args: argparse.Namespace, user: dict) -> str:
+    """``images`` with ``--data``: pick the npz or IDX reader from the path."""
+    if task == "images" and args.data:
+        kind = "idx" if Path(args.data).is_dir() else "npz"
+        user.setdefault("task_config", {}).setdefault("dataset", kind)
+    return task
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import Run, build_config
+    from .tasks import TASKS
+
+    user = _user_config(args)
+    task = _resolve_task(args.task, args, user)
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    out = Path(args.out or f"runs/{task}{'-quick' if args.quick else ''}")
+    fields = {f.name for f in dataclasses.fields(TASKS[task].Config)}
+    settings = [None]
+    if "setting" in fields and "setting" not in user.get("task_config", {}):
+        settings = ["transductive", "inductive"]
+    for setting in settings:
+        cfg_user = user if setting is None else {
+            **user, "task_config": {**user.get("task_config", {}), "setting": setting}}
+        config = build_config(task, cfg_user, quick=args.quick)
+        run = Run(out if setting is None else out / setting, config)
+        run.log(f"run {task}{'' if setting is None else ' (' + setting + ')'} in {run.dir}")
+        run.run_all()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.task = "digits"
+    args.config = None
+    args.data = None
+    args.name = None
+    args.out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    rc = cmd_run(args)
+    print("\nHow to read the table: each column is a budget of layer calls (NFE). The Picard, "
+          "Anderson and Broyden rows are the teacher DEQ cut to that many calls; the C-DEQ row is "
+          "the distilled student with at most that many calls. The converged teacher line is the "
+          "accuracy the student is distilled from. Files: report.json, table.md, plot.png in "
+          f"{args.out}.")
+    return rc
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from .pipeline import Run, build_config
+
+    out = Path(args.out)
+    config = None
+    if args.stage == "train" and not (out / "config.json").exists():
+        if not args.task:
+            raise ConfigError("`cdeq train` on a new --out directory needs a TASK")
+        user = _user_config(args)
+        config = build_config(_resolve_task(args.task, args, user), user, quick=args.quick)
+    run = Run(out, config)
+    getattr(run, args.stage)()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import Run
+
+    run = Run(args.model)
+    gen = getattr(run.task, "generate_text", None)
+    if gen is None:
+        raise ConfigError(f"the run in {args.model} is a {run.config.task!r} task; `cdeq generate` "
+                          "needs a text task (shakespeare, text)")
+    teacher = run.teacher()
+    student = run.student(teacher)
+    for label, model in (("C-DEQ", student), ("teacher", teacher)):
+        text, tps = gen(model, args.prompt, args.tokens, nfe=args.nfe, seed=args.seed,
+                        temperature=args.temperature)
+        print(f"--- {label} ({tps:.1f} tokens/s) ---\n{text}\n")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS
+
+    for name, cls in sorted(TASKS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:12s} {cls.metric:14s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdeq", description="Consistency deep equilibrium models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="JSON file of configuration sections")
+        p.add_argument("--out", help="run directory")
+        p.add_argument("--quick", action="store_true", help="smoke-size run")
+        p.add_argument("--data", help="a user's data (file or folder)")
+        p.add_argument("--name", help="dataset name inside --data (Planetoid layout)")
+        p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                       help="override configuration values, e.g. teacher.epochs=3")
+
+    p = sub.add_parser("run", help="train, record, distil and evaluate")
+    p.add_argument("task")
+    common(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", help="the digits run (a few minutes on 2 cores)")
+    p.add_argument("--out")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_demo)
+
+    for stage in ("train", "record", "distill", "evaluate"):
+        p = sub.add_parser(stage, help=f"run the {stage} stage in an existing run directory")
+        if stage == "train":
+            p.add_argument("task", nargs="?")
+            common(p)
+        else:
+            p.add_argument("--out", required=True, help="run directory")
+        p.set_defaults(fn=cmd_stage, stage=stage)
+
+    p = sub.add_parser("generate", help="sample text with the C-DEQ and the teacher")
+    p.add_argument("--model", required=True, help="run directory of a text task")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--nfe", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("tasks", help="list the built-in tasks")
+    p.set_defaults(fn=cmd_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"cdeq: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

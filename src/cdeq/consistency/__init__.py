@@ -1,0 +1,29 @@
+"""C-DEQ: the time schedule, trajectories, the consistency student, distillation and inference."""
+
+from .distill import PAIR_SAMPLERS, DistillConfig, PairSampler, distill, relative_distance
+from .ema import EMA
+from .inference import PlanSearchConfig, select_plans
+from .schedule import ScheduleConfig, TimeSchedule
+from .student import ConsistencyStudent, Plan, StudentConfig
+from .trajectory import RecordConfig, TrajectoryBatch, TrajectoryStore, record, record_batch
+
+__all__ = [
+    "EMA",
+    "PAIR_SAMPLERS",
+    "ConsistencyStudent",
+    "DistillConfig",
+    "PairSampler",
+    "Plan",
+    "PlanSearchConfig",
+    "RecordConfig",
+    "ScheduleConfig",
+    "StudentConfig",
+    "TimeSchedule",
+    "TrajectoryBatch",
+    "TrajectoryStore",
+    "distill",
+    "record",
+    "record_batch",
+    "relative_distance",
+    "select_plans",
+]

@@ -1,0 +1,142 @@
+"""Choosing multi-step inference plans on training data.
+
+A plan (see :mod:`cdeq.consistency.student`) is a list of 1-NFE operations. For every budget
+``k`` the search keeps the best plan found with at most ``k`` NFE and tries to extend it:
+
+- ``plan_{k-1} + [jump(tau)]``: jump again from the estimate placed at time ``tau``;
+- ``plan_{k-1} + [step]``: one teacher step from the estimate;
+- ``plan_{k-2} + [step, jump(tau)]`` (and ``[step, jump_auto]`` with the residual schedule):
+  re-entry by a teacher step, then a jump from the later time ``tau``.
+
+``plan_k`` is the best of these and ``plan_{k-1}`` itself, judged on training-split batches by the
+task metric (the loss breaks ties), so on those batches a larger budget is never worse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import Config, ConfigError, check_int
+from .student import ConsistencyStudent, Plan
+
+ScoreFn = Callable[[Tensor, Any], tuple[float, int, float]]
+"""``(logits, y) -> (metric sum, item count, loss sum)``."""
+
+
+@dataclasses.dataclass
+class PlanSearchConfig(Config):
+    """Attributes:
+        max_nfe: search plans up to this budget.
+        times: candidate re-entry times ``tau`` (``()``: the schedule's times of iterates
+            1, 2, 3, 4, 6, 8, 12, 16, 24 and 0.25/0.5/0.75/0.9 of ``T``).
+        batches: number of training batches to judge plans on.
+    """
+
+    max_nfe: int = 16
+    times: tuple = ()
+    batches: int = 4
+
+    def validate(self) -> None:
+        check_int("max_nfe", self.max_nfe, minimum=1)
+        check_int("batches", self.batches, minimum=1)
+        if any(not isinstance(t, (int, float)) or t <= 0 for t in self.times):
+            raise ConfigError(f"times={self.times!r} is not valid; give positive numbers")
+
+
+def candidate_times(student: ConsistencyStudent, last: int, config: PlanSearchConfig) -> list[float]:
+    if config.times:
+        return sorted(float(t) for t in config.times if t < student.schedule.T)
+    sched = student.schedule
+    idx = [k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24) if k < last]
+    ts = [float(t) for t in sched.index_time(torch.tensor(idx), last)]
+    ts += [f * sched.T for f in (0.25, 0.5, 0.75, 0.9)]
+    return sorted(set(round(t, 6) for t in ts))
+
+
+@torch.no_grad()
+def select_plans(
+    student: ConsistencyStudent,
+    batches: Iterable[tuple[Any, Any]],
+    score: ScoreFn,
+    higher_is_better: bool,
+    last: int,
+    config: PlanSearchConfig | None = None,
+) -> dict[str, Any]:
+    """Choose ``student.plans`` for budgets ``1..max_nfe`` on ``batches`` (training data).
+
+    Returns the search log: for each budget the plan, its metric and loss on the batches.
+    """
+    config = config or PlanSearchConfig()
+    student.eval()
+    data = []
+    for i, (x, y) in enumerate(batches):
+        if i >= config.batches:
+            break
+        u_s, u_t = student.teacher_inputs(x)
+        data.append((u_s, u_t, y))
+    if not data:
+        raise ValueError("plan search needs at least one training batch")
+    times = candidate_times(student, last, config)
+    auto = student.schedule.config.kind == "residual"
+
+    def evaluate(states: list[Tensor]) -> tuple[float, float]:
+        m_sum = l_sum = 0.0
+        count = 0
+        for z, (_, _, y) in zip(states, data, strict=True):
+            m, c, lo = score(student.head(z), y)
+            m_sum, l_sum, count = m_sum + m, l_sum + lo, count + c
+        return m_sum / max(1, count), l_sum / max(1, count)
+
+    def extend(states: list[Tensor], ops: Plan) -> list[Tensor]:
+        return [student.run_plan(u_s, ops, u_t, z0=z) for z, (u_s, u_t, _) in zip(states, data, strict=True)]
+
+    def key(metric: float, loss: float) -> tuple[float, float]:
+        return (metric if higher_is_better else -metric, -loss)
+
+    start: Plan = [("jump", student.schedule.t_min)]
+    z1 = extend([student.initial_state(u_s) for u_s, _, _ in data], start)
+    best: dict[int, tuple[Plan, list[Tensor], float, float]] = {1: (start, z1, *evaluate(z1))}
+    for k in range(2, config.max_nfe + 1):
+        cands: list[tuple[Plan, list[Tensor] | None, Plan, int]] = []
+        prev_plan, prev_states, pm, pl = best[k - 1]
+        cands.append((prev_plan, prev_states, [], k - 1))
+        ops_1: list[Plan] = [[("step",)]] + [[("jump", t)] for t in times]
+        for ops in ops_1:
+            cands.append((prev_plan + ops, None, ops, k - 1))
+        if k - 2 >= 1:
+            ops_2 = [[("step",), ("jump", t)] for t in times]
+            if auto:
+                ops_2.append([("step",), ("jump_auto",)])
+            for ops in ops_2:
+                cands.append((best[k - 2][0] + ops, None, ops, k - 2))
+        scored = []
+        for plan, states, ops, base in cands:
+            if states is None:
+                states = extend(best[base][1], ops)
+                metric, loss = evaluate(states)
+            else:
+                metric, loss = pm, pl
+            scored.append((key(metric, loss), plan, states, metric, loss))
+        top = max(scored, key=lambda s: s[0])
+        best[k] = (top[1], top[2], top[3], top[4])
+    student.plans = {k: list(v[0]) for k, v in best.items()}
+    return {str(k): {"plan": [list(op) for op in v[0]], "metric": v[2], "loss": v[3]}
+            for k, v in best.items()}
+
+
+def plan_to_json(plan: Plan) -> list[list]:
+    return [list(op) for op in plan]
+
+
+def plan_from_json(data: list[list]) -> Plan:
+    plan = []
+    for op in data:
+        if not op or op[0] not in ("jump", "step", "jump_auto"):
+            raise ConfigError(f"plan operation {op!r} is not valid; use jump/step/jump_auto")
+        plan.append(tuple(op))
+    return plan

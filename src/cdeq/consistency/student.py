@@ -1,0 +1,223 @@
+"""The consistency student ``F(z, t, x) = c_skip(t) z + c_out(t) G(z, t, x)``.
+
+``G`` is one call of ``f_phi`` (a copy of the teacher's layer) under a FiLM time conditioning,
+plus a light channel-wise correction, so one student call costs exactly 1 NFE. At ``t = T`` the
+scalings are ``(1, 0)`` and ``F(z*, T, x) = z*`` holds exactly (the boundary condition).
+
+Inference runs a *plan*: a list of operations starting from ``z_0``, each costing 1 NFE:
+
+- ``("jump", t)``: ``z <- F(z, t, x)``, the student's jump to the equilibrium from time ``t``;
+- ``("step",)``: ``z <- f_theta(z, u)``, one teacher step (re-entry onto the trajectory);
+- ``("jump_auto",)``: a jump whose time is read off the residual measured by the previous
+  teacher step (only after a ``step``; needs the residual-based schedule).
+
+Example:
+    >>> student.predict(x, nfe=1)           # doctest: +SKIP
+    >>> student.run_plan(u, [("jump", student.schedule.t_min), ("step",), ("jump", 3.5)])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config, check_int
+from ..deq.model import DEQModel
+from .schedule import ScheduleConfig, TimeSchedule
+
+Plan = list[tuple]
+
+
+@dataclasses.dataclass
+class StudentConfig(Config):
+    """Architecture of the student.
+
+    Attributes:
+        time_features: size of the Fourier embedding of ``log t``.
+        time_hidden: width of the time MLP.
+        correction_hidden: width of the channel-wise correction MLP (0 disables it).
+        train_injection: give the student its own trainable copy of the input injection
+            (otherwise it shares the teacher's, frozen).
+    """
+
+    time_features: int = 16
+    time_hidden: int = 64
+    correction_hidden: int = 64
+    train_injection: bool = False
+
+    def validate(self) -> None:
+        check_int("time_features", self.time_features, minimum=2)
+        check_int("time_hidden", self.time_hidden, minimum=1)
+        check_int("correction_hidden", self.correction_hidden, minimum=0)
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """``(B,)`` -> ``(B, 1, ..., 1)`` broadcastable against ``like``."""
+    return v.reshape(v.shape[0], *[1] * (like.dim() - 1))
+
+
+def _broadcast(v: Tensor, like: Tensor, channel_dim: int) -> Tensor:
+    """``(B, C)`` -> shape broadcastable against ``like`` along ``channel_dim``."""
+    shape = [1] * like.dim()
+    shape[0] = v.shape[0]
+    shape[channel_dim] = v.shape[1]
+    return v.reshape(shape)
+
+
+class ChannelMLP(nn.Module):
+    """An MLP over the channel dimension, applied at every position (a 1x1 convolution)."""
+
+    def __init__(self, c_in: int, hidden: int, c_out: int, channel_dim: int) -> None:
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.net = nn.Sequential(nn.Linear(c_in, hidden), nn.SiLU(), nn.Linear(hidden, c_out))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        moved = h.movedim(self.channel_dim, -1)
+        return self.net(moved).movedim(-1, self.channel_dim)
+
+
+class TimeEmbedding(nn.Module):
+    """``t (B,) -> (B, out)`` through Fourier features of ``log t`` and an MLP (last layer zero)."""
+
+    def __init__(self, features: int, hidden: int, out: int) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(32.0), features // 2)))
+        self.net = nn.Sequential(nn.Linear(2 * (features // 2) + 1, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        s = torch.log(t.clamp_min(1e-6))[:, None] / 4
+        ang = s * self.freqs[None]
+        return self.net(torch.cat([torch.sin(ang), torch.cos(ang), s], dim=1))
+
+
+class ConsistencyStudent(nn.Module):
+    """A C-DEQ student built from a trained :class:`DEQModel`.
+
+    The student owns copies of the teacher's injection, layer and head (the trainable ``phi``)
+    and keeps the frozen teacher for re-entry steps and the exact mode.
+
+    Args:
+        teacher: the trained DEQ.
+        schedule: the time schedule (times and scalings).
+        config: architecture of the time conditioning and correction.
+    """
+
+    def __init__(self, teacher: DEQModel, schedule: TimeSchedule | None = None,
+                 config: StudentConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or StudentConfig()
+        self.schedule = schedule or TimeSchedule(ScheduleConfig())
+        self.teacher = teacher
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.injection = copy.deepcopy(teacher.injection) if self.config.train_injection else None
+        self.cell = copy.deepcopy(teacher.cell)
+        self.head = copy.deepcopy(teacher.head)
+        for module in (self.injection, self.cell, self.head):
+            for p in module.parameters() if module is not None else []:
+                p.requires_grad_(True)
+        c = int(self.cell.channels)
+        self.channel_dim = int(self.cell.channel_dim)
+        self.time_embed = TimeEmbedding(self.config.time_features, self.config.time_hidden, 4 * c)
+        hidden = self.config.correction_hidden
+        self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
+        self.plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
+
+    # --- the consistency function -------------------------------------------------------------
+    def inject(self, x: Any) -> Any:
+        return self.teacher.inject(x) if self.injection is None else self.injection(x)
+
+    def G(self, z: Tensor, t: Tensor, u: Any) -> Tensor:
+        """One conditioned layer call (1 NFE). ``z``: state ``(B, ...)``, ``t``: ``(B,)``."""
+        gamma_in, beta_in, gamma_out, beta_out = self.time_embed(t).chunk(4, dim=1)
+        cd = self.channel_dim
+        z_in = z * (1 + _broadcast(gamma_in, z, cd)) + _broadcast(beta_in, z, cd)
+        h = self.cell(z_in, u)
+        h = h * (1 + _broadcast(gamma_out, h, cd)) + _broadcast(beta_out, h, cd)
+        if self.correction is not None:
+            h = h + self.correction(torch.cat([h, z], dim=cd))
+        return h
+
+    def F(self, z: Tensor, t: Tensor | float, u: Any) -> Tensor:
+        """``c_skip(t) z + c_out(t) G(z, t, u)``: the estimate of ``z*`` from ``z`` at time ``t``.
+
+        At ``t = T`` this returns ``z`` itself without calling the layer (0 NFE)."""
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        if t.dim() == 0:
+            t = t.expand(z.shape[0])
+        c_skip, c_out = self.schedule.scalings(t)
+        at_boundary = c_out == 0
+        if bool(at_boundary.all()):
+            return z
+        out = _per_sample(c_skip, z) * z + _per_sample(c_out, z) * self.G(z, t, u)
+        return torch.where(_per_sample(at_boundary, z), z, out)
+
+    forward = F
+
+    # --- inference ------------------------------------------------------------------------------
+    def initial_state(self, u: Any) -> Tensor:
+        return self.teacher.initial_state(u)
+
+    def teacher_inputs(self, x: Any) -> tuple[Any, Any]:
+        """``(u_student, u_teacher)``; the same object when the injection was not fine-tuned."""
+        u_t = self.teacher.inject(x)
+        return (u_t if self.injection is None else self.injection(x)), u_t
+
+    def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Tensor | None = None) -> Tensor:
+        """Run ``plan`` from ``z0`` (zeros by default); returns the state ``(B, ...)``."""
+        u_teacher = u if u_teacher is None else u_teacher
+        z = self.initial_state(u) if z0 is None else z0
+        last_residual = None
+        for op in plan:
+            if op[0] == "jump":
+                z = self.F(z, op[1], u)
+            elif op[0] == "step":
+                fz = self.teacher.cell(z, u_teacher)
+                b = z.shape[0]
+                last_residual = (fz - z).reshape(b, -1).norm(dim=1) / (fz.reshape(b, -1).norm(dim=1) + 1e-12)
+                z = fz
+            elif op[0] == "jump_auto":
+                if last_residual is None:
+                    raise ValueError("a 'jump_auto' needs a preceding 'step' in the plan")
+                z = self.F(z, self.schedule.residual_time(last_residual).to(z.dtype), u)
+            else:
+                raise ValueError(f"unknown plan operation {op!r}; use 'jump', 'step' or 'jump_auto'")
+        return z
+
+    def plan_for(self, nfe: int) -> Plan:
+        """The selected plan with the most NFE not above ``nfe``."""
+        fitting = [k for k in self.plans if k <= nfe]
+        if not fitting:
+            raise ValueError(f"nfe={nfe} is below the smallest plan ({min(self.plans)} NFE)")
+        return self.plans[max(fitting)]
+
+    @torch.no_grad()
+    def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
+        """``(logits, z)`` using at most ``nfe`` layer calls."""
+        u, u_t = self.teacher_inputs(x)
+        z = self.run_plan(u, self.plan_for(nfe), u_t)
+        return self.head(z), z
+
+    @torch.no_grad()
+    def solve_exact(self, x: Any, solver: Any, plan: Plan | None = None) -> tuple[Tensor, Any, int]:
+        """Exact mode: the student's estimate warm-starts the teacher solver, run to tolerance.
+
+        Returns ``(z, solver_result, student_nfe)``; total NFE per sample is
+        ``student_nfe + result.nfe``.
+        """
+        plan = plan or self.plans[1]
+        u, u_t = self.teacher_inputs(x)
+        z_hat = self.run_plan(u, plan, u_t)
+        res = solver.solve(self.teacher.cell, z_hat, u_t)
+        return res.z, res, len(plan)

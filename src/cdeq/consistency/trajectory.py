@@ -1,0 +1,221 @@
+"""Teacher trajectories: recording from the training split, and shard storage on disk.
+
+A record of one batch holds, for ``B`` samples and ``L`` recorded iterates:
+
+- ``iterates``: ``(B, L, ...)`` the teacher solver's iterates ``z_k`` at ``index`` (``index[0] = 0``
+  is the start ``z_0``),
+- ``z_star``: ``(B, ...)`` the solver's solution (the distillation target),
+- ``residual``: ``(B, L)`` relative residual of each recorded iterate and ``star_residual`` ``(B,)``
+  that of the solution (samples that did not converge can be weighted down),
+- ``x`` and ``y``: the inputs and labels (any nested structure of tensors).
+
+Shards are safetensors files ``shard_00000.safetensors`` (one per recorded batch) with a
+``manifest.json`` listing them; recording skips shards that already exist, so a killed run resumes
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import Config, ConfigError, check_choice, check_int
+from ..deq.layer import SolverSpec
+from ..deq.model import DEQModel
+from ..io import CorruptFileError, flatten, load_tensors, read_json, save_tensors, unflatten, write_json
+from ..progress import progress
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class RecordConfig(Config):
+    """How trajectories are recorded.
+
+    Attributes:
+        solver: the teacher solver whose path is recorded (run to ``max_iter`` or tolerance).
+        indices: iterate indices to keep (``()``: 0-8, then 12, 16, 24, ... below ``max_iter``).
+        batch_size: samples per recorded batch (= per shard).
+        dtype: storage precision of the iterates (``float32``, ``float16``, ``bfloat16``).
+        max_samples: record at most this many training samples (0: all).
+    """
+
+    solver: SolverSpec = dataclasses.field(
+        default_factory=lambda: SolverSpec(name="anderson", max_iter=40, tol=1e-5))
+    indices: tuple = ()
+    batch_size: int = 256
+    dtype: str = "float32"
+    max_samples: int = 0
+
+    def validate(self) -> None:
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_choice("dtype", self.dtype, list(DTYPES))
+        check_int("max_samples", self.max_samples, minimum=0)
+        bad = [i for i in self.indices if not isinstance(i, int) or not 0 <= i < self.solver.max_iter]
+        if bad:
+            raise ConfigError(f"record indices {bad} are not valid; each must be an integer in "
+                              f"[0, {self.solver.max_iter - 1}] (solver.max_iter)")
+
+    def iterate_indices(self) -> list[int]:
+        if self.indices:
+            return sorted(set(self.indices) | {0})
+        out, k = list(range(9)), 12
+        while k < self.solver.max_iter:
+            out.append(k)
+            k = int(k * 1.5)
+        return [i for i in out if i < self.solver.max_iter]
+
+
+@dataclasses.dataclass
+class TrajectoryBatch:
+    """One recorded batch (see the module docstring for shapes)."""
+
+    x: Any
+    y: Any
+    iterates: Tensor
+    z_star: Tensor
+    residual: Tensor
+    star_residual: Tensor
+    index: list[int]
+    last: int  # the index of the equilibrium (= solver max_iter)
+
+    def to(self, dtype: torch.dtype) -> TrajectoryBatch:
+        return dataclasses.replace(self, iterates=self.iterates.to(dtype), z_star=self.z_star.to(dtype))
+
+    @property
+    def batch_size(self) -> int:
+        return self.z_star.shape[0]
+
+
+@torch.no_grad()
+def record_batch(model: DEQModel, x: Any, y: Any, config: RecordConfig) -> TrajectoryBatch:
+    """Run the teacher solver on one batch and keep the chosen iterates."""
+    model.eval()
+    solver = config.solver.build()
+    u = model.inject(x)
+    idx = config.iterate_indices()
+    res = solver.solve(model.cell, model.initial_state(u), u, record=idx)
+    traj = res.trajectory  # (L, B, ...)
+    # residual of z_k is trace[k]; a batch that stopped early repeats the last value
+    trace = res.trace
+    rows = [trace[min(k, trace.shape[0] - 1)] for k in idx]
+    residual = torch.stack(rows, dim=1).float()
+    return TrajectoryBatch(x=x, y=y, iterates=traj.transpose(0, 1).contiguous(), z_star=res.z,
+                           residual=residual, star_residual=res.residual.float(), index=idx,
+                           last=solver.options.max_iter)
+
+
+class TrajectoryStore:
+    """A folder of trajectory shards with a manifest."""
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def shard_path(self, i: int) -> Path:
+        return self.root / f"shard_{i:05d}.safetensors"
+
+    def write(self, i: int, batch: TrajectoryBatch, dtype: str = "float32") -> None:
+        tensors: dict[str, Tensor] = {
+            "iterates": batch.iterates.to(DTYPES[dtype]),
+            "z_star": batch.z_star.to(DTYPES[dtype]),
+            "residual": batch.residual,
+            "star_residual": batch.star_residual,
+        }
+        spec = {"x": flatten(batch.x, "x", tensors), "y": flatten(batch.y, "y", tensors)}
+        meta = {"spec": spec, "index": batch.index, "last": batch.last}
+        save_tensors(self.shard_path(i), tensors, kind="trajectory", meta=meta)
+
+    def read(self, i: int, dtype: torch.dtype = torch.float32) -> TrajectoryBatch:
+        path = self.shard_path(i)
+        tensors, meta = load_tensors(path, kind="trajectory")
+        try:
+            return TrajectoryBatch(
+                x=unflatten(meta["spec"]["x"], tensors), y=unflatten(meta["spec"]["y"], tensors),
+                iterates=tensors["iterates"].to(dtype), z_star=tensors["z_star"].to(dtype),
+                residual=tensors["residual"], star_residual=tensors["star_residual"],
+                index=list(meta["index"]), last=int(meta["last"]))
+        except KeyError as err:
+            raise CorruptFileError(f"{path} lacks the entry {err}") from err
+
+    def manifest(self) -> dict[str, Any]:
+        path = self.root / self.MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"no trajectories at {self.root} (missing {self.MANIFEST}); "
+                                    "run the record stage first")
+        return read_json(path)
+
+    def __len__(self) -> int:
+        return int(self.manifest()["shards"])
+
+    def __getitem__(self, i: int) -> TrajectoryBatch:
+        if not 0 <= i < len(self):
+            raise IndexError(f"shard {i} is out of range (the store has {len(self)})")
+        return self.read(i)
+
+    def __iter__(self) -> Iterator[TrajectoryBatch]:
+        for i in range(len(self)):
+            yield self.read(i)
+
+
+def record(
+    model: DEQModel,
+    batches: Iterable[tuple[Any, Any]],
+    config: RecordConfig,
+    store: TrajectoryStore | None = None,
+    total: int | None = None,
+) -> list[TrajectoryBatch] | TrajectoryStore:
+    """Record teacher trajectories for ``batches`` (training data only).
+
+    With a ``store`` the shards are written to disk (existing shards are kept: resume) and the
+    store is returned; otherwise the batches are returned in memory.
+    """
+    out: list[TrajectoryBatch] = []
+    seen = 0
+    count = 0
+    for x, y in progress(batches, total=total, desc="record"):
+        if config.max_samples and seen >= config.max_samples:
+            break
+        n = _batch_len(y)
+        seen += n
+        if store is not None and store.shard_path(count).exists():
+            count += 1
+            continue
+        batch = record_batch(model, x, y, config)
+        if store is not None:
+            store.write(count, batch, config.dtype)
+        else:
+            out.append(batch.to(DTYPES[config.dtype]))
+        count += 1
+    if store is not None:
+        write_json(store.root / TrajectoryStore.MANIFEST,
+                   {"shards": count, "samples": seen, "indices": config.iterate_indices(),
+                    "last": config.solver.max_iter, "dtype": config.dtype})
+        return store
+    return out
+
+
+def _batch_len(y: Any) -> int:
+    if isinstance(y, Tensor):
+        return int(y.shape[0])
+    if isinstance(y, (tuple, list)) and y:
+        return _batch_len(y[0])
+    return 1
+
+
+def residual_summary(batches: Iterable[TrajectoryBatch], tol: float) -> dict[str, float]:
+    """Fraction of recorded samples whose solution residual is above ``tol``, and its max."""
+    total, bad, worst = 0, 0, 0.0
+    for b in batches:
+        r = b.star_residual
+        total += r.numel()
+        bad += int((r > tol).sum())
+        finite = r[torch.isfinite(r)]
+        worst = max(worst, float(finite.max()) if finite.numel() else float("inf"))
+    return {"unconverged_fraction": bad / max(1, total), "max_residual": worst}

@@ -1,0 +1,77 @@
+"""The command line end to end at smoke size: report files, stage reuse, user errors."""
+
+import json
+
+import pytest
+
+from cdeq.cli import main
+from cdeq.pipeline import RunConfig, build_config
+
+TINY = ["teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=64",
+        "distill.epochs=1", "evaluate.budgets=[1,2]", "plans.max_nfe=2"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "digits"
+    assert main(["run", "digits", "--quick", "--out", str(out), "--set", *TINY]) == 0
+    return out
+
+
+def test_report_has_the_promised_fields(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    assert report["task"] == "digits" and report["metric"] == "accuracy"
+    assert report["higher_is_better"] is True
+    assert set(report["teacher"]) >= {"metric", "nfe"}
+    for method in ("picard", "anderson", "broyden", "cdeq"):
+        assert set(report["methods"][method]) == {"1", "2"}
+        assert all(0.0 <= v <= 1.0 for v in report["methods"][method].values())
+    assert {"teacher", "cdeq@1"} <= set(report["latency_ms"])
+    assert set(report["exact_mode"]) >= {"anderson_nfe", "cdeq_warm_nfe"}
+    # the warm start costs the student's one call plus the solver's own
+    assert report["exact_mode"]["cdeq_warm_nfe"] >= 1.0
+    assert (quick_run / "table.md").read_text().count("| C-DEQ |") == 2  # metric and error tables
+    assert (quick_run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_skips_finished_stages(quick_run, capsys):
+    before = (quick_run / "student.safetensors").stat().st_mtime_ns
+    assert main(["run", "digits", "--quick", "--out", str(quick_run), "--set", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "skipping training" in out and "skipping distillation" in out
+    assert (quick_run / "student.safetensors").stat().st_mtime_ns == before
+
+
+def test_single_stage_on_existing_run(quick_run):
+    assert main(["evaluate", "--out", str(quick_run)]) == 0
+
+
+def test_other_config_in_same_dir_is_refused(quick_run, capsys):
+    assert main(["run", "digits", "--quick", "--out", str(quick_run), "--set", *TINY,
+                 "seed=3"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_unknown_keys_are_errors(tmp_path, capsys):
+    assert main(["run", "digits", "--out", str(tmp_path), "--set", "teacher.epoks=3"]) == 2
+    err = capsys.readouterr().err
+    assert "epoks" in err and "epochs" in err
+    assert main(["run", "digits", "--out", str(tmp_path), "--set", "task_config.chanels=3"]) == 2
+    assert "chanels" in capsys.readouterr().err
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"distill": {"weights": 1}}')
+    assert main(["run", "digits", "--out", str(tmp_path), "--config", str(cfg)]) == 2
+    assert "weights" in capsys.readouterr().err
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
+    assert main(["run", "images", "--data", str(tmp_path / "nope.npz"), "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "teacher.safetensors").exists()
+
+
+def test_build_config_merges_defaults():
+    cfg = build_config("digits", {"teacher": {"epochs": 2}}, quick=True)
+    assert isinstance(cfg, RunConfig) and cfg.teacher.epochs == 2
+    assert cfg.task_config["channels"] == 8  # from the quick preset
