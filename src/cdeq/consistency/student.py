@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, check_int
@@ -80,6 +81,10 @@ class ChannelMLP(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, h: Tensor) -> Tensor:
+        if self.channel_dim == 1 and h.dim() == 4:  # (B, C, H, W): 1x1 convolutions, no transposes
+            first, last = self.net[0], self.net[2]
+            h = F.conv2d(h, first.weight[:, :, None, None], first.bias)
+            return F.conv2d(F.silu(h), last.weight[:, :, None, None], last.bias)
         moved = h.movedim(self.channel_dim, -1)
         return self.net(moved).movedim(-1, self.channel_dim)
 

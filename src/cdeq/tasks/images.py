@@ -194,15 +194,24 @@ def load_cifar10_archive(path: str | Path, cache: str | Path | None = None) -> t
 
 # --- model --------------------------------------------------------------------------------------
 class ConvInjection(nn.Module):
-    """Image ``(B, C_in, H, W)`` -> injection ``u`` ``(B, C, H/s, W/s)``."""
+    """Image ``(B, C_in, H, W)`` -> injection ``u`` ``(B, C, H/s, W/s)``.
+
+    ``stride`` 1 is one 3x3 convolution; 2 or 4 use one or two stride-2 stages before it.
+    """
 
     def __init__(self, in_channels: int, channels: int, stride: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
-        self.norm = nn.GroupNorm(min(8, channels), channels)
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range({1: 0, 2: 1, 4: 2}[stride]):
+            layers += [nn.Conv2d(c, channels, 3, stride=2, padding=1),
+                       nn.GroupNorm(min(8, channels), channels), nn.ReLU()]
+            c = channels
+        layers += [nn.Conv2d(c, channels, 3, padding=1), nn.GroupNorm(min(8, channels), channels)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.conv(x))
+        return self.net(x)
 
 
 class ConvDEQCell(nn.Module):
@@ -272,7 +281,7 @@ class ImageConfig(Config):
         if self.dataset in ("npz", "idx") and not self.data:
             raise ConfigError(f"dataset={self.dataset!r} needs data=PATH")
         check_int("channels", self.channels, minimum=4)
-        check_range("stride", self.stride, 1, 4)
+        check_choice("stride", self.stride, [1, 2, 4])
         check_int("hidden_mult", self.hidden_mult, minimum=1)
         check_int("train_subset", self.train_subset, minimum=0)
         check_int("test_subset", self.test_subset, minimum=0)
@@ -333,6 +342,10 @@ class ImageTask(Task):
                 "evaluate": {"budgets": [1, 2, 4], "latency_repeats": 1, "batch_size": 128,
                              "latency_batch": 64, "reference": {"max_iter": 30}},
             }
+        return cls.full_defaults()
+
+    @classmethod
+    def full_defaults(cls) -> dict[str, Any]:
         return {}
 
     def describe(self) -> dict[str, Any]:
@@ -398,3 +411,17 @@ register_task(ImageTask)
 DigitsTask = _preset("digits", "digits")
 MnistTask = _preset("mnist", "mnist")
 Cifar10Task = _preset("cifar10", "cifar10")
+
+# Full-size settings, sized for 2 CPU cores (see docs/results.md for the measured runs).
+MnistTask.full_defaults = classmethod(lambda cls: {
+    "task_config": {"stride": 4, "channels": 32, "train_subset": 20000},
+    "teacher": {"epochs": 3, "batch_size": 32},
+    "record": {"max_samples": 10000},
+    "distill": {"epochs": 10},
+})
+Cifar10Task.full_defaults = classmethod(lambda cls: {
+    "task_config": {"stride": 2, "channels": 48, "augment": True},
+    "teacher": {"epochs": 8, "batch_size": 64},
+    "record": {"max_samples": 10000, "dtype": "float16"},
+    "distill": {"epochs": 10},
+})
