@@ -154,8 +154,10 @@ class Solver:
     def step(self, state: dict[str, Any], it: int, z: Tensor, fz: Tensor, active: Tensor) -> Tensor:
         """Next iterate ``(B, n)`` from the current iterate ``z`` and its image ``fz``.
 
-        ``active`` is the ``(B,)`` mask of samples still running; the state of the others must
-        not change.
+        ``active`` is the ``(B,)`` mask of samples still running; the loop keeps the iterate of
+        every other sample as it is, so what the step returns (or stores) for them is ignored.
+        Before the call the loop puts the residual ``fz - z`` in ``state["g"]``. Neither ``z`` nor
+        ``fz`` may be modified in place (the loop keeps references to both).
         """
         raise NotImplementedError
 
@@ -174,7 +176,8 @@ class Solver:
 
         Args:
             f: the map; called as ``f(z, x)`` on the running samples only (rows of every
-                tensor in ``x`` with leading dimension ``B`` are selected to match).
+                tensor in ``x`` with leading dimension ``B`` are selected to match). It must not
+                modify ``z`` in place, and must return a tensor it does not modify later.
             z0: ``(B, ...)`` start.
             x: the input the map is conditioned on (tensor, tuple, dict or ``None``).
             record: ``None``, ``"all"`` or iterate indices to keep (see :class:`SolverResult`).
@@ -188,62 +191,105 @@ class Solver:
                 f"z0 must be a tensor of shape (B, ...) with B >= 1, got "
                 f"{tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__}"
             )
+        if not (z0.is_floating_point() or z0.is_complex()):
+            raise ValueError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
         wanted = _record_indices(record, limit)
+        wanted_set = set(wanted or ())
         batch, shape = z0.shape[0], z0.shape[1:]
         device = z0.device
+        rel_mode = opts.stop_mode == "rel"
 
+        # Invariant: the loop never modifies ``z`` or ``fz`` in place, so plain references to them
+        # (``prev_fz``, solver state) stay valid without copies.
         z = z0.reshape(batch, -1).clone()
-        fz = torch.zeros_like(z)
-        best_z = z.clone()  # f(best iterate)
-        best_res = torch.full((batch,), torch.inf, device=device, dtype=z.dtype)
+        fz = z
+        best_z = z.clone()  # f(best iterate), materialised lazily (see ``pending``)
+        pending = torch.zeros(batch, dtype=torch.bool, device=device)  # best is f(z) of last step
+        best_res = torch.full((batch,), torch.inf, device=device, dtype=z.real.dtype)
         best_abs = torch.full_like(best_res, torch.inf)
-        last_res = torch.full_like(best_res, torch.inf)
+        last_res = best_res
         nfe = torch.zeros(batch, dtype=torch.long, device=device)
         active = torch.ones(batch, dtype=torch.bool, device=device)
         converged = torch.zeros_like(active)
         diverged = torch.zeros_like(active)
+        all_active = True
+        rows = torch.arange(batch, device=device)
+        x_rows = x
         trace: list[Tensor] = []
         frames: dict[int, Tensor] = {}
         state = self.init_state(z)
 
         for it in range(limit):
-            if wanted is not None and it in wanted:
+            if it in wanted_set:
                 frames[it] = z.reshape(batch, *shape).clone()
-            rows = active.nonzero().squeeze(1)
-            if opts.compact and rows.numel() < batch:
-                out = f(z[rows].reshape(-1, *shape), take_rows(x, rows, batch))
+            prev_fz = fz
+            if all_active:
+                out = f(z.reshape(batch, *shape), x)
+                _check_output(out, (batch, *shape))
+                fz = out.reshape(batch, -1).to(z.dtype)
+                nfe += 1
+            elif opts.compact:
+                out = f(z[rows].reshape(-1, *shape), x_rows)
                 _check_output(out, (rows.numel(), *shape))
-                fz[rows] = out.reshape(rows.numel(), -1).to(fz.dtype)
+                fz = fz.index_copy(0, rows, out.reshape(rows.numel(), -1).to(z.dtype))
+                nfe[rows] += 1
             else:
                 out = f(z.reshape(batch, *shape), x)
                 _check_output(out, (batch, *shape))
-                fz = torch.where(active[:, None], out.reshape(batch, -1).to(fz.dtype), fz)
-            nfe += active.long()
+                fz = torch.where(active[:, None], out.reshape(batch, -1).to(z.dtype), fz)
+                nfe[rows] += 1
 
-            abs_res = (fz - z).norm(dim=1)
-            rel_res = abs_res / (fz.norm(dim=1) + 1e-12)
-            res = rel_res if opts.stop_mode == "rel" else abs_res
-            finite = torch.isfinite(res) & torch.isfinite(fz).all(dim=1)
-            res = torch.where(finite, res, torch.full_like(res, torch.inf))
-            res = torch.where(active, res, last_res)
+            g = fz - z
+            abs_res = torch.linalg.vector_norm(g, dim=1)
+            # A non-finite entry of z or f(z) makes that entry of g, hence |g|, inf or nan.
+            finite = torch.isfinite(abs_res)
+            if rel_mode:
+                res = abs_res / (torch.linalg.vector_norm(fz, dim=1) + 1e-12)
+                finite &= torch.isfinite(res)
+            else:
+                res = abs_res
+            res = torch.where(finite, res, torch.inf)
+            if not all_active:
+                res = torch.where(active, res, last_res)
             last_res = res
-            better = active & finite & (res < best_res)
+            trace.append(res)
+
+            better = active & (res < best_res)
             best_res = torch.where(better, res, best_res)
             best_abs = torch.where(better, abs_res, best_abs)
-            best_z = torch.where(better[:, None], fz, best_z)
-            trace.append(res.clone())
+            # ``pending`` samples have their best at ``prev_fz``; keep it if this step is worse.
+            lost = pending & ~better
+            if lost.any():
+                idx = lost.nonzero().squeeze(1)
+                best_z[idx] = prev_fz[idx]
+            pending = better
 
-            diverged |= active & ~finite
-            converged |= active & finite & (res <= opts.tol)
-            active = active & ~converged & ~diverged
-            if not active.any() or it == limit - 1:
+            stop = active & (~finite | (res <= opts.tol))
+            if stop.any():
+                diverged |= stop & ~finite
+                converged |= stop & finite
+                keep = stop & better
+                if keep.any():
+                    idx = keep.nonzero().squeeze(1)
+                    best_z[idx] = fz[idx]
+                pending = pending & ~stop
+                active = active & ~stop
+                rows = active.nonzero().squeeze(1)
+                all_active = False
+                if rows.numel() == 0:
+                    break
+                if opts.compact:
+                    x_rows = take_rows(x, rows, batch)
+            if it == limit - 1:
                 break
+            state["g"] = g
             z_next = self.step(state, it, z, fz, active)
-            z = torch.where(active[:, None], z_next, z)
+            z = z_next if all_active else torch.where(active[:, None], z_next, z)
 
-        # A sample that never produced a finite value keeps its start.
-        never = ~torch.isfinite(best_res)
-        best_z = torch.where(never[:, None], z0.reshape(batch, -1), best_z)
+        if pending.any():
+            idx = pending.nonzero().squeeze(1)
+            best_z[idx] = fz[idx]
+        # A sample that never produced a finite value keeps its start (best_z began as z0).
         trajectory = None
         if wanted is not None:
             solution = best_z.reshape(batch, *shape)
