@@ -42,8 +42,8 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (value >= 0 if allow_zero else value > 0):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name}={value!r} is not valid; it must be a number {bound}")
 

@@ -1,0 +1,148 @@
+"""Validated dataclass configuration: strict keys, nested sections, checks at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import doctest
+
+import pytest
+
+import cdeq.config
+from cdeq.config import (
+    Config,
+    ConfigError,
+    check_choice,
+    check_int,
+    check_keys,
+    check_positive,
+    check_range,
+)
+from cdeq.solvers import AndersonOptions, SolverOptions
+
+
+@dataclasses.dataclass
+class Optim(Config):
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    kind: str = "adam"
+
+    def validate(self) -> None:
+        check_positive("lr", self.lr)
+        check_choice("kind", self.kind, ["adam", "sgd"])
+
+
+@dataclasses.dataclass
+class Run(Config):
+    steps: int = 10
+    optim: Optim = dataclasses.field(default_factory=Optim)
+
+    def validate(self) -> None:
+        check_int("steps", self.steps, minimum=1)
+
+
+def test_from_dict_builds_nested_sections_and_tuples():
+    run = Run.from_dict({"steps": 5, "optim": {"lr": 0.1, "betas": [0.5, 0.6]}})
+    assert run.steps == 5
+    assert isinstance(run.optim, Optim) and run.optim.lr == 0.1
+    assert run.optim.betas == (0.5, 0.6) and isinstance(run.optim.betas, tuple)
+    assert Run.from_dict(None) == Run()
+    assert Run.from_dict({"steps": 2}, steps=3).steps == 3  # keyword overrides win
+
+
+def test_to_dict_round_trips():
+    run = Run(steps=7, optim=Optim(lr=0.5, kind="sgd"))
+    data = run.to_dict()
+    assert data == {"steps": 7, "optim": {"lr": 0.5, "betas": (0.9, 0.999), "kind": "sgd"}}
+    assert Run.from_dict(data) == run
+
+
+def test_unknown_key_names_the_key_the_allowed_keys_and_a_suggestion():
+    with pytest.raises(ConfigError) as err:
+        Run.from_dict({"step": 3})
+    message = str(err.value)
+    assert "unknown key 'step' in Run" in message
+    assert "did you mean 'steps'" in message
+    assert "allowed keys: ['optim', 'steps']" in message
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz' in Run; allowed keys"):
+        Run.from_dict({"zzz": 3})  # nothing close: no suggestion
+
+
+def test_unknown_key_in_a_nested_section_names_that_section():
+    with pytest.raises(ConfigError, match=r"unknown key 'lrr' in Optim.*did you mean 'lr'"):
+        Run.from_dict({"optim": {"lrr": 0.1}})
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"steps": 0}, r"steps=0 is not valid; it must be an integer >= 1"),
+        ({"steps": True}, r"steps=True"),
+        ({"steps": 2.0}, r"steps=2.0"),
+        ({"optim": {"lr": 0}}, r"lr=0 is not valid; it must be a number > 0"),
+        ({"optim": {"kind": "adamw"}}, r"kind='adamw' is not valid; allowed values: \['adam', 'sgd'\]"),
+    ],
+)
+def test_bad_values_are_config_errors_naming_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        Run.from_dict(data)
+
+
+def test_validation_runs_on_direct_construction_and_replace():
+    with pytest.raises(ConfigError, match="steps=-1"):
+        Run(steps=-1)
+    run = Run()
+    assert run.replace(steps=4).steps == 4 and run.steps == 10
+    with pytest.raises(ConfigError, match="steps=0"):
+        run.replace(steps=0)
+    with pytest.raises(ConfigError, match=r"unknown key 'stesp' in Run.*did you mean 'steps'"):
+        run.replace(stesp=4)
+
+
+def test_a_value_of_the_wrong_kind_is_a_config_error():
+    with pytest.raises(ConfigError, match="tol='small'"):
+        SolverOptions.from_dict({"tol": "small"})
+
+
+def test_a_value_of_the_wrong_kind_is_a_config_error_on_direct_construction():
+    with pytest.raises(ConfigError, match="tol='small'"):
+        SolverOptions(tol="small")
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_checks():
+    check_choice("mode", "a", ["a", "b"])
+    check_positive("x", 0.0, allow_zero=True)
+    check_range("p", 1.0, 0.0, 1.0)
+    check_int("n", 0)
+    check_keys("here", {"a": 1}, ["a", "b"])
+    with pytest.raises(ConfigError, match=r"x=0.0 is not valid; it must be a number > 0"):
+        check_positive("x", 0.0)
+    with pytest.raises(ConfigError, match=r"x=-1 is not valid; it must be a number >= 0"):
+        check_positive("x", -1, allow_zero=True)
+    with pytest.raises(ConfigError, match="x=True"):
+        check_positive("x", True)
+    with pytest.raises(ConfigError, match=r"p=1.5 is not valid; it must lie in \[0.0, 1.0\]"):
+        check_range("p", 1.5, 0.0, 1.0)
+    with pytest.raises(ConfigError, match="p='a'"):
+        check_range("p", "a", 0.0, 1.0)
+    with pytest.raises(ConfigError, match=r"n=-1 is not valid; it must be an integer >= 0"):
+        check_int("n", -1)
+    with pytest.raises(ConfigError, match=r"unknown key 'c' in here; allowed keys: \['a', 'b'\]"):
+        check_keys("here", {"c": 1}, ["b", "a"])
+
+
+def test_solver_options_inherit_the_common_checks():
+    opts = AndersonOptions.from_dict({"memory": 3, "tol": 1e-6})
+    assert (opts.memory, opts.tol, opts.max_iter, opts.stop_mode) == (3, 1e-6, 50, "rel")
+    with pytest.raises(ConfigError, match=r"stop_mode='l1'.*\['rel', 'abs'\]"):
+        AndersonOptions(stop_mode="l1")
+    with pytest.raises(ConfigError, match=r"unknown key 'damping' in AndersonOptions"):
+        AndersonOptions.from_dict({"damping": 0.5})
+
+
+def test_docstring_examples():
+    result = doctest.testmod(cdeq.config)
+    assert result.attempted > 0 and result.failed == 0
