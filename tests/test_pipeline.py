@@ -75,3 +75,14 @@ def test_build_config_merges_defaults():
     cfg = build_config("digits", {"teacher": {"epochs": 2}}, quick=True)
     assert isinstance(cfg, RunConfig) and cfg.teacher.epochs == 2
     assert cfg.task_config["channels"] == 8  # from the quick preset
+
+
+def test_report_has_the_baselines(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    assert set(report["methods"]["learned_init"]) == {"1", "2"}
+    assert set(report["methods"]["unrolled"]) == {"1", "2"}  # k = 4 is above the TINY budgets
+    assert set(report["relative_error"]["unrolled"]) == {"1", "2"}
+    assert {"learned_init", "unrolled_k1", "unrolled_k2", "unrolled_k4"} <= set(report["train_time_s"])
+    assert {"learned_init@1", "unrolled@2"} <= set(report["latency_ms"])
+    assert (quick_run / "learned_init.safetensors").exists()
+    assert all((quick_run / f"unrolled_k{k}.safetensors").exists() for k in (1, 2, 4))

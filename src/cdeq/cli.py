@@ -4,9 +4,10 @@
 
     cdeq demo                                  # = cdeq run digits: the whole job, a few minutes
     cdeq run TASK [--config FILE] [--out DIR] [--quick] [--data PATH] [--name NAME] [--set K=V ...]
-    cdeq train|record|distill|evaluate --out DIR   # one stage on the artifacts of the earlier ones
+    cdeq train|record|distill|baselines|evaluate --out DIR   # one stage on the artifacts of the earlier ones
     cdeq generate --model DIR --prompt TEXT --tokens N [--nfe K]
     cdeq tasks                                 # the built-in tasks
+    cdeq export --model DIR --out FILE [--pretrained DIR2]   # one-step student for deployment
 """
 
 from __future__ import annotations
@@ -150,6 +151,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .hub import export_run, save_run_pretrained
+
+    path, method = export_run(args.model, args.out)
+    print(f"wrote {path} ({method}; x -> logits with 1 NFE)")
+    if args.pretrained:
+        print(f"wrote {save_run_pretrained(args.model, args.pretrained)} (cdeq.hub.from_pretrained)")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks import TASKS
 
@@ -183,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_demo)
 
-    for stage in ("train", "record", "distill", "evaluate"):
+    for stage in ("train", "record", "distill", "baselines", "evaluate"):
         p = sub.add_parser(stage, help=f"run the {stage} stage in an existing run directory")
         if stage == "train":
             p.add_argument("task", nargs="?")
@@ -200,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="export the one-step student of a run (torch.export)")
+    p.add_argument("--model", required=True, help="run directory with student.safetensors")
+    p.add_argument("--out", required=True, help="output file (.pt2)")
+    p.add_argument("--pretrained", help="also write a save_pretrained directory here")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("tasks", help="list the built-in tasks")
     p.set_defaults(fn=cmd_tasks)

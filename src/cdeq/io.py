@@ -113,6 +113,50 @@ def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor],
     return tensors, json.loads(metadata.get("meta", "{}"))
 
 
+# --- checkpoints (torch.save payloads with a version and a checksum) ------------------------------
+CHECKPOINT_MAGIC = b"CDEQCKPT"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, payload: Any) -> None:
+    """``torch.save(payload)`` written atomically behind a header: magic, version, SHA-256.
+
+    Layout: ``CDEQCKPT`` (8 bytes), version (4 bytes little-endian), hex SHA-256 of the body
+    (64 bytes), body (the ``torch.save`` bytes).
+    """
+    import io as _io
+
+    buf = _io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    header = CHECKPOINT_MAGIC + CHECKPOINT_VERSION.to_bytes(4, "little")
+    atomic_write_bytes(path, header + hashlib.sha256(body).hexdigest().encode() + body)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """Load a file written by :func:`save_checkpoint`; a truncated, corrupted or foreign file
+    raises :class:`CorruptFileError` naming it (never silently wrong weights)."""
+    import io as _io
+
+    path = Path(path)
+    data = path.read_bytes()
+    if data[:8] != CHECKPOINT_MAGIC or len(data) < 76:
+        raise CorruptFileError(f"{path} is not a cdeq checkpoint (bad header; truncated or written "
+                               "by another program); delete it to restart the stage")
+    version = int.from_bytes(data[8:12], "little")
+    if version != CHECKPOINT_VERSION:
+        raise CorruptFileError(f"{path} has checkpoint version {version}; this cdeq reads version "
+                               f"{CHECKPOINT_VERSION}; delete it to restart the stage")
+    body = data[76:]
+    if hashlib.sha256(body).hexdigest().encode() != data[12:76]:
+        raise CorruptFileError(f"{path} failed its checksum (truncated or corrupted); delete it to "
+                               "restart the stage")
+    try:
+        return torch.load(_io.BytesIO(body), weights_only=True)
+    except Exception as err:  # noqa: BLE001 - reported with the file name
+        raise CorruptFileError(f"{path} is not a readable checkpoint ({err})") from err
+
+
 # --- nested structures of tensors (inputs may be tuples, dicts, sparse tensors) -----------------
 def flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> Any:
     """Flatten ``obj`` into ``out`` (``prefix.i`` keys); returns a JSON spec to rebuild it."""

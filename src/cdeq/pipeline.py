@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import time
 from collections.abc import Callable
@@ -26,15 +25,23 @@ from typing import Any
 
 import torch
 
+from . import distributed
+from .baselines import BaselineConfig
 from .config import Config, ConfigError, check_int
 from .consistency.distill import DistillConfig, distill
 from .consistency.inference import PlanSearchConfig, plan_from_json, plan_to_json, select_plans
 from .consistency.schedule import ScheduleConfig, TimeSchedule
 from .consistency.student import ConsistencyStudent, StudentConfig
-from .consistency.trajectory import RecordConfig, TrajectoryStore, record, residual_summary
+from .consistency.trajectory import (
+    RecordConfig,
+    TrajectoryStore,
+    record,
+    residual_summary,
+    warn_unconverged,
+)
 from .deq.model import DEQModel
 from .evaluate import EvalConfig, evaluate
-from .io import atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
+from .io import load_checkpoint, load_tensors, read_json, save_checkpoint, save_tensors, write_json
 from .report import markdown_table, write_report
 from .tasks import TASKS, Task
 from .training import TeacherConfig, evaluate_model, train_teacher
@@ -56,6 +63,7 @@ class RunConfig(Config):
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     plans: PlanSearchConfig = dataclasses.field(default_factory=PlanSearchConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     seed: int = 0
     threads: int = 0
 
@@ -103,20 +111,23 @@ class Run:
                                         "or `cdeq train`, which write it")
             config = RunConfig.from_dict(read_json(cfg_path))
         elif cfg_path.exists():
-            old = read_json(cfg_path)
+            old = _with_defaults(read_json(cfg_path))  # sections added since are at their defaults
             if old != json.loads(json.dumps(config.to_dict())):
                 raise ConfigError(
                     f"{self.dir} already holds a run with another configuration; use a new --out "
                     "directory, or delete the old run to start over")
         self.config = config
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(cfg_path, config.to_dict())
+        if distributed.is_main():  # under torchrun only rank 0 writes run files
+            write_json(cfg_path, config.to_dict())
         self._log = log or print
         self._task: Task | None = None
         if config.threads:
             torch.set_num_threads(config.threads)
 
     def log(self, msg: str) -> None:
+        if not distributed.is_main():
+            return
         self._log(msg)
         with open(self.dir / "log.txt", "a") as fh:
             fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
@@ -130,7 +141,9 @@ class Run:
 
     # --- files ------------------------------------------------------------------------------
     def _save_module(self, name: str, module: torch.nn.Module, meta: dict) -> None:
-        save_tensors(self.dir / f"{name}.safetensors", module.state_dict(), kind=name, meta=meta)
+        if distributed.is_main():
+            save_tensors(self.dir / f"{name}.safetensors", module.state_dict(), kind=name, meta=meta)
+        distributed.barrier()  # the other ranks read it next
 
     def _load_module(self, name: str, module: torch.nn.Module) -> dict:
         tensors, meta = load_tensors(self.dir / f"{name}.safetensors", kind=name)
@@ -142,19 +155,14 @@ class Run:
         return meta
 
     def _save_checkpoint(self, name: str, payload: dict) -> None:
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        atomic_write_bytes(self.dir / f"{name}.ckpt", buf.getvalue())
+        if distributed.is_main():
+            save_checkpoint(self.dir / f"{name}.ckpt", payload)  # versioned + checksummed, atomic
 
     def _load_checkpoint(self, name: str) -> dict | None:
         path = self.dir / f"{name}.ckpt"
         if not path.exists():
             return None
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-            raise ConfigError(f"{path} is not a readable checkpoint ({err}); delete it to restart "
-                              "the stage") from err
+        return load_checkpoint(path)  # CorruptFileError naming the file when it is damaged
 
     def teacher(self) -> DEQModel:
         model = self.task.build_model()
@@ -210,6 +218,7 @@ class Run:
             self.log(f"warning: {100 * summary['unconverged_fraction']:.1f}% of the recorded samples "
                      f"did not converge (max residual {summary['max_residual']:.2e}); they are left "
                      "out of the consistency losses")
+            warn_unconverged(summary, cfg.distill.max_residual, 0.05)  # a real warning, too
         return store
 
     def distill(self) -> ConsistencyStudent:
@@ -248,14 +257,72 @@ class Run:
         m, c = self.task.metric_sum(logits, y)
         return m, c, float(self.task.loss(logits, y)) * c
 
+    def baselines(self, redo: bool = True) -> None:
+        """Stage ``baselines``: the learned initialiser and the unrolled k-step networks
+        (see :mod:`cdeq.baselines`), trained from the teacher with the student's wall-clock budget."""
+        from . import baselines as bl
+
+        cfg, bcfg = self.config, self.config.baselines
+        teacher = self.teacher()
+        student_path = self.dir / "student.safetensors"
+        student_s = load_tensors(student_path, kind="student")[1].get("train_time_s", 0.0) \
+            if student_path.exists() else 0.0
+        if redo or not (self.dir / "learned_init.safetensors").exists():
+            torch.manual_seed(cfg.seed)
+            init = bl.LearnedInit.for_teacher(teacher, bcfg)
+            store = TrajectoryStore(self.dir / "trajectories")
+            trajectories = list(store) if _fits_in_memory(store) else store
+            info = bl.train_learned_init(init, teacher, trajectories, bcfg, bcfg.init_time_s or student_s,
+                                         seed=cfg.seed, log=self.log)
+            solvers = bl.select_init_solvers(init, teacher, self.task, self.task.selection_batches(
+                cfg.evaluate.batch_size), sorted(set(cfg.evaluate.budgets)), bcfg.init_select_batches)
+            self.log(f"learned initialiser: solver per budget (chosen on training data) {solvers}")
+            self._save_module("learned_init", init, {
+                "train_time_s": info["train_time_s"], "epochs": info["epochs"],
+                "loss_first": info["losses"][0], "loss_last": info["losses"][-1],
+                "solvers": {str(k): s for k, s in solvers.items()}})
+        for k in bcfg.unrolled_ks:
+            if not redo and (self.dir / f"unrolled_k{k}.safetensors").exists():
+                continue
+            torch.manual_seed(cfg.seed)
+            net = bl.UnrolledNet(teacher, k)
+            info = bl.train_unrolled(net, self.task, bcfg, bcfg.unrolled_time_s or student_s,
+                                     seed=cfg.seed, log=self.log)
+            self._save_module(f"unrolled_k{k}", net, {"k": k, "train_time_s": info["train_time_s"],
+                                                      "steps": info["steps"], "losses": info["losses"]})
+
+    def _baseline_methods(self, teacher: DEQModel) -> tuple[dict, dict[str, float]]:
+        """The trained baselines as ``evaluate``'s ``extra_methods``, and their training wall times."""
+        from . import baselines as bl
+
+        methods: dict = {}
+        costs: dict[str, float] = {}
+        if (self.dir / "learned_init.safetensors").exists():
+            init = bl.LearnedInit.for_teacher(teacher, self.config.baselines)
+            meta = self._load_module("learned_init", init)
+            methods["learned_init"] = bl.learned_init_method(
+                init, teacher, {int(k): s for k, s in meta["solvers"].items()})
+            costs["learned_init"] = meta.get("train_time_s", 0.0)
+        nets = {}
+        for k in self.config.baselines.unrolled_ks:
+            if (self.dir / f"unrolled_k{k}.safetensors").exists():
+                nets[k] = bl.UnrolledNet(teacher, k)
+                meta = self._load_module(f"unrolled_k{k}", nets[k])
+                costs[f"unrolled_k{k}"] = meta.get("train_time_s", 0.0)
+        if nets:
+            methods["unrolled"] = bl.unrolled_method(nets)
+        return methods, costs
+
     def evaluate(self) -> dict[str, Any]:
         teacher = self.teacher()
         student = self.student(teacher)
-        report = evaluate(self.task, teacher, student, self.config.evaluate)
+        extra, extra_costs = self._baseline_methods(teacher)
+        report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra)
         costs = {}
         for name in ("teacher", "student"):
             _, meta = load_tensors(self.dir / f"{name}.safetensors", kind=name)
             costs[{"teacher": "teacher", "student": "cdeq"}[name]] = meta.get("train_time_s", 0.0)
+        costs.update(extra_costs)
         report["train_time_s"] = costs
         files = write_report(report, self.dir)
         self.log("\n" + markdown_table(report))
@@ -277,7 +344,19 @@ class Run:
             self.distill()
         else:
             self.log("student.safetensors exists: skipping distillation")
+        if not distributed.is_main():  # under torchrun: rank 0 alone evaluates and reports
+            return {}
+        if self.config.baselines.enabled:
+            self.baselines(redo=False)
         return self.evaluate()
+
+
+def _with_defaults(old: dict) -> dict:
+    """``old`` (a run's config.json) with the sections and keys added since filled by defaults."""
+    try:
+        return json.loads(json.dumps(RunConfig.from_dict(old).to_dict()))
+    except (ConfigError, TypeError, ValueError):
+        return old
 
 
 def _fits_in_memory(store: TrajectoryStore, limit_bytes: int = 2 << 30) -> bool:

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .config import Config, check_choice, check_int, check_positive
+from .consistency.trajectory import check_finite_inputs, check_labels
 from .deq.layer import SolverSpec
 from .deq.regularizers import jacobian_frobenius
 from .progress import progress
@@ -95,7 +97,10 @@ def train_teacher(
     configure_teacher(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, sum(1 for _ in task.train_batches(config.batch_size, shuffle=False)))
+    steps_per_epoch = sum(1 for _ in task.train_batches(config.batch_size, shuffle=False))
+    if steps_per_epoch == 0:
+        raise ValueError(f"the {task.name or type(task).__name__} training split is empty: nothing to "
+                         "train the teacher on")
     total = steps_per_epoch * config.epochs
     if config.max_steps:
         total = min(total, config.max_steps)
@@ -108,6 +113,7 @@ def train_teacher(
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, config.epochs):
         gen.manual_seed(seed * 1000 + epoch)
+        torch.manual_seed(seed * 1000 + epoch)  # global RNG too (jac_reg probes): resumable
         model.train()
         t0 = time.perf_counter()
         losses, nfes = [], []
@@ -116,9 +122,13 @@ def train_teacher(
         for x, y in bar:
             if config.max_steps and step >= config.max_steps:
                 break
+            x, y, share = distributed.shard(x, y)  # this rank's slice of the global batch
             u = model.inject(x)
             z, info = model.deq(u)
-            loss = task.loss(model.head(z), y)
+            logits = model.head(z)
+            check_finite_inputs(x, "teacher training")  # clear errors for bad data (cheap)
+            check_labels(logits, y, "teacher training")
+            loss = task.loss(logits, y)
             if config.jac_reg > 0:
                 z_in = info.z.detach().requires_grad_()
                 loss = loss + config.jac_reg * jacobian_frobenius(model.cell(z_in, u), z_in)
@@ -128,7 +138,8 @@ def train_teacher(
                     f"(now {config.lr}) or add jac_reg"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share if share != 1.0 else loss).backward()
+            distributed.all_reduce_grads(params)  # sum over ranks = gradient of the global mean
             if config.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()

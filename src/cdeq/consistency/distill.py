@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import Config, check_choice, check_int, check_positive, check_range
 from ..progress import progress
 from .ema import EMA
 from .student import ConsistencyStudent
-from .trajectory import TrajectoryBatch
+from .trajectory import TrajectoryBatch, check_labels
 
 
 @dataclasses.dataclass
@@ -183,6 +184,7 @@ def distill(
     n_batches = len(trajectories)
     if n_batches == 0:
         raise ValueError("no trajectories to distil from: the record stage produced no batch")
+    check_trajectory_shapes(student, trajectories[0])
     per_epoch = _steps_per_epoch(trajectories, config.batch_size)
     total = max(1, per_epoch * config.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -199,6 +201,7 @@ def distill(
     step = start_epoch * per_epoch
     for epoch in range(start_epoch, config.epochs):
         gen.manual_seed(seed * 1000 + epoch)
+        torch.manual_seed(seed * 1000 + epoch)  # global RNG too: a resumed epoch = a fresh one
         student.train()
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "global": 0.0, "local": 0.0, "task": 0.0}
@@ -208,9 +211,17 @@ def distill(
         bar = progress(order, desc=f"distill epoch {epoch + 1}/{config.epochs}")
         for i in bar:
             for mb in _minibatches(trajectories[i], config.batch_size, gen):
+                # under torchrun every rank computes the whole minibatch (same RNG draws, so the
+                # result equals one process exactly); sharding distillation is not done yet
+                share = 1.0 / distributed.world_size()
                 parts = _loss(student, ema, mb, config, sampler, min(1.0, step / total), gen, task_loss)
+                if not torch.isfinite(parts["loss"]):
+                    raise FloatingPointError(
+                        f"distillation loss became {float(parts['loss'].detach())} in epoch {epoch + 1} on "
+                        f"trajectory batch {i}; check the recorded trajectories for NaN/inf or lower lr")
                 opt.zero_grad(set_to_none=True)
-                parts["loss"].backward()
+                (parts["loss"] * share if share != 1.0 else parts["loss"]).backward()
+                distributed.all_reduce_grads(params)
                 if config.grad_clip > 0:
                     nn.utils.clip_grad_norm_(params, config.grad_clip)
                 opt.step()
@@ -233,6 +244,18 @@ def distill(
                                  "history": history})
     student.eval()
     return history
+
+
+def check_trajectory_shapes(student: ConsistencyStudent, batch: TrajectoryBatch) -> None:
+    """The recorded states must have the shape of the student's state: a clear error otherwise."""
+    with torch.no_grad():
+        state = tuple(student.initial_state(student.inject(batch.x)).shape)
+    star, its = tuple(batch.z_star.shape), tuple(batch.iterates.shape)
+    if star != state or its[:1] + its[2:] != state or its[1] != len(batch.index):
+        raise ValueError(
+            f"the trajectories do not match the model: z_star has shape {star} and iterates {its}, "
+            f"but the student's state for these inputs has shape {state} (iterates should be "
+            f"{(state[0], len(batch.index), *state[1:])}); were they recorded with another model?")
 
 
 def _steps_per_epoch(trajectories: Any, batch_size: int) -> int:
@@ -267,6 +290,7 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
         logits = student.head(out)
         task = out.new_zeros(())
         if config.task_weight > 0:
+            check_labels(logits, mb.y, "distill")
             task = config.task_weight * task_loss(logits, mb.y)
         if config.kl_weight > 0:
             with torch.no_grad():

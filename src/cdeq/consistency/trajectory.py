@@ -17,6 +17,7 @@ where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,14 @@ def record_batch(model: DEQModel, x: Any, y: Any, config: RecordConfig) -> Traje
     """Run the teacher solver on one batch and keep the chosen iterates."""
     model.eval()
     solver = config.solver.build()
-    u = model.inject(x)
+    check_finite_inputs(x, "record")
+    try:
+        u = model.inject(x)
+    except (RuntimeError, TypeError) as err:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        dtype = f", dtype {x.dtype}" if isinstance(x, Tensor) else ""
+        raise ValueError(f"record: the model's input injection rejected an input of shape {shape}"
+                         f"{dtype}: {str(err).splitlines()[0]}") from err
     idx = config.iterate_indices()
     res = solver.solve(model.cell, model.initial_state(u), u, record=idx)
     traj = res.trajectory  # (L, B, ...)
@@ -193,12 +201,55 @@ def record(
         else:
             out.append(batch.to(DTYPES[config.dtype]))
         count += 1
+    if count == 0:
+        raise ValueError("record got no batches: the training data is empty")
     if store is not None:
         write_json(store.root / TrajectoryStore.MANIFEST,
                    {"shards": count, "samples": seen, "indices": config.iterate_indices(),
                     "last": config.solver.max_iter, "dtype": config.dtype})
         return store
     return out
+
+
+def check_finite_inputs(x: Any, where: str) -> None:
+    """Raise a clear ``ValueError`` when a floating-point tensor in ``x`` holds NaN or inf."""
+    if isinstance(x, Tensor):
+        if x.is_floating_point() and not x.is_sparse and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"{where}: the input of shape {tuple(x.shape)} holds {bad} NaN/inf "
+                             "values; clean or impute the data first")
+    elif isinstance(x, (tuple, list)):
+        for item in x:
+            check_finite_inputs(item, where)
+    elif isinstance(x, dict):
+        for item in x.values():
+            check_finite_inputs(item, where)
+
+
+def check_labels(logits: Tensor, y: Any, where: str) -> None:
+    """Class-index labels must lie in ``[0, C)`` for ``C = logits.shape[-1]``."""
+    if isinstance(y, Tensor) and not y.is_floating_point() and y.numel() and logits.dim() >= 2:
+        lo, hi, c = int(y.min()), int(y.max()), int(logits.shape[-1])
+        if lo < 0 or hi >= c:
+            raise ValueError(f"{where}: labels must be class indices in [0, {c - 1}] (the model has "
+                             f"{c} outputs), found values in [{lo}, {hi}]")
+
+
+def warn_unconverged(summary: dict[str, float], tol: float, threshold: float = 0.05) -> bool:
+    """``warnings.warn`` when more than ``threshold`` of the recorded samples did not converge
+    (solution residual above ``tol``); returns whether it warned."""
+    frac = summary["unconverged_fraction"]
+    if frac <= threshold:
+        return False
+    warnings.warn(f"{100 * frac:.1f}% of the recorded teacher samples did not converge (residual > "
+                  f"{tol:g}; max residual {summary['max_residual']:.2e}); they are left out of the "
+                  "consistency losses. Train the teacher longer, regularise it (teacher.jac_reg) or "
+                  "raise record.solver.max_iter", UnconvergedWarning, stacklevel=2)
+    return True
+
+
+class UnconvergedWarning(RuntimeWarning):
+    """The teacher did not converge on part of the recorded samples."""
 
 
 def _batch_len(y: Any) -> int:

@@ -1,0 +1,105 @@
+"""Two processes (torchrun, gloo on CPU) train the same teacher as one process with the same global
+batch and seed: weights equal within 1e-5 (max abs difference).
+
+Run as a script under torchrun, this file trains a toy DEQ teacher and (rank 0) saves its weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TOL = 1e-5
+
+
+def _toy_task():
+    import cdeq
+    from cdeq.tasks.base import Task
+
+    class Cell(nn.Module):
+        channels, channel_dim = 8, -1
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def state_shape(self, u):
+            return u.shape
+
+        def forward(self, z, u):
+            return torch.tanh(0.5 * self.lin(z) + u)
+
+    class Toy(Task):
+        name = "toy-dist"
+
+        def __init__(self):
+            super().__init__(None)
+            gen = torch.Generator().manual_seed(0)
+            self.x = torch.randn(48, 5, generator=gen)
+            self.y = torch.randint(0, 3, (48,), generator=gen)
+
+        def build_model(self):
+            torch.manual_seed(0)
+            return cdeq.DEQModel(nn.Linear(5, 8), Cell(), nn.Linear(8, 3))
+
+        def train_batches(self, batch_size, shuffle=True, generator=None):
+            order = torch.randperm(48, generator=generator) if shuffle else torch.arange(48)
+            for s in range(0, 48, batch_size):
+                yield self.x[order[s:s + batch_size]], self.y[order[s:s + batch_size]]
+
+        def loss(self, logits, y):
+            return nn.functional.cross_entropy(logits, y)
+
+    return Toy()
+
+
+def train(out: str) -> None:
+    from cdeq import distributed
+    from cdeq.training import TeacherConfig, train_teacher
+
+    distributed.init()
+    torch.set_num_threads(1)
+    task = _toy_task()
+    model = task.build_model()
+    train_teacher(task, model, TeacherConfig(epochs=2, batch_size=16, lr=1e-2), seed=0, log=lambda m: None)
+    if distributed.is_main():
+        torch.save(model.state_dict(), out)
+    distributed.barrier()
+
+
+def test_two_processes_match_one(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", __file__, str(tmp_path / "two.pt")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = torch.get_num_threads()
+    try:
+        train(str(tmp_path / "one.pt"))
+    finally:
+        torch.set_num_threads(before)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert diff <= TOL, diff
+    assert max(float((one[k] - _toy_task().build_model().state_dict()[k]).abs().max()) for k in one) > 1e-3
+
+
+def test_shard_without_process_group_is_identity():
+    from cdeq import distributed
+
+    x, y = torch.randn(5, 2), torch.arange(5)
+    assert distributed.world_size() == 1 and distributed.is_main()
+    sx, sy, share = distributed.shard(x, y)
+    assert sx is x and sy is y and share == 1.0
+
+
+if __name__ == "__main__":
+    train(sys.argv[1])

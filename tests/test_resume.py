@@ -1,0 +1,178 @@
+"""Resumable, atomic runs: a run killed with SIGKILL mid-stage resumes to the same result, and a
+damaged checkpoint is a clear error naming the file (never silently wrong weights).
+
+Tolerance: the resumed teacher / student must equal the uninterrupted one within 1e-4 (max abs
+difference of every weight). Both runs use one thread; the reference runs in this process, so
+only the thread pool of the reductions could differ (in practice the weights come out bitwise
+equal).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdeq.cli import _overrides, main
+from cdeq.io import CorruptFileError, load_checkpoint, load_tensors, save_checkpoint
+from cdeq.pipeline import Run, build_config
+
+TOL = 1e-4
+TEACHER = ["teacher.epochs=4", "task_config.train_subset=128", "task_config.test_subset=16"]
+REST = ["record.max_samples=128", "record.batch_size=64", "distill.epochs=3", "plans.max_nfe=2",
+        "evaluate.budgets=[1,2]"]
+SETTINGS = TEACHER + REST
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """`cdeq train` killed by SIGKILL after its first epoch checkpoint, then resumed."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    cmd = [sys.executable, "-m", "cdeq.cli", "train", "digits", "--quick", "--out", str(out),
+           "--set", *SETTINGS]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = out / "teacher.ckpt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert ckpt.exists() and not (out / "teacher.safetensors").exists()
+    killed_epoch = load_checkpoint(ckpt)["epoch"]
+    assert killed_epoch < 3  # killed mid-stage, not after the last epoch
+    logs: list[str] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # resume in this process (the same files a new `cdeq train --out` would read)
+        Run(out, log=logs.append).train()
+    finally:
+        torch.set_num_threads(before)
+    assert f"resuming teacher training after epoch {killed_epoch + 1}" in logs
+    return out
+
+
+def test_sigkilled_teacher_training_resumes_to_the_same_weights(killed_and_resumed, tmp_path, one_thread):
+    ref = Run(tmp_path / "ref", build_config("digits", _overrides(SETTINGS), quick=True), log=lambda m: None)
+    ref.train()
+    resumed, _ = load_tensors(killed_and_resumed / "teacher.safetensors", kind="teacher")
+    expected, _ = load_tensors(tmp_path / "ref" / "teacher.safetensors", kind="teacher")
+    assert _max_diff(resumed, expected) <= TOL
+
+
+def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed, tmp_path, one_thread,
+                                                             monkeypatch):
+    run = Run(killed_and_resumed, log=lambda m: None)
+    run.record()
+    for name in ("a", "b"):  # two copies of teacher + trajectories: one interrupted, one not
+        shutil.copytree(killed_and_resumed, tmp_path / name,
+                        ignore=shutil.ignore_patterns("student*", "*.ckpt", "log.txt"))
+    Run(tmp_path / "a", log=lambda m: None).distill()
+
+    interrupted = Run(tmp_path / "b", log=lambda m: None)
+    real_save = Run._save_checkpoint
+
+    def save_then_die(self, name, payload):  # the process "dies" right after epoch 1's checkpoint
+        real_save(self, name, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.distill()
+    monkeypatch.setattr(Run, "_save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "b" / "student.ckpt")["epoch"] == 0
+    logs = []
+    Run(tmp_path / "b", log=logs.append).distill()
+    assert any("resuming distillation after epoch 1" in m for m in logs)
+    a, meta_a = load_tensors(tmp_path / "a" / "student.safetensors", kind="student")
+    b, meta_b = load_tensors(tmp_path / "b" / "student.safetensors", kind="student")
+    assert _max_diff(a, b) <= TOL
+    assert meta_a["plans"] == meta_b["plans"]
+
+
+def test_recording_skips_existing_shards(killed_and_resumed, tmp_path, one_thread):
+    shutil.copytree(killed_and_resumed, tmp_path / "r",
+                    ignore=shutil.ignore_patterns("student*", "trajectories", "log.txt"))
+    run = Run(tmp_path / "r", log=lambda m: None)
+    store = run.record()
+    manifest = store.manifest()
+    assert len(store) >= 2
+    first, last = store.shard_path(0), store.shard_path(len(store) - 1)
+    stamp = first.stat().st_mtime_ns
+    expected, _ = load_tensors(last, kind="trajectory")
+    (store.root / "manifest.json").unlink()  # as if killed before the last shard and the manifest
+    last.unlink()
+    run.record()
+    assert first.stat().st_mtime_ns == stamp  # kept, not recomputed
+    assert store.manifest() == manifest
+    assert _max_diff(load_tensors(last, kind="trajectory")[0], expected) <= TOL
+
+
+# --- damaged checkpoints -------------------------------------------------------------------------
+def _ckpt(tmp_path: Path) -> Path:
+    path = tmp_path / "teacher.ckpt"
+    save_checkpoint(path, {"epoch": 3, "model": {"w": torch.arange(100.0)}})
+    return path
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    data = load_checkpoint(_ckpt(tmp_path))
+    assert data["epoch"] == 3 and torch.equal(data["model"]["w"], torch.arange(100.0))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "version", "foreign", "empty"])
+def test_damaged_checkpoint_names_the_file(tmp_path, damage):
+    path = _ckpt(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-20] ^= 0xFF
+    elif damage == "version":
+        data[8:12] = (99).to_bytes(4, "little")
+    elif damage == "foreign":
+        buf = __import__("io").BytesIO()
+        torch.save({"epoch": 1}, buf)
+        data = bytearray(buf.getvalue())
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=str(path).replace(".", r"\.")):
+        load_checkpoint(path)
+
+
+def test_pipeline_refuses_a_corrupt_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = build_config("digits", _overrides(SETTINGS), quick=True)
+    Run(out, cfg, log=lambda m: None)  # writes config.json
+    (out / "teacher.ckpt").write_bytes(b"CDEQCKPT" + b"\x01\x00\x00\x00" + b"0" * 64 + b"junk")
+    assert main(["train", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.ckpt" in err and "checksum" in err
