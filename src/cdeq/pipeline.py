@@ -360,5 +360,7 @@ def _with_defaults(old: dict) -> dict:
 
 
 def _fits_in_memory(store: TrajectoryStore, limit_bytes: int = 2 << 30) -> bool:
-    total = sum(p.stat().st_size for p in store.root.glob("shard_*.safetensors"))
-    return total <= limit_bytes
+    """Whether all shards, read back as float32, stay under ``limit_bytes``."""
+    on_disk = sum(p.stat().st_size for p in store.root.glob("shard_*.safetensors"))
+    widen = 2 if store.manifest().get("dtype") in ("float16", "bfloat16") else 1
+    return on_disk * widen <= limit_bytes
