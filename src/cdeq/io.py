@@ -186,7 +186,7 @@ def unflatten(spec: Any, tensors: Mapping[str, Tensor]) -> Any:
     if "sparse" in spec:
         key = spec["sparse"]
         return torch.sparse_coo_tensor(tensors[f"{key}.indices"], tensors[f"{key}.values"],
-                                       spec["size"]).coalesce()
+                                       spec["size"], check_invariants=False).coalesce()
     if "seq" in spec:
         items = [unflatten(s, tensors) for s in spec["seq"]]
         return tuple(items) if spec["tuple"] else items

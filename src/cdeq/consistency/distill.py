@@ -203,6 +203,7 @@ def distill(
         gen.manual_seed(seed * 1000 + epoch)
         torch.manual_seed(seed * 1000 + epoch)  # global RNG too: a resumed epoch = a fresh one
         student.train()
+        student.teacher.eval()  # the frozen teacher (and a shared injection) runs without dropout
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "global": 0.0, "local": 0.0, "task": 0.0}
         count = 0

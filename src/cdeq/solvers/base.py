@@ -91,9 +91,11 @@ class SolverResult:
 
 
 def take_rows(x: Any, index: Tensor, batch: int) -> Any:
-    """Select rows ``index`` of every tensor in ``x`` whose leading dimension is ``batch``."""
+    """Select rows ``index`` of every dense tensor in ``x`` whose leading dimension is ``batch``
+    (sparse tensors, such as a graph's adjacency, pass through whole)."""
     if isinstance(x, Tensor):
-        return x[index] if x.dim() > 0 and x.shape[0] == batch else x
+        dense = x.layout == torch.strided
+        return x[index] if dense and x.dim() > 0 and x.shape[0] == batch else x
     if isinstance(x, (tuple, list)):
         return type(x)(take_rows(item, index, batch) for item in x)
     if isinstance(x, dict):

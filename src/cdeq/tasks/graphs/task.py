@@ -61,8 +61,8 @@ DEFAULT_RUN: dict[str, Any] = {
     "evaluate": {"batch_size": 1, "latency_batch": 1},
 }
 QUICK_RUN: dict[str, Any] = {
-    "task_config": {"hidden": 16, "steps_per_epoch": 5, "record_copies": 3},
-    "teacher": {"epochs": 2, "batch_size": 1, "lr": 0.02, "weight_decay": 0.1,
+    "task_config": {"hidden": 16, "steps_per_epoch": 10, "record_copies": 3},
+    "teacher": {"epochs": 4, "batch_size": 1, "lr": 0.05, "weight_decay": 0.1,
                 "train_solver": {"name": "anderson", "max_iter": 15, "tol": 1e-3}},
     "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 16, "tol": 1e-5}},
     "distill": {"batch_size": 1, "epochs": 2},
