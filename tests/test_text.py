@@ -257,3 +257,15 @@ def test_quick_preset_and_shakespeare():
     logits, _ = model(x)
     assert logits.shape == (4, 32, task.vocab_size)
     assert task.describe()["vocab_size"] == task.vocab_size
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_run_defaults_are_valid(quick):
+    pipeline = pytest.importorskip("cdeq.pipeline")
+    config = pipeline.build_config("shakespeare", {}, quick=quick)
+    assert config.teacher.backward == "jacobian_free"
+    assert config.teacher.train_solver.name == "anderson"
+    task_config = ShakespeareConfig.from_dict(config.task_config)
+    assert task_config.quick is quick
+    if not quick:  # the documented teacher: 4 epochs x 16,000 windows / 32 = 2,000 steps
+        assert config.teacher.epochs * task_config.epoch_windows // config.teacher.batch_size == 2000

@@ -650,6 +650,7 @@ DEFAULT_RUN: dict[str, Any] = {
                  "reference": {"name": "anderson", "max_iter": 60, "tol": 1e-5}},
 }
 QUICK_RUN: dict[str, Any] = {
+    "threads": 1,  # a tiny model gains nothing from more threads, and they slow it on busy cores
     "task_config": {"quick": True},
     "teacher": {"epochs": 4, "batch_size": 8, "lr": 1e-2, "backward": "jacobian_free",
                 "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3},
