@@ -86,3 +86,10 @@ def test_report_has_the_baselines(quick_run):
     assert {"learned_init@1", "unrolled@2"} <= set(report["latency_ms"])
     assert (quick_run / "learned_init.safetensors").exists()
     assert all((quick_run / f"unrolled_k{k}.safetensors").exists() for k in (1, 2, 4))
+
+
+def test_repeated_set_flags_accumulate():
+    from cdeq.cli import _overrides, build_parser
+
+    args = build_parser().parse_args(["run", "digits", "--set", "seed=1", "--set", "teacher.epochs=2"])
+    assert _overrides(args.set) == {"seed": 1, "teacher": {"epochs": 2}}

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quick", action="store_true", help="smoke-size run")
         p.add_argument("--data", help="a user's data (file or folder)")
         p.add_argument("--name", help="dataset name inside --data (Planetoid layout)")
-        p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+        p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
                        help="override configuration values, e.g. teacher.epochs=3")
 
     p = sub.add_parser("run", help="train, record, distil and evaluate")
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the digits run (a few minutes on 2 cores)")
     p.add_argument("--out")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_demo)
 
     for stage in ("train", "record", "distill", "baselines", "evaluate"):
