@@ -153,7 +153,7 @@ def load_cifar10_archive(path: str | Path, cache: str | Path | None = None) -> t
     """Decode the CIFAR-10 JPEG archive (``train/<class>/*.jpg``, ``test/<class>/*.jpg``) once and
     cache the arrays as an ``.npz`` next to the run (the data folder stays read-only)."""
     path = Path(path)
-    cache = Path(cache or Path.home() / ".cache" / "cdeq" / "cifar10.npz")
+    cache = Path(cache or Path.home() / ".cache" / "cdeq" / "cifar10-shuffled.npz")
     if cache.exists():
         return load_npz(cache)
     if not path.exists():
@@ -180,11 +180,13 @@ def load_cifar10_archive(path: str | Path, cache: str | Path | None = None) -> t
             splits[split][1].append(cls)
     classes.sort()
     out = []
+    rng = np.random.default_rng(0)  # the archive is sorted by class: fix one shuffled order
     for split in ("train", "test"):
         xs, names = splits[split]
         if not xs:
             raise DataError(f"{path} has no {split}/<class>/*.jpg images")
-        out += [np.stack(xs), np.array([classes.index(c) for c in names], dtype=np.int64)]
+        order = rng.permutation(len(xs))
+        out += [np.stack(xs)[order], np.array([classes.index(c) for c in names], dtype=np.int64)[order]]
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, x_train=out[0], y_train=out[1], x_test=out[2], y_test=out[3])
@@ -261,7 +263,7 @@ class ImageConfig(Config):
         dataset: ``digits``, ``mnist``, ``cifar10``, or ``npz``/``idx`` with ``data``.
         data: path of a user's ``.npz`` / IDX folder (or overrides a built-in file).
         channels, stride: width of the state and the injection's downsampling.
-        train_subset: use only this many training images (0: all).
+        train_subset, test_subset: use only the first this many images of a split (0: all).
         augment: random crops (and flips for CIFAR-10) in training.
     """
 
