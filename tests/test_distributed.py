@@ -1,7 +1,8 @@
-"""Two processes (torchrun, gloo on CPU) train the same teacher as one process with the same global
-batch and seed: weights equal within 1e-5 (max abs difference).
+"""Two processes (torchrun, gloo on CPU) train the same teacher, and distil the same student, as one
+process with the same global batch and seed: weights equal within 1e-5 (max abs difference).
 
-Run as a script under torchrun, this file trains a toy DEQ teacher and (rank 0) saves its weights.
+Run as a script under torchrun, this file trains a toy DEQ teacher, records its trajectories, distils a
+student with each rank computing its half of every minibatch, and (rank 0) saves both.
 """
 
 from __future__ import annotations
@@ -67,8 +68,15 @@ def train(out: str) -> None:
     task = _toy_task()
     model = task.build_model()
     train_teacher(task, model, TeacherConfig(epochs=2, batch_size=16, lr=1e-2), seed=0, log=lambda m: None)
+    from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
+
+    trajectories = record(model, task.train_batches(24, shuffle=False),
+                          RecordConfig.from_dict({"solver": {"max_iter": 12}}))
+    student = ConsistencyStudent(model)
+    distill(student, trajectories, DistillConfig(epochs=2, batch_size=12, lr=3e-3), task_loss=task.loss,
+            seed=0, log=lambda m: None)
     if distributed.is_main():
-        torch.save(model.state_dict(), out)
+        torch.save({"teacher": model.state_dict(), "student": student.state_dict()}, out)
     distributed.barrier()
 
 
@@ -85,11 +93,17 @@ def test_two_processes_match_one(tmp_path):
         train(str(tmp_path / "one.pt"))
     finally:
         torch.set_num_threads(before)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert one.keys() == two.keys()
-    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
-    assert diff <= TOL, diff
+    both_one, both_two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for part in ("teacher", "student"):
+        one, two = both_one[part], both_two[part]
+        assert one.keys() == two.keys()
+        diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+        assert diff <= TOL, (part, diff)
+    one = both_one["teacher"]
     assert max(float((one[k] - _toy_task().build_model().state_dict()[k]).abs().max()) for k in one) > 1e-3
+    # distillation moved the student's own layer away from the teacher's
+    moved = [k for k in both_one["student"] if k.startswith("cell.")]
+    assert max(float((both_one["student"][k] - one["deq." + k]).abs().max()) for k in moved) > 1e-4
 
 
 def test_shard_without_process_group_is_identity():
@@ -103,3 +117,22 @@ def test_shard_without_process_group_is_identity():
 
 if __name__ == "__main__":
     train(sys.argv[1])
+
+
+def test_whole_pipeline_under_torchrun(tmp_path):
+    """`torchrun -m cdeq.cli run ...` needs no change from the user: one log, one report, rank 0 writes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CDEQ_PROGRESS="0")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "ddp"
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+         "-m", "cdeq.cli", "run", "digits", "--quick", "--out", str(out), "--set", "threads=1",
+         "teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=64",
+         "distill.epochs=1", "evaluate.budgets=[1,2]", "plans.max_nfe=2", "baselines.enabled=false"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("run digits in") == 1  # only rank 0 logs
+    report = (out / "report.json").read_text()
+    assert '"cdeq"' in report
+    assert (out / "log.txt").read_text().count("teacher: held-out") == 1

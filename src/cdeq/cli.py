@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("run", "demo", "train", "record", "distill", "baselines", "evaluate"):
+            from . import distributed
+
+            distributed.init()  # under torchrun: join the process group (a no-op otherwise)
         return args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"cdeq: error: {err}", file=sys.stderr)

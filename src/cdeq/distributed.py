@@ -76,15 +76,35 @@ def shard(x: Any, y: Any) -> tuple[Any, Any, float]:
     smaller than the world size, are not split: every rank computes on the whole batch with
     share ``1 / world_size``, which gives the same summed gradient.
     """
-    w = world_size()
     n = _length(x)
+    splittable = n is not None and _length(y) == n
+    lo, hi, share = split_range(n or 1, splittable)
+    if (lo, hi) == (0, n) or not splittable:
+        return x, y, share
+    return x[lo:hi], y[lo:hi], share
+
+
+def split_range(n: int, splittable: bool = True) -> tuple[int, int, float]:
+    """``(lo, hi, share)``: this rank's rows of a global batch of ``n`` and its share of it.
+
+    Without a process group: all rows, share 1. A batch that cannot be split (or has fewer rows
+    than ranks) is computed whole on every rank with share ``1 / world_size``.
+    """
+    w = world_size()
     if w == 1:
-        return x, y, 1.0
-    if n is None or _length(y) != n or n < w:
-        return x, y, 1.0 / w
+        return 0, n, 1.0
+    if not splittable or n < w:
+        return 0, n, 1.0 / w
     r = rank()
     lo, hi = r * n // w, (r + 1) * n // w
-    return x[lo:hi], y[lo:hi], (hi - lo) / n
+    return lo, hi, (hi - lo) / n
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks (in place); ``t`` itself without a process group."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:

@@ -122,6 +122,7 @@ class Run:
             write_json(cfg_path, config.to_dict())
         self._log = log or print
         self._task: Task | None = None
+        self._solo = False
         if config.threads:
             torch.set_num_threads(config.threads)
 
@@ -143,7 +144,8 @@ class Run:
     def _save_module(self, name: str, module: torch.nn.Module, meta: dict) -> None:
         if distributed.is_main():
             save_tensors(self.dir / f"{name}.safetensors", module.state_dict(), kind=name, meta=meta)
-        distributed.barrier()  # the other ranks read it next
+        if not self._solo:
+            distributed.barrier()  # the other ranks read it next
 
     def _load_module(self, name: str, module: torch.nn.Module) -> dict:
         tensors, meta = load_tensors(self.dir / f"{name}.safetensors", kind=name)
@@ -346,6 +348,7 @@ class Run:
             self.log("student.safetensors exists: skipping distillation")
         if not distributed.is_main():  # under torchrun: rank 0 alone evaluates and reports
             return {}
+        self._solo = True  # from here on no other rank takes part: no barriers
         if self.config.baselines.enabled:
             self.baselines(redo=False)
         return self.evaluate()

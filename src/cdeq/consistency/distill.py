@@ -137,21 +137,26 @@ def _times(student: ConsistencyStudent, batch: TrajectoryBatch, idx: Tensor) -> 
     return student.schedule.times(index, batch.last, res)
 
 
-def _minibatches(batch: TrajectoryBatch, size: int, gen: torch.Generator):
-    """Split a recorded batch into random minibatches (single-example batches pass through)."""
+def _take(batch: TrajectoryBatch, rows: Tensor) -> TrajectoryBatch:
+    """Rows ``rows`` of a recorded batch."""
     from ..solvers.base import take_rows
 
+    n = batch.batch_size
+    return TrajectoryBatch(
+        x=take_rows(batch.x, rows, n), y=take_rows(batch.y, rows, n), iterates=batch.iterates[rows],
+        z_star=batch.z_star[rows], residual=batch.residual[rows],
+        star_residual=batch.star_residual[rows], index=batch.index, last=batch.last)
+
+
+def _minibatches(batch: TrajectoryBatch, size: int, gen: torch.Generator):
+    """Split a recorded batch into random minibatches (single-example batches pass through)."""
     n = batch.batch_size
     if n <= size:
         yield batch
         return
     perm = torch.randperm(n, generator=gen)
     for start in range(0, n, size):
-        rows = perm[start : start + size]
-        yield TrajectoryBatch(
-            x=take_rows(batch.x, rows, n), y=take_rows(batch.y, rows, n),
-            iterates=batch.iterates[rows], z_star=batch.z_star[rows], residual=batch.residual[rows],
-            star_residual=batch.star_residual[rows], index=batch.index, last=batch.last)
+        yield _take(batch, perm[start : start + size])
 
 
 def distill(
@@ -212,16 +217,15 @@ def distill(
         bar = progress(order, desc=f"distill epoch {epoch + 1}/{config.epochs}")
         for i in bar:
             for mb in _minibatches(trajectories[i], config.batch_size, gen):
-                # under torchrun every rank computes the whole minibatch (same RNG draws, so the
-                # result equals one process exactly); sharding distillation is not done yet
-                share = 1.0 / distributed.world_size()
+                # Under torchrun every rank draws the same pairs for the global minibatch and computes
+                # its own rows; the parts are scaled so that their sum over ranks is the global loss.
                 parts = _loss(student, ema, mb, config, sampler, min(1.0, step / total), gen, task_loss)
                 if not torch.isfinite(parts["loss"]):
                     raise FloatingPointError(
                         f"distillation loss became {float(parts['loss'].detach())} in epoch {epoch + 1} on "
                         f"trajectory batch {i}; check the recorded trajectories for NaN/inf or lower lr")
                 opt.zero_grad(set_to_none=True)
-                (parts["loss"] * share if share != 1.0 else parts["loss"]).backward()
+                parts["loss"].backward()
                 distributed.all_reduce_grads(params)
                 if config.grad_clip > 0:
                     nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -230,9 +234,10 @@ def distill(
                 ema.update(student)
                 step += 1
                 count += 1
-                for k in sums:
-                    sums[k] += float(parts[k].detach())
-                bar.set_postfix(loss=f"{float(parts['loss'].detach()):.4f}")
+                logged = distributed.all_reduce_sum(torch.stack([parts[k].detach() for k in sums]))
+                for k, v in zip(sums, logged.tolist(), strict=True):
+                    sums[k] += v
+                bar.set_postfix(loss=f"{logged[0].item():.4f}")
         for k in sums:
             history[k].append(sums[k] / max(1, count))
         history["epoch_time"].append(time.perf_counter() - t0)
@@ -270,11 +275,20 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
           sampler: PairSampler, progress_: float, gen: torch.Generator,
           task_loss: Callable | None) -> dict[str, Tensor]:
     bsz, num_points = mb.batch_size, mb.iterates.shape[1]
-    n, m = sampler.sample(bsz, num_points, progress_, gen)
+    n, m = sampler.sample(bsz, num_points, progress_, gen)  # the same draws on every rank
+    keep = (mb.star_residual <= config.max_residual).to(mb.z_star.dtype)
+    weight = keep / keep.sum().clamp_min(1.0)  # normalised over the global minibatch
+    lo, hi, share = distributed.split_range(bsz, isinstance(mb.x, Tensor) and isinstance(mb.y, Tensor))
+    whole = (lo, hi) == (0, bsz)
+    if not whole:  # this rank's rows
+        rows = torch.arange(lo, hi)
+        mb = _take(mb, rows)
+        n, m, weight = n[rows], m[rows], weight[rows]
+    # consistency terms are sums of globally weighted rows; a batch computed whole on every rank
+    # (or by one process) counts once in total
+    weight = weight * (share if whole else 1.0)
     z_n = _select(mb.iterates, mb.z_star, n)
     t_n = _times(student, mb, n).to(z_n.dtype)
-    keep = (mb.star_residual <= config.max_residual).to(z_n.dtype)
-    weight = keep / keep.sum().clamp_min(1.0)
     u = student.inject(mb.x)
     out = student.F(z_n, t_n, u)
     zero = out.new_zeros(())
@@ -292,11 +306,11 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
         task = out.new_zeros(())
         if config.task_weight > 0:
             check_labels(logits, mb.y, "distill")
-            task = config.task_weight * task_loss(logits, mb.y)
+            task = config.task_weight * share * task_loss(logits, mb.y)
         if config.kl_weight > 0:
             with torch.no_grad():
                 ref = student.teacher.head(mb.z_star)
-            task = task + config.kl_weight * F_.kl_div(
+            task = task + config.kl_weight * share * F_.kl_div(
                 F_.log_softmax(logits, -1), F_.log_softmax(ref, -1), log_target=True,
                 reduction="batchmean")
         parts["task"] = task
