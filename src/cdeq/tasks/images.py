@@ -23,7 +23,7 @@ import struct
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -308,8 +308,11 @@ class ImageTask(Task):
     metric = "accuracy"
     higher_is_better = True
     Config = ImageConfig
+    dataset: ClassVar[str | None] = None  # a built-in dataset this task always uses
 
     def __init__(self, config: ImageConfig) -> None:
+        if self.dataset is not None and config.dataset != self.dataset:
+            config = config.replace(dataset=self.dataset)
         super().__init__(config)
         x_tr, y_tr, x_te, y_te = load_arrays(config)
         x_tr, x_te = to_nchw(x_tr), to_nchw(x_te)
@@ -397,34 +400,46 @@ class ImageTask(Task):
         return float((logits.argmax(-1) == y).sum()), int(y.numel())
 
 
-def _preset(name: str, dataset: str) -> type[ImageTask]:
-    cls = type(f"{name.capitalize()}Task", (ImageTask,), {"name": name})
-
-    def __init__(self, config: ImageConfig) -> None:
-        if config.dataset != dataset:
-            config = config.replace(dataset=dataset)
-        ImageTask.__init__(self, config)
-
-    cls.__init__ = __init__
-    cls.__doc__ = f"The {name} image task (dataset={dataset!r})."
-    return register_task(cls)
-
-
 register_task(ImageTask)
-DigitsTask = _preset("digits", "digits")
-MnistTask = _preset("mnist", "mnist")
-Cifar10Task = _preset("cifar10", "cifar10")
 
-# Full-size settings, sized for 2 CPU cores (see docs/results.md for the measured runs).
-MnistTask.full_defaults = classmethod(lambda cls: {
-    "task_config": {"stride": 4, "channels": 32, "train_subset": 20000},
-    "teacher": {"epochs": 3, "batch_size": 32},
-    "record": {"max_samples": 10000},
-    "distill": {"epochs": 10},
-})
-Cifar10Task.full_defaults = classmethod(lambda cls: {
-    "task_config": {"stride": 2, "channels": 48, "augment": True},
-    "teacher": {"epochs": 8, "batch_size": 64},
-    "record": {"max_samples": 10000, "dtype": "float16"},
-    "distill": {"epochs": 10},
-})
+
+@register_task
+class DigitsTask(ImageTask):
+    """scikit-learn's 8x8 digits (1,400 train / 397 held out): the default demo."""
+
+    name = "digits"
+    dataset = "digits"
+
+
+@register_task
+class MnistTask(ImageTask):
+    """MNIST from shared/data/mnist/mnist.npz (or --data)."""
+
+    name = "mnist"
+    dataset = "mnist"
+
+    @classmethod
+    def full_defaults(cls) -> dict[str, Any]:  # sized for 2 CPU cores (docs/results.md)
+        return {
+            "task_config": {"stride": 4, "channels": 32, "train_subset": 20000},
+            "teacher": {"epochs": 3, "batch_size": 32},
+            "record": {"max_samples": 10000},
+            "distill": {"epochs": 10},
+        }
+
+
+@register_task
+class Cifar10Task(ImageTask):
+    """CIFAR-10 from the JPEG archive in shared/data/cifar10 (or --data)."""
+
+    name = "cifar10"
+    dataset = "cifar10"
+
+    @classmethod
+    def full_defaults(cls) -> dict[str, Any]:
+        return {
+            "task_config": {"stride": 2, "channels": 48, "augment": True},
+            "teacher": {"epochs": 8, "batch_size": 64},
+            "record": {"max_samples": 10000, "dtype": "float16"},
+            "distill": {"epochs": 10},
+        }
