@@ -436,7 +436,7 @@ class TextConfig(Config):
     valid_fraction: float = 0.1
     eval_split: str = "valid"
     eval_windows: int = 256
-    record_windows: int = 1024
+    record_windows: int = 4096
     epoch_windows: int = 16000
     max_train_tokens: int = 0
     max_eval_tokens: int = 0
