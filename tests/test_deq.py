@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import doctest
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -146,6 +148,29 @@ def test_implicit_backward_solves_the_adjoint_fixed_point():
     z, _ = exact_deq(cell, backward)(x)
     loss_of(z, weights).backward()
     assert rel_err(flat_grads(cell.parameters()), grad_anderson) < 1e-9
+
+
+def test_implicit_backward_keeps_no_tensor_alive_after_the_step():
+    # a hook holding its own output strongly would keep every training step's graph in memory
+    cell, x, weights = setup(seed=3)
+    z, _ = exact_deq(cell)(x.clone().requires_grad_())
+    alive = weakref.ref(z)
+    loss_of(z, weights).backward()
+    del z
+    gc.collect()
+    assert alive() is None
+
+
+def test_implicit_gradient_is_exact_when_the_output_is_dropped_or_reused():
+    cell, x, weights = setup(seed=4)
+    grad_params, _ = true_gradient(cell, x, weights)
+    cell.zero_grad()
+    loss = loss_of(exact_deq(cell)(x)[0], weights)  # the DEQ's output tensor is gone before backward
+    loss.backward(retain_graph=True)
+    assert rel_err(flat_grads(cell.parameters()), grad_params) < 1e-9
+    cell.zero_grad()
+    loss.backward()  # a second pass through the same graph is still the implicit gradient
+    assert rel_err(flat_grads(cell.parameters()), grad_params) < 1e-9
 
 
 @pytest.mark.parametrize(
@@ -358,6 +383,16 @@ def test_solver_spec_rejects_unknown_keys_and_values():
     solver = spec.build(tol=1e-6)
     assert isinstance(solver, Broyden)
     assert (solver.options.max_iter, solver.options.memory, solver.options.tol) == (12, 4, 1e-6)
+
+
+def test_a_partial_nested_section_keeps_the_fields_own_defaults():
+    from cdeq.training import TeacherConfig
+
+    default = TeacherConfig().train_solver
+    cfg = TeacherConfig.from_dict({"train_solver": {"max_iter": 7}})
+    assert cfg.train_solver.max_iter == 7
+    assert (cfg.train_solver.name, cfg.train_solver.tol) == (default.name, default.tol)
+    assert default.tol != SolverSpec().tol  # the field's default differs from the class default
 
 
 def test_get_backward_rejects_unknown_names_and_keys():

@@ -30,6 +30,11 @@ def test_report_has_the_promised_fields(quick_run):
     assert set(report["exact_mode"]) >= {"anderson_nfe", "cdeq_warm_nfe"}
     # the warm start costs the student's one call plus the solver's own
     assert report["exact_mode"]["cdeq_warm_nfe"] >= 1.0
+    # the warm-start plan is the cheapest on training data, whatever it costs on the test split
+    exact = report["exact_mode"]
+    on_train = exact["warm_nfe_by_plan_on_training_data"]
+    assert exact["warm_plan_nfe"] == int(min(on_train, key=on_train.get))
+    assert exact["cdeq_warm_nfe"] == exact["warm_nfe_by_plan"][str(exact["warm_plan_nfe"])]
     assert (quick_run / "table.md").read_text().count("| C-DEQ |") == 2  # metric and error tables
     assert (quick_run / "plot.png").read_bytes()[:4] == b"\x89PNG"
 

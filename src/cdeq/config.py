@@ -58,6 +58,16 @@ def check_int(name: str, value: int, minimum: int = 0) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; it must be an integer >= {minimum}")
 
 
+def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``override``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            value = _merged(out[key], value)
+        out[key] = value
+    return out
+
+
 def check_keys(where: str, given: Iterable[str], allowed: Iterable[str]) -> None:
     """Raise :class:`ConfigError` for any key of ``given`` not in ``allowed``."""
     allowed = sorted(allowed)
@@ -94,6 +104,12 @@ class Config:
                 and issubclass(hint, Config)
                 and isinstance(value, Mapping)
             ):
+                # merge over the field's own default, not the section class's defaults
+                field = fields[key]
+                base = field.default_factory() if field.default_factory is not dataclasses.MISSING \
+                    else field.default
+                if isinstance(base, Config):
+                    value = _merged(base.to_dict(), value)
                 value = hint.from_dict(value)
             elif isinstance(value, list) and isinstance(fields[key].default, tuple):
                 value = tuple(value)

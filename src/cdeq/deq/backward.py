@@ -15,6 +15,7 @@ whose graph carries the chosen gradient to the parameters of ``f`` and to ``x``.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
@@ -58,13 +59,21 @@ class ImplicitBackward(BackwardStrategy):
             return z_out
 
         inside = [False]  # the vector-Jacobian products below pass through this hook again
+        # The hook holds z_out weakly: a strong reference would make a cycle through autograd's
+        # C++ side that Python's collector cannot see, keeping every step's tensors alive.
+        z_out_ref = weakref.ref(z_out)
 
         def hook(grad: Tensor) -> Tensor:
             if inside[0]:
                 return grad
+            zi, zo = z_in, z_out_ref()
+            if zo is None:  # the caller dropped z_out: rebuild its one-call graph (1 NFE)
+                zi = z_in.detach().requires_grad_()
+                with torch.enable_grad():
+                    zo = f(zi, x)
 
             def adjoint(g: Tensor, _: Any) -> Tensor:
-                (vjp,) = torch.autograd.grad(z_out, z_in, g, retain_graph=True)
+                (vjp,) = torch.autograd.grad(zo, zi, g, retain_graph=True)
                 return vjp + grad
 
             inside[0] = True

@@ -438,8 +438,10 @@ class Cifar10Task(ImageTask):
     @classmethod
     def full_defaults(cls) -> dict[str, Any]:
         return {
-            "task_config": {"stride": 2, "channels": 48, "augment": True},
-            "teacher": {"epochs": 8, "batch_size": 64},
+            # about an hour on 2 CPU cores (docs/results.md); baselines would add 4x the distillation
+            "task_config": {"stride": 2, "channels": 32, "augment": True},
+            "teacher": {"epochs": 5, "batch_size": 128, "train_solver": {"max_iter": 10, "tol": 1e-4}},
             "record": {"max_samples": 10000, "dtype": "float16"},
-            "distill": {"epochs": 10},
+            "distill": {"epochs": 8},
+            "baselines": {"enabled": False},
         }
