@@ -82,9 +82,13 @@ def killed_and_resumed(tmp_path_factory):
 def test_sigkilled_teacher_training_resumes_to_the_same_weights(killed_and_resumed, tmp_path, one_thread):
     ref = Run(tmp_path / "ref", build_config("digits", _overrides(SETTINGS), quick=True), log=lambda m: None)
     ref.train()
-    resumed, _ = load_tensors(killed_and_resumed / "teacher.safetensors", kind="teacher")
+    resumed, meta = load_tensors(killed_and_resumed / "teacher.safetensors", kind="teacher")
     expected, _ = load_tensors(tmp_path / "ref" / "teacher.safetensors", kind="teacher")
     assert _max_diff(resumed, expected) <= TOL
+    # the training time covers the epochs before the kill too, not only the resumed ones
+    history = load_checkpoint(killed_and_resumed / "teacher.ckpt")["state"]["history"]
+    assert len(history["epoch_time"]) == 4 and len(history["loss"]) == 4
+    assert meta["train_time_s"] == pytest.approx(sum(history["epoch_time"]))
 
 
 def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed, tmp_path, one_thread,
@@ -115,6 +119,9 @@ def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed
     b, meta_b = load_tensors(tmp_path / "b" / "student.safetensors", kind="student")
     assert _max_diff(a, b) <= TOL
     assert meta_a["plans"] == meta_b["plans"]
+    history = load_checkpoint(tmp_path / "b" / "student.ckpt")["state"]["history"]
+    assert len(history["epoch_time"]) == 3
+    assert meta_b["train_time_s"] == pytest.approx(sum(history["epoch_time"]))
 
 
 def test_recording_skips_existing_shards(killed_and_resumed, tmp_path, one_thread):

@@ -195,10 +195,9 @@ class Run:
         def save(epoch: int, st: dict) -> None:
             self._save_checkpoint("teacher", {"epoch": epoch, "model": model.state_dict(), "state": st})
 
-        t0 = time.perf_counter()
-        train_teacher(self.task, model, cfg.teacher, seed=cfg.seed, log=self.log,
-                      on_epoch_end=save, start_epoch=start, optimizer_state=state)
-        elapsed = time.perf_counter() - t0
+        history = train_teacher(self.task, model, cfg.teacher, seed=cfg.seed, log=self.log,
+                                on_epoch_end=save, start_epoch=start, optimizer_state=state)
+        elapsed = sum(history["epoch_time"])  # every epoch's, a resumed run's earlier ones too
         model.eval()
         result = evaluate_model(self.task, model, cfg.evaluate.batch_size)
         self.log(f"teacher: held-out {self.task.metric} {result['metric']:.4f} at "
@@ -240,10 +239,9 @@ class Run:
         def save(epoch: int, st: dict) -> None:
             self._save_checkpoint("student", {"epoch": epoch, "model": student.state_dict(), "state": st})
 
-        t0 = time.perf_counter()
-        distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
-                log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)
-        elapsed = time.perf_counter() - t0
+        history = distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
+                          log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)
+        elapsed = sum(history["epoch_time"])  # every epoch's, a resumed run's earlier ones too
         last = int(store.manifest()["last"])
         t1 = time.perf_counter()
         search = select_plans(student, self.task.selection_batches(cfg.evaluate.batch_size),

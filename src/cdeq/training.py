@@ -89,7 +89,8 @@ def train_teacher(
     start_epoch: int = 0,
     optimizer_state: dict | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``task``'s training batches; returns a history dict.
+    """Train ``model`` on ``task``'s training batches; returns a history dict (per epoch: mean
+    ``loss``, mean ``nfe``, ``epoch_time`` in seconds; a resumed run includes the earlier epochs).
 
     ``on_epoch_end(epoch, state)`` receives the model/optimiser state after each epoch (the
     pipeline uses it to write a checkpoint); ``start_epoch``/``optimizer_state`` resume a run.
@@ -110,6 +111,8 @@ def train_teacher(
         sched.load_state_dict(optimizer_state["scheduler"])
     gen = torch.Generator().manual_seed(seed)
     history: dict[str, list] = {"loss": [], "nfe": [], "epoch_time": []}
+    if optimizer_state is not None and "history" in optimizer_state:  # resumed: keep earlier epochs
+        history = {k: list(v) for k, v in optimizer_state["history"].items()}
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, config.epochs):
         gen.manual_seed(seed * 1000 + epoch)

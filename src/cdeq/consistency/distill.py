@@ -203,6 +203,8 @@ def distill(
     sampler = PAIR_SAMPLERS[config.pairs]()
     gen = torch.Generator().manual_seed(seed)
     history: dict[str, list] = {"loss": [], "global": [], "local": [], "task": [], "epoch_time": []}
+    if resume_state is not None and "history" in resume_state:  # resumed: keep earlier epochs
+        history = {k: list(v) for k, v in resume_state["history"].items()}
     step = start_epoch * per_epoch
     for epoch in range(start_epoch, config.epochs):
         gen.manual_seed(seed * 1000 + epoch)
