@@ -11,6 +11,7 @@ import cdeq
 from cdeq.config import ConfigError
 from cdeq.solvers.base import take_rows
 from cdeq.tasks.base import TASKS
+from cdeq.tasks.datadir import data_dir
 from cdeq.tasks.graphs import (
     CoraTask,
     FacebookTask,
@@ -19,7 +20,6 @@ from cdeq.tasks.graphs import (
     IGNNCell,
     PlanetoidTask,
     constrain_inf_norm,
-    default_data_dir,
     graph_batch,
     load_planetoid,
     load_saved_graph,
@@ -29,8 +29,8 @@ from cdeq.tasks.graphs import (
 )
 from cdeq.training import TeacherConfig, train_teacher
 
-PLANETOID = default_data_dir() / "planetoid"
-FACEBOOK = default_data_dir() / "facebook"
+PLANETOID = data_dir() / "planetoid"
+FACEBOOK = data_dir() / "facebook"
 needs_cora = pytest.mark.skipif(not (PLANETOID / "Cora" / "raw" / "ind.cora.x").is_file(),
                                 reason="shared Cora files not found")
 

@@ -7,7 +7,6 @@
 - :mod:`.presets`: each task's run defaults, as data.
 """
 
-from ..datadir import data_dir as default_data_dir  # the one data-folder lookup, under its old name
 from .data import Graph, GraphDataError, graph_batch, normalized_adjacency, perturb_graph, random_split
 from .model import GraphInjection, IGNNCell, NodeHead, constrain_inf_norm
 from .readers import load_facebook, load_planetoid, load_saved_graph
@@ -27,7 +26,6 @@ __all__ = [
     "PlanetoidTask",
     "SplitConfig",
     "constrain_inf_norm",
-    "default_data_dir",
     "graph_batch",
     "load_facebook",
     "load_planetoid",
