@@ -166,6 +166,7 @@ def test_validation_share_is_seeded_disjoint_and_sized(tmp_path):
 def test_digits_split_sizes_and_selection_never_uses_test(monkeypatch):
     task = DigitsTask(ImageConfig())
     assert task.split_sizes() == {"train": 1260, "valid": 140, "test": 397}
+    assert task.describe()["splits"] == task.split_sizes()
     assert not _rows(task.x_train) & _rows(task.x_valid)
     assert not _rows(task.x_valid) & _rows(task.x_test)
 

@@ -13,6 +13,7 @@ tuple such as ``(features, adjacency)``), ``y`` whatever the task's loss and met
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterable
@@ -128,8 +129,12 @@ class Task:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "metric": self.metric, "higher_is_better": self.higher_is_better,
-                "config": dataclasses.asdict(self.config)}
+        """The task's name, metric, settings and (where the task counts them) split sizes."""
+        out = {"task": self.name, "metric": self.metric, "higher_is_better": self.higher_is_better,
+               "config": dataclasses.asdict(self.config)}
+        with contextlib.suppress(NotImplementedError):
+            out["splits"] = self.split_sizes()
+        return out
 
 
 TASKS: dict[str, type[Task]] = {}
