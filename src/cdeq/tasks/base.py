@@ -67,6 +67,27 @@ class Task:
         """Training-split batches used to choose inference schedules (never test data)."""
         return self.train_batches(batch_size, shuffle=False)
 
+    def validation_batches(self, batch_size: int) -> Iterable[Batch]:
+        """TEMP shim until the tasks' own validation splits land: the selection batches."""
+        return self.selection_batches(batch_size)
+
+    def split_sizes(self) -> dict[str, int]:
+        """TEMP shim: item counts of the splits, from iterating their batches."""
+
+        def count(batches: Iterable[Batch]) -> int:
+            total = 0
+            for _, y in batches:
+                if isinstance(y, (tuple, list)) and len(y) == 2 and isinstance(y[1], Tensor) \
+                        and y[1].dtype == torch.bool:
+                    total += int(y[1].sum())  # (labels, mask): the masked items
+                else:
+                    t = y[0] if isinstance(y, (tuple, list)) else y
+                    total += int(t.numel() if t.dim() > 1 else t.shape[0])
+            return total
+
+        return {"train": count(self.train_batches(256, shuffle=False)),
+                "valid": count(self.validation_batches(256)), "test": count(self.test_batches(256))}
+
     # --- loss and metric ----------------------------------------------------------------------
     def loss(self, logits: Tensor, y: Any) -> Tensor:
         """Scalar training loss (mean over the batch)."""
