@@ -167,3 +167,17 @@ def test_teacher_accuracy_cost_picks_cheapest_within_tolerance_on_validation():
     strict = teacher_accuracy_cost(rep, tolerance=0.0)
     assert strict["cdeq"]["budget"] == 2 and strict["best_truncated"] is None
     assert strict["speedup_flops"] is None
+
+
+def test_without_timing_drops_every_wall_clock_figure():
+    from cdeq.cost import without_timing
+
+    rep = _report({"1": 0.898, "2": 0.95}, {"1": 0.5, "2": 0.85, "4": 0.899})
+    rep["teacher_accuracy_cost"] = teacher_accuracy_cost(rep)
+    rep["latency_ms"] = {"teacher": 3.0}
+    stripped = without_timing(rep)
+    assert "timing" not in stripped and "latency_ms" not in stripped
+    assert "by_time" not in stripped["teacher_accuracy_cost"]
+    assert "median_ms" not in stripped["teacher_accuracy_cost"]["cdeq"]
+    assert stripped["teacher_accuracy_cost"]["cdeq"]["flops"] == 3.0
+    assert stripped["methods"] == rep["methods"]

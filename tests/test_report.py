@@ -59,8 +59,9 @@ def test_new_report_renders_cost_tables_and_old_reports_still_render():
     rep = _report()
     rep["teacher_accuracy_cost"] = teacher_accuracy_cost(rep)
     text = markdown_table(rep)
-    assert "| NFE 1 | 1.01 / 2.0 | 1.60 / 3.2 |" in text
-    assert "| <= 1 | 50.00 [1] | - |" in text
+    assert "| NFE 1 | 1.01 / 2.0 | 1.60 / 3.2 | 20.00 / 50.0 |" in text
+    assert "| <= 1 | 50.00 [1] | - | 90.00 [20.0 calls] |" in text
+    assert text.count("| C-DEQ |") == 2  # the budget tables' rows; the cost tables have columns
     # picard@4 (410 FLOPs) reaches the teacher more cheaply than cdeq@4 (646): C-DEQ loses here
     assert "Teacher-accuracy cost" in text and "0.63x in FLOPs, 0.63x in time" in text
     old = json.loads((RESULTS / "digits" / "report.json").read_text())

@@ -244,3 +244,20 @@ def teacher_accuracy_cost(report: dict[str, Any], tolerance: float | None = None
         out[f"speedup_{axis}"] = trunc[key] / ours[key] if ours and trunc and ours[key] else None
     out["cdeq"], out["best_truncated"] = out["by_flops"]["cdeq"], out["by_flops"]["best_truncated"]
     return out
+
+
+TIMING_FIELDS = ("timing", "latency_ms", "train_time_s")
+
+
+def without_timing(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` less every wall-clock figure (:data:`TIMING_FIELDS`, the time-based choices
+    and ``median_ms`` entries of the teacher-accuracy cost): what two same-seed runs must share."""
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items()
+                    if k not in ("median_ms", "by_time", "speedup_time")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return strip({k: v for k, v in report.items() if k not in TIMING_FIELDS})

@@ -82,19 +82,18 @@ def _cost_table(report: dict[str, Any]) -> list[str]:
              f"sample) / median ms per batch of {timing.get('batch_size', '?')} "
              f"({timing.get('threads', '?')} thread(s), {timing.get('repeats', '?')} interleaved "
              "repeats):", "",
-             "| budget | " + " | ".join(label(n) for n in names) + " |",
-             "|---|" + "---|" * len(names)]
-    for k in map(str, report["budgets"]):
+             "| budget | " + " | ".join(f"**{label(n)}**" for n in names) + " | converged teacher |",
+             "|---|" + "---|" * (len(names) + 1)]
+    t = cost["teacher"]
+    t_ms = timing.get("teacher", {}).get("median_ms")
+    t_cell = f"{t['layer_calls']:.2f}" + ("" if t_ms is None else f" / {t_ms:.1f}")
+    for i, k in enumerate(map(str, report["budgets"])):
         cells = []
         for n in names:
             calls = cost["layer_calls"][n].get(k)
             ms = timing.get(n, {}).get(k, {}).get("median_ms") if isinstance(timing.get(n), dict) else None
             cells.append("-" if calls is None else f"{calls:.2f}" + ("" if ms is None else f" / {ms:.1f}"))
-        lines.append(f"| NFE {k} | " + " | ".join(cells) + " |")
-    t = cost["teacher"]
-    t_ms = timing.get("teacher", {}).get("median_ms")
-    lines += ["", f"Converged teacher: {t['layer_calls']:.1f} layer-call equivalents"
-              + ("" if t_ms is None else f", {t_ms:.1f} ms") + "."]
+        lines.append(f"| NFE {k} | " + " | ".join(cells) + f" | {t_cell if i == 0 else ''} |")
     return lines
 
 
@@ -122,13 +121,18 @@ def _equal_cost_table(report: dict[str, Any]) -> list[str]:
     names = list(table)
     lines = ["", f"At equal cost (the best of each method with at most c layer-call equivalents, "
              f"{COST_SLACK:g}x slack; its budget in brackets):", "",
-             "| cost | " + " | ".join(label(n) for n in names) + " |", "|---|" + "---|" * len(names)]
+             "| cost | " + " | ".join(f"**{label(n)}**" for n in names)
+             + " | converged teacher (reference) |",
+             "|---|" + "---|" * (len(names) + 1)]
+    t = report["teacher"]
+    t_cell = (f"{fmt(report, t['metric'], t.get('metric_std'))} "
+              f"[{report['cost']['teacher']['layer_calls']:.1f} calls]")
     for c in EQUAL_COSTS:
         cells = []
         for n in names:
             got = table[n][c]
             cells.append("-" if got is None else f"{fmt(report, got[0], got[1])} [{got[2]}]")
-        lines.append(f"| <= {c} | " + " | ".join(cells) + " |")
+        lines.append(f"| <= {c} | " + " | ".join(cells) + f" | {t_cell} |")
     return lines
 
 
@@ -248,6 +252,12 @@ def plot(report: dict[str, Any], path: str | Path) -> bool:
         ax.set_ylabel(report["metric"] + (" (%)" if scale == 100 else ""))
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
+    t_time = (report.get("timing", {}).get("teacher", {}).get("median_ms")
+              or report.get("latency_ms", {}).get("teacher"))
+    t_calls = report["cost"]["teacher"]["layer_calls"] if "cost" in report else report["teacher"]["nfe"]
+    for ax, x in ((axes[0], t_calls), (axes[1], t_time)):
+        if x:
+            ax.scatter([x], [t], color="k", marker="*", s=80, zorder=5)
     if "cost" in report:
         axes[0].set_xlabel("layer-call equivalents (FLOPs, injection and head excluded)")
     else:
