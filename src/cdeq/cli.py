@@ -7,6 +7,7 @@
     cdeq train|record|distill|baselines|evaluate --out DIR   # one stage on the artifacts of the earlier ones
     cdeq generate --model DIR --prompt TEXT --tokens N [--nfe K]
     cdeq tasks                                 # the built-in tasks
+    cdeq summarize RUN... [--out FILE]         # the tables of docs/results.md from report files
     cdeq export --model DIR --out FILE [--pretrained DIR2]   # one-step student for deployment
 """
 
@@ -93,6 +94,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     out = Path(args.out or f"runs/{task}{'-quick' if args.quick else ''}")
     for sub, cfg_user in TASKS[task].variants(user):  # e.g. a graph's two settings
+        if getattr(args, "seeds", 0):  # whole pipelines per seed into DIR/seed_<i>/, then DIR/report.json
+            from .sweep import run_seeds
+
+            run_seeds(task, cfg_user, args.seeds, out if sub is None else out / sub, args.quick)
+            continue
         config = build_config(task, cfg_user, quick=args.quick)
         run = Run(out if sub is None else out / sub, config)
         run.log(f"run {task}{'' if sub is None else ' (' + sub + ')'} in {run.dir}")
@@ -157,6 +163,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from .summary import write_summary
+
+    text = write_summary(args.runs, args.out)
+    print(f"wrote {args.out}" if args.out else text, end="\n" if args.out else "")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks import TASKS
 
@@ -182,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train, record, distil and evaluate")
     p.add_argument("task")
     common(p)
+    p.add_argument("--seeds", type=int, default=0, help="run N whole pipelines (seeds 0..N-1) "
+                   "into DIR/seed_<i>/ and write their aggregate (mean, std) to DIR")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("demo", help="the digits run (a few minutes on 2 cores)")
@@ -213,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.pt2)")
     p.add_argument("--pretrained", help="also write a save_pretrained directory here")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("summarize", help="markdown tables of docs/results.md from report files")
+    p.add_argument("runs", nargs="+", help="run directories (or folders of them)")
+    p.add_argument("--out", help="markdown file whose generated section is replaced")
+    p.set_defaults(fn=cmd_summarize)
 
     p = sub.add_parser("tasks", help="list the built-in tasks")
     p.set_defaults(fn=cmd_tasks)
