@@ -130,6 +130,10 @@ def describe(module: Any) -> dict[str, Any] | None:
         return None
     if inspect.isfunction(module):
         return {"function": import_path(module)}
+    from .deq.model import FunctionCell
+
+    if isinstance(module, FunctionCell):
+        return describe(module.fn)
     if not isinstance(module, nn.Module):
         raise ConfigError(f"cannot save a {type(module).__name__}: give an nn.Module or a function")
     cls = type(module)

@@ -36,6 +36,17 @@ from .layer import DEQ, _tensors
 StateShape = Sequence[int] | Callable[[Any], Sequence[int]]
 
 
+class FunctionCell(nn.Module):
+    """A plain function ``f(z, u)`` as a (parameter-free) module, so every cell is a module."""
+
+    def __init__(self, fn: Callable[[Tensor, Any], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z: Tensor, u: Any) -> Tensor:
+        return self.fn(z, u)
+
+
 class DEQModel(nn.Module):
     """``head(DEQ(cell)(injection(x)))``.
 
@@ -62,7 +73,7 @@ class DEQModel(nn.Module):
                              "positive ints, e.g. (64,), or a function u -> full shape")
         self.injection = injection
         self.head = head
-        self.deq = DEQ(cell, **deq_kwargs)
+        self.deq = DEQ(cell if isinstance(cell, nn.Module) else FunctionCell(cell), **deq_kwargs)
         self.state_shape = state_shape
         self.channels = channels
         self.channel_dim = channel_dim
@@ -70,7 +81,7 @@ class DEQModel(nn.Module):
         self._seen_state: tuple[int, ...] | None = None  # per-sample shape of the last state
 
     @property
-    def cell(self) -> nn.Module | Callable[[Tensor, Any], Tensor]:
+    def cell(self) -> nn.Module:
         return self.deq.cell
 
     def inject(self, x: Any) -> Any:
