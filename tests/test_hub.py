@@ -61,8 +61,9 @@ def test_from_pretrained_errors_name_the_file(student_and_x, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     hub.save_pretrained(student, d, "digits", TASK_CFG)
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not match") as err:
         hub.from_pretrained(d)
+    assert "size mismatch" in str(err.value)  # the whole state_dict message, not its first line
 
 
 def test_one_step_wrapper_equals_predict(student_and_x):
@@ -128,6 +129,8 @@ def test_cli_export(tmp_path, capsys):
         assert torch.allclose(hub.load_exported(tmp_path / "s.pt2")(x), ref, atol=1e-5)
         assert torch.allclose(hub.from_pretrained(tmp_path / "pre").predict(x, 1)[0], ref, atol=1e-6)
     assert main(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.pt2")]) == 2
+    with pytest.raises(ConfigError, match=r"run directory.*--pretrained DIR"):
+        hub.from_pretrained(out)  # the run itself, not its export
 
 
 # --- the pipeline object, for a user's own cell ------------------------------------------------

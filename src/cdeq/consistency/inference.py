@@ -86,6 +86,27 @@ def default_last(student: ConsistencyStudent) -> int:
     return int(student.teacher.deq.eval_solver.options.max_iter)
 
 
+def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int, to_teacher: bool
+                 ) -> list[tuple[Any, Any, Any]]:
+    """``(u_student, u_teacher, y)`` of the first ``limit`` batches; ``y`` is the converged
+    teacher's logits when ``to_teacher``."""
+    data = []
+    for i, item in enumerate(batches):
+        if i >= limit:
+            break
+        x, y = item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None)
+        u_s, u_t = student.teacher_inputs(x)
+        if to_teacher:
+            y = student.teacher.head(student.teacher.deq.solve(u_t, student.initial_state(u_t)).z)
+        elif y is None:
+            raise ValueError("plan search with a loss or score needs (x, y) batches; pass labelled "
+                             "batches, or no loss to score against the converged teacher")
+        data.append((u_s, u_t, y))
+    if not data:
+        raise ValueError("plan search needs at least one training batch")
+    return data
+
+
 @torch.no_grad()
 def select_plans(
     student: ConsistencyStudent,
@@ -109,20 +130,7 @@ def select_plans(
     if score is None:
         score, higher_is_better = (loss_score(loss), False) if loss is not None else (teacher_score, False)
     student.eval()
-    data = []
-    for i, item in enumerate(batches):
-        if i >= config.batches:
-            break
-        x, y = item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None)
-        u_s, u_t = student.teacher_inputs(x)
-        if score is teacher_score:
-            y = student.teacher.head(student.teacher.deq.solve(u_t, student.initial_state(u_t)).z)
-        elif y is None:
-            raise ValueError("plan search with a loss or score needs (x, y) batches; pass labelled "
-                             "batches, or no loss to score against the converged teacher")
-        data.append((u_s, u_t, y))
-    if not data:
-        raise ValueError("plan search needs at least one training batch")
+    data = _search_data(student, batches, config.batches, score is teacher_score)
     times = candidate_times(student, last, config)
     auto = student.schedule.config.kind == "residual"
 

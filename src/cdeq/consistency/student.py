@@ -11,8 +11,14 @@ Inference runs a *plan*: a list of operations starting from ``z_0``, each costin
 - ``("jump_auto",)``: a jump whose time is read off the residual measured by the previous
   teacher step (only after a ``step``; needs the residual-based schedule).
 
+Plans for more than one call are chosen on data (``student.select_plans(batches, loss=...)``);
+until then ``predict`` refuses ``nfe > 1``.
+
 Example:
+    >>> student = ConsistencyStudent(teacher)                             # doctest: +SKIP
     >>> student.predict(x, nfe=1)           # doctest: +SKIP
+    >>> student.select_plans(train_batches, loss=F.cross_entropy, max_nfe=4)  # doctest: +SKIP
+    >>> student.predict(x, nfe=4)           # doctest: +SKIP
     >>> student.run_plan(u, [("jump", student.schedule.t_min), ("step",), ("jump", 3.5)])  # doctest: +SKIP
 """
 
@@ -22,6 +28,7 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -255,8 +262,9 @@ class ConsistencyStudent(nn.Module):
 
         Raises ``ValueError`` for ``nfe > 1`` when no plans were selected (rather than answering
         with the 1-call plan)."""
-        if not isinstance(nfe, int) or nfe < 1:
+        if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
             raise ValueError(f"nfe={nfe!r} is not valid; give a positive int (layer calls)")
+        nfe = int(nfe)
         top = max(self.plans)
         if nfe > top and not self.plans_selected:
             raise ValueError(
