@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -74,10 +73,13 @@ def _user_config(args: argparse.Namespace) -> dict:
 
 
 def _resolve_task(task: str, args: argparse.Namespace, user: dict) -> str:
-    """``images`` with ``--data``: pick the npz or IDX reader from the path."""
-    if task == "images" and args.data:
-        kind = "idx" if Path(args.data).is_dir() else "npz"
-        user.setdefault("task_config", {}).setdefault("dataset", kind)
+    """Complete ``user`` with what the task infers from ``--data`` (``Task.resolve_user_config``)."""
+    from .tasks import TASKS
+
+    if task in TASKS:
+        resolved = TASKS[task].resolve_user_config(user, getattr(args, "data", None))
+        user.clear()
+        user.update(resolved)
     return task
 
 
@@ -90,16 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     out = Path(args.out or f"runs/{task}{'-quick' if args.quick else ''}")
-    fields = {f.name for f in dataclasses.fields(TASKS[task].Config)}
-    settings = [None]
-    if "setting" in fields and "setting" not in user.get("task_config", {}):
-        settings = ["transductive", "inductive"]
-    for setting in settings:
-        cfg_user = user if setting is None else {
-            **user, "task_config": {**user.get("task_config", {}), "setting": setting}}
+    for sub, cfg_user in TASKS[task].variants(user):  # e.g. a graph's two settings
         config = build_config(task, cfg_user, quick=args.quick)
-        run = Run(out if setting is None else out / setting, config)
-        run.log(f"run {task}{'' if setting is None else ' (' + setting + ')'} in {run.dir}")
+        run = Run(out if sub is None else out / sub, config)
+        run.log(f"run {task}{'' if sub is None else ' (' + sub + ')'} in {run.dir}")
         run.run_all()
     return 0
 
