@@ -378,7 +378,8 @@ def test_unknown_solver_name_lists_the_registered_ones():
     "name, options, match",
     [
         ("anderson", {"memroy": 3}, r"unknown key 'memroy'.*did you mean 'memory'"),
-        ("picard", {"memory": 3}, r"unknown key 'memory'.*allowed keys: \['check_every', 'compact', 'damping'"),
+        ("picard", {"memory": 3},
+         r"unknown key 'memory'.*allowed keys: \['check_every', 'compact', 'damping'"),
         ("picard", {"stop_mode": "max"}, r"stop_mode='max'.*allowed values: \['rel', 'abs'\]"),
         ("picard", {"max_iter": 0}, r"max_iter=0"),
         ("picard", {"max_iter": 2.5}, r"max_iter=2.5"),

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..config import Config, ConfigError, check_choice, check_int, check_positive
 from . import loop
-from .loop import NonFiniteError, take_rows
+from .loop import NonFiniteError, take_rows  # noqa: F401  (re-exported: older import path)
 
 FixedPointFn = Callable[..., Tensor]
 """``f(z, x) -> z'`` with ``z`` of shape ``(B, ...)``; ``x`` may be omitted (``None``)."""

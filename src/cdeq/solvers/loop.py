@@ -184,9 +184,9 @@ def report_nonfinite(diverged: Tensor, mode: str) -> None:
         return
     shown = bad if len(bad) <= 10 else [*bad[:10], "..."]
     message = (f"{len(bad)} of {diverged.numel()} samples became non-finite (NaN or inf) in the "
-               f"fixed-point solve, at batch indices {shown}; each is returned as the value at its "
-               "best finite iterate (its start z0 if it had none) and flagged diverged. Check those inputs for "
-               "NaN/inf, or set the solver option on_nonfinite='raise' or 'ignore'.")
+               f"fixed-point solve, at batch indices {shown}; each is returned as the value at "
+               "its best finite iterate (its start z0 if it had none) and flagged diverged. "
+               "Check those inputs for NaN/inf, or set the solver option on_nonfinite='raise' or 'ignore'.")
     if mode == "raise":
         raise NonFiniteError(message)
     warnings.warn(message, RuntimeWarning, stacklevel=5)  # the caller of solve
