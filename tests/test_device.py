@@ -303,8 +303,8 @@ def test_solvers_under_bf16_autocast_keep_their_arithmetic_in_float32(name):
 
 
 def test_a_half_precision_start_is_solved_in_float32_and_returned_in_its_dtype():
-    res = get_solver("anderson", tol=1e-6).solve(lambda z, x: 0.5 * z + x, torch.zeros(2, 3, dtype=torch.bfloat16),
-                                                 torch.ones(2, 3))
+    z0 = torch.zeros(2, 3, dtype=torch.bfloat16)
+    res = get_solver("anderson", tol=1e-6).solve(lambda z, x: 0.5 * z + x, z0, torch.ones(2, 3))
     assert res.z.dtype == torch.bfloat16 and res.residual.dtype == torch.float32
     assert res.converged.all() and torch.equal(res.z, torch.full((2, 3), 2.0, dtype=torch.bfloat16))
 
