@@ -383,3 +383,35 @@ def test_compiled_plan_with_inductor_matches_eager():
     torch._dynamo.reset()
     fast = compile_plan(student, 2, example=x)
     torch.testing.assert_close(fast(x), PlanModule(student, student.plan_for(2))(x), rtol=1e-5, atol=1e-5)
+
+
+# --- the benchmark script ------------------------------------------------------------------------
+def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch._dynamo.reset()
+    out = tmp_path / "gpu.json"
+    result = module.main(["--device", "cpu", "--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"] and saved["timer"] == "time.perf_counter"
+    assert "untrained student" in saved["weights"]["image"]
+    labels = {(r["task"], r["batch"], r["row"]) for r in saved["rows"]}
+    for task in ("image", "text"):
+        for batch in (1, 4):
+            for k in (1, 2, 4):
+                for row in (f"cdeq@{k} eager", f"cdeq@{k} compiled", f"picard@{k}", f"anderson@{k}"):
+                    assert (task, batch, row) in labels
+    for r in saved["rows"]:
+        assert r["median_s"] > 0 and r["p10_s"] <= r["median_s"] <= r["p90_s"]
+        if r["row"].startswith(("cdeq@", "picard@", "anderson@")) and "check_every" not in r:
+            assert r["nfe"] == int(r["row"].split("@")[1].split()[0])
+        if r["row"].startswith("teacher"):
+            assert 1 <= r["nfe"] <= 30
+    text = [r for r in saved["rows"] if r["task"] == "text" and r["row"] == "cdeq@1 eager"]
+    assert text[0]["unit"] == "tokens" and text[0]["throughput_per_s"] == pytest.approx(
+        text[0]["batch"] * 8 / text[0]["median_s"])
