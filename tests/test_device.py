@@ -415,3 +415,12 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     text = [r for r in saved["rows"] if r["task"] == "text" and r["row"] == "cdeq@1 eager"]
     assert text[0]["unit"] == "tokens" and text[0]["throughput_per_s"] == pytest.approx(
         text[0]["batch"] * 8 / text[0]["median_s"])
+
+
+@pytest.mark.parametrize("module", ["cdeq.precision", "cdeq.compile", "cdeq.solvers.loop"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
