@@ -171,6 +171,6 @@ def test_record_stage_warns_when_the_teacher_did_not_converge(monkeypatch, tmp_p
     cfg = RunConfig.from_dict({"task": ToyTask.name,
                                "record": {"solver": {"name": "picard", "max_iter": 3, "tol": 1e-9}}})
     run = Run(tmp_path, cfg, log=lambda m: None)
-    run._save_module("teacher", run.task.build_model(), {})
+    run.save_module("teacher", run.task.build_model(), {})
     with pytest.warns(UnconvergedWarning, match="did not converge"):
         run.record()

@@ -68,7 +68,7 @@ def test_unknown_key_names_the_key_the_allowed_keys_and_a_suggestion():
 
 
 def test_unknown_key_in_a_nested_section_names_that_section():
-    with pytest.raises(ConfigError, match=r"unknown key 'lrr' in Optim.*did you mean 'lr'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' in Optim.*did you mean 'lr'"):
         Run.from_dict({"optim": {"lrr": 0.1}})
 
 

@@ -101,16 +101,16 @@ def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed
     Run(tmp_path / "a", log=lambda m: None).distill()
 
     interrupted = Run(tmp_path / "b", log=lambda m: None)
-    real_save = Run._save_checkpoint
+    real_save = Run.write_checkpoint
 
     def save_then_die(self, name, payload):  # the process "dies" right after epoch 1's checkpoint
         real_save(self, name, payload)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Run, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(Run, "write_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         interrupted.distill()
-    monkeypatch.setattr(Run, "_save_checkpoint", real_save)
+    monkeypatch.setattr(Run, "write_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "b" / "student.ckpt")["epoch"] == 0
     logs = []
     Run(tmp_path / "b", log=logs.append).distill()
