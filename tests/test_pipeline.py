@@ -7,7 +7,6 @@ import stat
 import pytest
 
 from cdeq import pipeline
-
 from cdeq.cli import main
 from cdeq.pipeline import Run, RunConfig, build_config
 
