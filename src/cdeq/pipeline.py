@@ -125,7 +125,7 @@ class Run(RunDirectory):
                 self.close()
                 raise
         if self.config.threads:
-            torch.set_num_threads(config.threads)
+            torch.set_num_threads(self.config.threads)
 
     @property
     def task(self) -> Task:
