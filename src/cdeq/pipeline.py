@@ -90,8 +90,11 @@ def build_config(task: str, user: dict | None = None, quick: bool = False) -> Ru
     """The task's defaults (its quick preset with ``quick``), overridden by ``user``."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    defaults = TASKS[task].run_defaults(quick)
-    data = merged(defaults, dict(user or {}))
+    user = dict(user or {})
+    if user.get("task", task) != task:
+        raise ConfigError(f"task={user['task']!r} is not valid here: the run's task is {task!r} (the "
+                          "TASK of `cdeq run TASK`); leave task out of --set and --config")
+    data = merged(TASKS[task].run_defaults(quick), user)
     data["task"] = task
     return RunConfig.from_dict(data)
 
