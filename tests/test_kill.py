@@ -1,8 +1,8 @@
 """A run killed with SIGKILL at random moments, and rerun after each kill, ends with the report
 and the weights of a run never interrupted (issue 11, "Also").
 
-``cdeq run digits --quick`` with ``threads=1`` (smaller data, three epochs per trained stage) runs
-in a subprocess; it is killed N = 5 times, each
+``cdeq run digits --quick`` with ``threads=1`` (on 128 training images) runs in a subprocess; it
+is killed N = 5 times, each
 time after a random share of the uninterrupted run's wall time (``CDEQ_KILL_SEED`` replays a
 choice of moments), and rerun. The reports are compared with the timing fields left out
 (``latency_ms``, ``train_time_s`` and any key naming a time). Baselines are disabled
@@ -27,9 +27,9 @@ import pytest
 from cdeq.io import load_tensors
 
 KILLS = 5
-SETTINGS = ["threads=1", "baselines.enabled=false",  # the quick preset, cut to shorten each rerun
+SETTINGS = ["threads=1", "baselines.enabled=false",  # the quick preset on less data: shorter reruns
             "task_config.train_subset=128", "task_config.test_subset=64", "record.batch_size=64",
-            "teacher.epochs=3", "distill.epochs=3", "evaluate.budgets=[1,2]", "plans.max_nfe=2"]
+            "evaluate.budgets=[1,2]", "plans.max_nfe=2"]
 
 
 def _env() -> dict:
