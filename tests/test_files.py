@@ -135,3 +135,20 @@ def test_reading_a_run_needs_no_lock_but_its_stages_do(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_run_releases_its_lock_when_closed_or_dropped(tmp_path):
+    code = "import sys; from cdeq.io import acquire_lock; acquire_lock(sys.argv[1])"
+
+    def free() -> bool:
+        return subprocess.run([sys.executable, "-c", code, str(tmp_path / "r" / ".lock")],
+                              env=_env(), capture_output=True).returncode == 0
+
+    run = Run(tmp_path / "r", build_config("digits", {}, quick=True), log=lambda m: None)
+    assert not free()  # held from writing config.json on
+    run.close()
+    assert free()
+    run = Run(tmp_path / "r", build_config("digits", {}, quick=True), log=lambda m: None)
+    assert not free()
+    del run
+    assert free()

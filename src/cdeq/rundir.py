@@ -18,11 +18,11 @@ stage itself:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class RunDirectory:
         acquire_lock(self.dir / LOCK)
         return True
 
-    @contextmanager
+    @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the directory's lock for the body (counted: nested use is fine in one process)."""
         held = self._acquire()
@@ -112,6 +112,10 @@ class RunDirectory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:  # a dropped Run does not keep its directory locked
+        with contextlib.suppress(Exception):  # at interpreter shutdown the OS drops it anyway
+            self.close()
 
     # --- configuration and log --------------------------------------------------------------------
     def adopt_config(self, new: dict, normalise: Callable[[dict], dict]) -> None:
