@@ -1,8 +1,10 @@
 """Validated dataclass configuration.
 
 Every configuration in cdeq derives from :class:`Config`: building one from a mapping rejects
-unknown keys (naming the allowed ones), and ``validate`` runs on construction so a bad value is
-an error at the point where it was written, not deep inside a training loop.
+unknown keys (naming the allowed ones) and values whose type does not match the field's type hint
+(a section given a scalar, a number given a string: the error names the full key path, e.g.
+``teacher.train_solver.max_iter``, and the expected form), and ``validate`` runs on construction
+so a bad value is an error at the point where it was written, not deep inside a training loop.
 
 Example:
     >>> from dataclasses import dataclass
