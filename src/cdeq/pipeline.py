@@ -120,7 +120,7 @@ class Run(RunDirectory):
             self.config = RunConfig.from_dict(read_json(cfg_path))
         else:
             self.config = config
-            self.task  # noqa: B018 - builds the task: the data are read and checked before any write
+            _ = self.task  # builds the task: its data are read and checked before anything is written
             self.hold()
             try:
                 self.adopt_config(json.loads(json.dumps(config.to_dict())), _with_defaults)
