@@ -67,6 +67,10 @@ class Task:
         """Training-split batches used to choose inference schedules (never test data)."""
         return self.train_batches(batch_size, shuffle=False)
 
+    def validation_batches(self, batch_size: int) -> Iterable[Batch]:
+        """Held-out batches for choosing the teacher's stopping epoch (never test data)."""
+        return self.selection_batches(batch_size)
+
     # --- loss and metric ----------------------------------------------------------------------
     def loss(self, logits: Tensor, y: Any) -> Tensor:
         """Scalar training loss (mean over the batch)."""
