@@ -115,7 +115,8 @@ def test_distilled_student_beats_truncated_teacher_at_one_nfe(tmp_path):
         assert torch.allclose(batch.iterates[:, 1], model.cell(torch.zeros(128, 16), u), atol=1e-6)
 
     student = ConsistencyStudent(model)
-    hist = distill(student, list(store), DistillConfig(epochs=40, batch_size=64, lr=3e-3),
+    hist = distill(student, list(store), DistillConfig.from_dict(
+        {"epochs": 40, "batch_size": 64, "optim": {"lr": 3e-3}}),
                    task_loss=nn.functional.cross_entropy, log=lambda s: None)
     assert hist["loss"][-1] < hist["loss"][0]
     search = select_plans(student, train, _score, True, last=40, config=PlanSearchConfig(max_nfe=3))

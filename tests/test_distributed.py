@@ -67,13 +67,15 @@ def train(out: str) -> None:
     torch.set_num_threads(1)
     task = _toy_task()
     model = task.build_model()
-    train_teacher(task, model, TeacherConfig(epochs=2, batch_size=16, lr=1e-2), seed=0, log=lambda m: None)
+    train_teacher(task, model, TeacherConfig.from_dict(
+        {"epochs": 2, "batch_size": 16, "optim": {"lr": 1e-2}}), seed=0, log=lambda m: None)
     from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
 
     trajectories = record(model, task.train_batches(24, shuffle=False),
                           RecordConfig.from_dict({"solver": {"max_iter": 12}}))
     student = ConsistencyStudent(model)
-    distill(student, trajectories, DistillConfig(epochs=2, batch_size=12, lr=3e-3), task_loss=task.loss,
+    distill(student, trajectories, DistillConfig.from_dict(
+        {"epochs": 2, "batch_size": 12, "optim": {"lr": 3e-3}}), task_loss=task.loss,
             seed=0, log=lambda m: None)
     if distributed.is_main():
         torch.save({"teacher": model.state_dict(), "student": student.state_dict()}, out)

@@ -52,7 +52,7 @@ __all__ = ["CoraTask", "FacebookTask", "GraphConfig", "GraphTask", "PlanetoidTas
 # Run-configuration sections for graphs (docs/graphs.md has the measurements behind them). One
 # graph is one batch: every batch size is 1, and a teacher "epoch" is ``steps_per_epoch`` steps.
 DEFAULT_RUN: dict[str, Any] = {
-    "teacher": {"epochs": 10, "batch_size": 1, "lr": 0.01, "weight_decay": 0.1,
+    "teacher": {"epochs": 10, "batch_size": 1, "optim": {"lr": 0.01, "weight_decay": 0.1},
                 "train_solver": {"name": "anderson", "max_iter": 30, "tol": 1e-3},
                 "eval_solver": {"name": "anderson", "max_iter": 60, "tol": 1e-4}},
     "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 40, "tol": 1e-5}},
@@ -62,7 +62,7 @@ DEFAULT_RUN: dict[str, Any] = {
 }
 QUICK_RUN: dict[str, Any] = {
     "task_config": {"hidden": 16, "steps_per_epoch": 10, "record_copies": 3},
-    "teacher": {"epochs": 4, "batch_size": 1, "lr": 0.05, "weight_decay": 0.1,
+    "teacher": {"epochs": 4, "batch_size": 1, "optim": {"lr": 0.05, "weight_decay": 0.1},
                 "train_solver": {"name": "anderson", "max_iter": 15, "tol": 1e-3}},
     "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 16, "tol": 1e-5}},
     "distill": {"batch_size": 1, "epochs": 2},
