@@ -300,7 +300,7 @@ class Run:
                 "loss_first": info["losses"][0], "loss_last": info["losses"][-1],
                 "solvers": {str(k): s for k, s in solvers.items()}})
         nets = [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks]
-        nets += [("unrolled_anytime", bcfg.anytime_k, True)] if bcfg.anytime_k else []
+        nets += [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []
         for name, k, anytime in nets:
             if not redo and (self.dir / f"{name}.safetensors").exists():
                 continue
@@ -327,13 +327,13 @@ class Run:
         nets = {}
         bcfg = self.config.baselines
         for name, k, anytime in [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks] + (
-                [("unrolled_anytime", bcfg.anytime_k, True)] if bcfg.anytime_k else []):
+                [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []):
             if (self.dir / f"{name}.safetensors").exists():
                 net = bl.UnrolledNet(teacher, k, anytime=anytime)
                 meta = self._load_module(name, net)
                 costs[name], work[name] = meta.get("train_time_s", 0.0), meta.get("work")
                 if anytime:
-                    methods["unrolled_anytime"] = bl.anytime_method(net)
+                    methods["unrolled_any_k"] = bl.anytime_method(net)
                 else:
                     nets[k] = net
         if nets:

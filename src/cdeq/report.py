@@ -10,7 +10,7 @@ from .io import atomic_write_bytes, atomic_write_text, write_json
 
 LABELS = {"picard": "Picard", "anderson": "Anderson", "broyden": "Broyden", "cdeq": "C-DEQ",
           "learned_init": "learned init", "unrolled": "unrolled k-step",
-          "unrolled_anytime": "anytime unrolled"}
+          "unrolled_any_k": "anytime unrolled"}
 
 
 def _fmt(report: dict[str, Any], value: float | None) -> str:
