@@ -203,8 +203,8 @@ class Run:
         result = evaluate_model(self.task, model, cfg.evaluate.batch_size)
         best = history["best_epoch"][-1]
         self.log(f"teacher: held-out {self.task.metric} {result['metric']:.4f} at "
-                 f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; the weights of epoch {best + 1}, the best on "
-                 "validation)")
+                 f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; the weights of epoch "
+                 f"{best + 1}, the best on validation)")
         work = {"steps": history["steps"][-1], "samples": sum(history["samples"]),
                 "epochs": len(history["steps"]), "best_epoch": best}
         self._save_module("teacher", model, {"task": cfg.task, "train_time_s": elapsed, "work": work,
