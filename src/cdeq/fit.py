@@ -254,7 +254,10 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
         stop = False
         if hooks.validate is not None:
             model.eval()
-            history.setdefault("valid", []).append(float(hooks.validate()))
+            score = torch.tensor(float(hooks.validate()), dtype=torch.float64, device=device)
+            if sync:  # one score for every rank, so that all stop at the same epoch
+                score = distributed.all_reduce_sum(score) / distributed.world_size()
+            history.setdefault("valid", []).append(float(score))
             stop = stopper.update(epoch, history["valid"][-1])
             history["best_epoch"] = [stopper.best_epoch]
         log(f"{name} epoch {epoch + 1}: {_summary(history)}"
