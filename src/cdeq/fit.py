@@ -238,7 +238,8 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
     run = _wrap(model, step_fn, params) if sync else step_fn
     device = model_device(model)
     gen = torch.Generator()
-    step = history["steps"][-1] if history["steps"] else 0
+    # a checkpoint written before the loop counted steps: full epochs of steps_per_epoch
+    step = history["steps"][-1] if history.get("steps") else start_epoch * steps_per_epoch
     for epoch in range(start_epoch, epochs):
         if max_steps and step >= max_steps:
             break
@@ -328,8 +329,8 @@ def _record(history: dict[str, list], sums: dict[str, float], step: int, seconds
     count = max(1.0, sums.pop("count"))
     for k, v in sums.items():
         history.setdefault(k, []).append(round(v) if k == "samples" else v / count)
-    history["steps"].append(step)
-    history["epoch_time"].append(seconds)
+    history.setdefault("steps", []).append(step)
+    history.setdefault("epoch_time", []).append(seconds)
 
 
 __all__ = ["Hooks", "LayerCalls", "OptimConfig", "build_optimizer", "fit", "model_device"]

@@ -146,7 +146,7 @@ def train_teacher(
                   config.optim, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                   max_steps=config.max_steps, seed=seed, name="teacher", hooks=hooks,
                   hint=f"lower optim.lr (now {config.optim.lr}) or add jac_reg",
-                  start_epoch=start_epoch, state=optimizer_state, log=log)
+                  start_epoch=start_epoch, state=optimizer_state, log=log or logger.info)
     model.eval()
     return history
 
