@@ -109,6 +109,18 @@ def test_early_stopping_keeps_the_best_weights():
     assert history["valid"] == [3.0, 2.0, 2.5, 2.4]  # two epochs without improvement: stopped
     assert history["best_epoch"] == [1]
     assert all(torch.equal(weights[1][k], v) for k, v in model.state_dict().items())
+    # resumed from the checkpoint of the epoch that stopped: no more training, the best weights
+    states = {}
+    hooks = Hooks(validate=lambda: 0.0, patience=2,
+                  on_epoch_end=lambda e, s: states.setdefault(e, copy.deepcopy(s)))
+    fit(model, step, batches, OptimConfig(lr=0.05), epochs=5, steps_per_epoch=4, hooks=hooks,
+        log=lambda m: None)  # stops after epoch 2 (two epochs no better than the first)
+    assert sorted(states) == [0, 1, 2]
+    again = fit(model, step, batches, OptimConfig(lr=0.05), epochs=5, steps_per_epoch=4,
+                hooks=Hooks(validate=lambda: 0.0, patience=2), start_epoch=3, state=states[2],
+                log=lambda m: None)
+    assert again["steps"] == [4, 8, 12]
+    assert all(torch.equal(states[2]["stopping"]["best_state"][k], v) for k, v in model.state_dict().items())
 
 
 def test_gradients_are_clipped_and_bf16_autocasts_the_forward():

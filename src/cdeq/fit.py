@@ -240,7 +240,8 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
     gen = torch.Generator()
     # a checkpoint written before the loop counted steps: full epochs of steps_per_epoch
     step = history["steps"][-1] if history.get("steps") else start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, epochs):
+    stopped = hooks.patience > 0 and stopper.wait >= hooks.patience  # resumed after the stop
+    for epoch in range(start_epoch, 0 if stopped else epochs):
         if max_steps and step >= max_steps:
             break
         gen.manual_seed(seed * 1000 + epoch)
