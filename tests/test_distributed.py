@@ -54,6 +54,9 @@ def _toy_task():
             for s in range(0, 48, batch_size):
                 yield self.x[order[s:s + batch_size]], self.y[order[s:s + batch_size]]
 
+        def validation_batches(self, batch_size):
+            yield self.x[:16], self.y[:16]
+
         def loss(self, logits, y):
             return nn.functional.cross_entropy(logits, y)
 

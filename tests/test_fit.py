@@ -269,6 +269,21 @@ def test_distillation_trains_the_student_only_and_leaves_the_teacher_untouched()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not torch.equal(cell_before, student.cell.lin.weight)
-    # without the method: the parameters that require gradients
-    plain = ConsistencyStudent(task.build_model())
-    assert len(trainable_parameters(plain)) == sum(p.requires_grad for p in plain.parameters())
+    # a module without the method: its parameters that require gradients
+    plain = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    plain[1].requires_grad_(False)
+    assert trainable_parameters(plain) == list(plain[0].parameters())
+
+
+def test_a_task_without_validation_trains_every_epoch(caplog):
+    class NoValidation(_Toy):
+        def validation_batches(self, batch_size):
+            raise NotImplementedError
+
+    task = NoValidation()
+    model = task.build_model()
+    with caplog.at_level("WARNING"):
+        history = train_teacher(task, model, TeacherConfig.from_dict({"epochs": 2, "batch_size": 32}),
+                                log=lambda m: None)
+    assert len(history["loss"]) == 2 and "valid" not in history
+    assert "no validation split" in caplog.text

@@ -201,7 +201,7 @@ class Run:
         elapsed = sum(history["epoch_time"])  # every epoch's, a resumed run's earlier ones too
         model.eval()
         result = evaluate_model(self.task, model, cfg.evaluate.batch_size)
-        best = history["best_epoch"][-1]
+        best = history.get("best_epoch", [len(history["steps"]) - 1])[-1]  # no validation: the last
         self.log(f"teacher: held-out {self.task.metric} {result['metric']:.4f} at "
                  f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; the weights of epoch "
                  f"{best + 1}, the best on validation)")

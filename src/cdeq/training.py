@@ -116,6 +116,14 @@ def validation_loss(task: Task, model: nn.Module, batch_size: int) -> float:
     return total / n
 
 
+def _has_validation(task: Task, batch_size: int) -> bool:
+    try:
+        task.validation_batches(batch_size)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def train_teacher(
     task: Task,
     model: nn.Module,
@@ -141,6 +149,11 @@ def train_teacher(
                          "train the teacher on")
     hooks = Hooks(on_epoch_end=on_epoch_end, patience=config.patience, min_delta=config.min_delta,
                   validate=lambda: validation_loss(task, model, config.valid_batch_size))
+    if not _has_validation(task, config.valid_batch_size):
+        hooks.validate = None
+        logger.warning("%s has no validation split (validation_batches is not implemented): the "
+                       "teacher trains all %d epochs and keeps the last weights",
+                       task.name or type(task).__name__, config.epochs)
     history = fit(model, _teacher_step(task, model, config),
                   lambda epoch, gen: task.train_batches(config.batch_size, shuffle=True, generator=gen),
                   config.optim, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
