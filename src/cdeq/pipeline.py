@@ -48,7 +48,8 @@ from .consistency.trajectory import (
 )
 from .deq.model import DEQModel
 from .evaluate import EvalConfig, evaluate
-from .io import read_json
+from .fit import LayerCalls
+from .io import read_json, write_json
 from .report import markdown_table, write_report
 from .rundir import RunDirectory, writes
 from .tasks import TASKS, Task
@@ -159,14 +160,20 @@ class Run(RunDirectory):
         cfg = self.config
         torch.manual_seed(cfg.seed)
         model = self.task.build_model()
-        elapsed = self.resumed("teacher", model, "teacher training", lambda start, state, save: (
+        history = self.resumed("teacher", model, "teacher training", lambda start, state, save: (
             train_teacher(self.task, model, cfg.teacher, seed=cfg.seed, log=self.log,
                           on_epoch_end=save, start_epoch=start, optimizer_state=state)))
+        elapsed = sum(history["epoch_time"])  # every epoch's, those before a resume included
         model.eval()
         result = evaluate_model(self.task, model, cfg.evaluate.batch_size)
+        best = history.get("best_epoch", [len(history["steps"]) - 1])[-1]  # no validation: the last
         self.log(f"teacher: held-out {self.task.metric} {result['metric']:.4f} at "
-                 f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training)")
-        self.save_module("teacher", model, {"task": cfg.task, "train_time_s": elapsed, **result})
+                 f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; the weights of epoch "
+                 f"{best + 1}, the best on validation)")
+        work = {"steps": history["steps"][-1], "samples": sum(history["samples"]),
+                "epochs": len(history["steps"]), "best_epoch": best}
+        self.save_module("teacher", model, {"task": cfg.task, "train_time_s": elapsed, "work": work,
+                                             **result})
         return result
 
     @writes
@@ -175,7 +182,11 @@ class Run(RunDirectory):
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
         t0 = time.perf_counter()
-        record(teacher, self.task.record_batches(cfg.record.batch_size), cfg.record, store=store)
+        with LayerCalls(teacher.cell) as calls:  # the recording's work, part of the student's cost
+            record(teacher, self.task.record_batches(cfg.record.batch_size), cfg.record, store=store)
+        if distributed.is_main():
+            write_json(store.root / "work.json", {"samples": store.manifest()["samples"],
+                                                  **calls.as_dict()})
         summary = residual_summary(store, cfg.distill.max_residual)
         self.log(f"recorded {store.manifest()['samples']} training samples in {len(store)} shards "
                  f"({time.perf_counter() - t0:.0f}s); unconverged (residual > "
@@ -195,17 +206,24 @@ class Run(RunDirectory):
         trajectories = list(store) if _fits_in_memory(store) else store
         torch.manual_seed(cfg.seed)
         student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student)
-        elapsed = self.resumed("student", student, "distillation", lambda start, state, save: (
+        history = self.resumed("student", student, "distillation", lambda start, state, save: (
             distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
                     log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)))
+        elapsed = sum(history["epoch_time"])
         last = int(store.manifest()["last"])
         t1 = time.perf_counter()
-        search = select_plans(student, self.task.selection_batches(cfg.evaluate.batch_size),
-                              self._score, self.task.higher_is_better, last, cfg.plans)
+        with LayerCalls(student.cell, teacher.cell) as calls:  # plan search: part of the cost
+            search = select_plans(student, self.task.selection_batches(cfg.evaluate.batch_size),
+                                  self._score, self.task.higher_is_better, last, cfg.plans)
         self.log(f"distilled in {elapsed:.0f}s; plan search on training data "
                  f"{time.perf_counter() - t1:.0f}s")
+        work_file = store.root / "work.json"
+        work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
+                            "epochs": len(history["steps"])},
+                "record": read_json(work_file) if work_file.exists() else {},
+                "plan_search": calls.as_dict()}
         meta = {"plans": {str(k): plan_to_json(p) for k, p in student.plans.items()},
-                "search": search, "train_time_s": elapsed}
+                "search": search, "train_time_s": elapsed, "work": work}
         self.save_module("student", student, meta)
         return student
 
@@ -215,73 +233,87 @@ class Run(RunDirectory):
 
     @writes
     def baselines(self, redo: bool = True) -> None:
-        """Stage ``baselines``: the learned initialiser and the unrolled k-step networks
-        (see :mod:`cdeq.baselines`), trained from the teacher with the student's wall-clock budget."""
+        """Stage ``baselines``: the learned initialiser, the unrolled k-step networks and the anytime
+        unrolled network (see :mod:`cdeq.baselines`), trained from the teacher, each for the
+        student's distillation samples (or ``baselines.samples``)."""
         from . import baselines as bl
 
         cfg, bcfg = self.config, self.config.baselines
         teacher = self.teacher()
-        student_s = self.read_meta("student").get("train_time_s", 0.0) \
-            if (self.dir / "student.safetensors").exists() else 0.0
+        samples = bcfg.samples
+        if not samples and (self.dir / "student.safetensors").exists():
+            samples = int(self.read_meta("student").get("work", {}).get("distill", {}).get("samples", 0))
         if redo or not self.done("learned_init", "the learned initialiser"):
             torch.manual_seed(cfg.seed)
             init = bl.LearnedInit.for_teacher(teacher, bcfg)
             store = TrajectoryStore(self.dir / "trajectories")
             trajectories = list(store) if _fits_in_memory(store) else store
-            info = bl.train_learned_init(init, teacher, trajectories, bcfg, bcfg.init_time_s or student_s,
-                                         seed=cfg.seed, log=self.log)
+            info = bl.train_learned_init(init, teacher, trajectories, bcfg, samples, seed=cfg.seed,
+                                         log=self.log)
             solvers = bl.select_init_solvers(init, teacher, self.task, self.task.selection_batches(
                 cfg.evaluate.batch_size), sorted(set(cfg.evaluate.budgets)), bcfg.init_select_batches)
             self.log(f"learned initialiser: solver per budget (chosen on training data) {solvers}")
             self.save_module("learned_init", init, {
-                "train_time_s": info["train_time_s"], "epochs": info["epochs"],
+                "train_time_s": info["train_time_s"], "work": info["work"],
                 "loss_first": info["losses"][0], "loss_last": info["losses"][-1],
                 "solvers": {str(k): s for k, s in solvers.items()}})
-        for k in bcfg.unrolled_ks:
-            if not redo and self.done(f"unrolled_k{k}", f"the unrolled k={k} network"):
+        nets = [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks]
+        nets += [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []
+        for name, k, anytime in nets:
+            if not redo and self.done(name, f"the {name} network"):
                 continue
             torch.manual_seed(cfg.seed)
-            net = bl.UnrolledNet(teacher, k)
-            info = bl.train_unrolled(net, self.task, bcfg, bcfg.unrolled_time_s or student_s,
-                                     seed=cfg.seed, log=self.log)
-            self.save_module(f"unrolled_k{k}", net, {"k": k, "train_time_s": info["train_time_s"],
-                                                      "steps": info["steps"], "losses": info["losses"]})
+            net = bl.UnrolledNet(teacher, k, anytime=anytime)
+            info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed, log=self.log)
+            self.save_module(name, net, {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
+                                         "work": info["work"], "losses": info["losses"]})
 
-    def _baseline_methods(self, teacher: DEQModel) -> tuple[dict, dict[str, float]]:
-        """The trained baselines as ``evaluate``'s ``extra_methods``, and their training wall times."""
+    def _baseline_methods(self, teacher: DEQModel) -> tuple[dict, dict[str, float], dict[str, dict]]:
+        """The trained baselines as ``evaluate``'s ``extra_methods``, their training wall times and
+        their training work (steps, samples)."""
         from . import baselines as bl
 
         methods: dict = {}
         costs: dict[str, float] = {}
+        work: dict[str, dict] = {}
         if (self.dir / "learned_init.safetensors").exists():
             init = bl.LearnedInit.for_teacher(teacher, self.config.baselines)
             meta = self.load_module("learned_init", init)
             methods["learned_init"] = bl.learned_init_method(
                 init, teacher, {int(k): s for k, s in meta["solvers"].items()})
-            costs["learned_init"] = meta.get("train_time_s", 0.0)
+            costs["learned_init"], work["learned_init"] = meta.get("train_time_s", 0.0), meta.get("work")
         nets = {}
-        for k in self.config.baselines.unrolled_ks:
-            if (self.dir / f"unrolled_k{k}.safetensors").exists():
-                nets[k] = bl.UnrolledNet(teacher, k)
-                meta = self.load_module(f"unrolled_k{k}", nets[k])
-                costs[f"unrolled_k{k}"] = meta.get("train_time_s", 0.0)
+        bcfg = self.config.baselines
+        for name, k, anytime in [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks] + (
+                [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []):
+            if (self.dir / f"{name}.safetensors").exists():
+                net = bl.UnrolledNet(teacher, k, anytime=anytime)
+                meta = self.load_module(name, net)
+                costs[name], work[name] = meta.get("train_time_s", 0.0), meta.get("work")
+                if anytime:
+                    methods["unrolled_any_k"] = bl.anytime_method(net)
+                else:
+                    nets[k] = net
         if nets:
             methods["unrolled"] = bl.unrolled_method(nets)
-        return methods, costs
+        return methods, costs, work
 
     @writes
     def evaluate(self) -> dict[str, Any]:
         teacher = self.teacher()
         student = self.student(teacher)
-        extra, extra_costs = self._baseline_methods(teacher)
+        extra, extra_costs, extra_work = self._baseline_methods(teacher)
         report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra,
                           seed=self.config.seed)
-        costs = {}
+        costs, work = {}, {}
         for name in ("teacher", "student"):
             meta = self.read_meta(name)
-            costs[{"teacher": "teacher", "student": "cdeq"}[name]] = meta.get("train_time_s", 0.0)
+            key = {"teacher": "teacher", "student": "cdeq"}[name]
+            costs[key], work[key] = meta.get("train_time_s", 0.0), meta.get("work")
         costs.update(extra_costs)
+        work.update(extra_work)
         report["train_time_s"] = costs
+        report["train_work"] = work  # optimiser steps and samples; the student's recording + search
         files = write_report(report, self.dir)
         self.log("\n" + markdown_table(report))
         self.log("wrote " + ", ".join(str(p) for p in files.values()))

@@ -247,11 +247,10 @@ class RunDirectory:
             return None
 
     def resumed(self, name: str, module: torch.nn.Module, what: str,
-                loop: Callable[[int, dict | None, Callable[[int, dict], None]], dict]) -> float:
+                loop: Callable[[int, dict | None, Callable[[int, dict], None]], dict]) -> dict:
         """Run a trained stage: resume ``module`` from ``DIR/NAME.ckpt`` when there is one, run
         ``loop(start_epoch, state, on_epoch_end)`` (``on_epoch_end(epoch, state)`` writes the
-        checkpoint) and return the training time of every epoch, those before a resume included
-        (``loop`` returns a history with ``epoch_time``)."""
+        checkpoint) and return the loop's history (a resumed loop's holds the earlier epochs too)."""
         start, state = 0, None
         ckpt = self.read_checkpoint(name)
         if ckpt is not None:
@@ -262,8 +261,7 @@ class RunDirectory:
         def save(epoch: int, st: dict) -> None:
             self.write_checkpoint(name, {"epoch": epoch, "model": module.state_dict(), "state": st})
 
-        history = loop(start, state, save)
-        return sum(history["epoch_time"])
+        return loop(start, state, save)
 
 
 def differences(old: dict, new: dict) -> str:
