@@ -135,7 +135,7 @@ def test_every_stage_loads_the_solvers_the_configuration_gives(tmp_path, monkeyp
     solvers = ['teacher.train_solver={"name": "picard", "max_iter": 7, "tol": 0.001}',
                "teacher.eval_solver.name=broyden", "teacher.eval_solver.max_iter=77",
                "teacher.eval_solver.tol=1e-5", "record.solver.max_iter=13", "baselines.enabled=true",
-               "baselines.unrolled_ks=[1]", "baselines.init_max_epochs=2"]
+               "baselines.unrolled_ks=[1]", "baselines.samples=64"]
     assert main(["run", "digits", "--quick", "--out", str(tmp_path), "--set", *TINY, *solvers]) == 0
     assert len(trained) == 1 and len(loaded) >= 4  # record, distill, baselines, evaluate
     for model in trained + loaded:

@@ -121,9 +121,16 @@ _WRONG = {  # hint -> values of every other type
 _SECTION = st.one_of(st.integers(), _words, st.booleans(), st.none(), _lists)  # not a mapping
 
 
+_UNION_WRONG = {  # a union hint's members -> values of none of them
+    frozenset({str, dict}): st.one_of(st.integers(), _fractions, st.booleans(), st.none(), _lists),
+}
+
+
 def _wrong(hint: typing.Any) -> st.SearchStrategy:
     if isinstance(hint, type) and issubclass(hint, Config):
         return _SECTION
+    if typing.get_args(hint):
+        return _UNION_WRONG[frozenset(typing.get_args(hint))]
     return _WRONG[hint]
 
 
