@@ -34,7 +34,8 @@ from .config import Config, ConfigError, check_int, check_positive
 from .consistency.student import ChannelMLP
 from .consistency.trajectory import TrajectoryBatch
 from .deq.model import DEQModel
-from .fit import OptimConfig, fit
+from .fit import OptimConfig, fit, model_device
+from .precision import to_device
 from .solvers import get_solver
 from .solvers.base import take_rows
 from .tasks.base import Task
@@ -165,6 +166,7 @@ def _init_data(teacher: DEQModel, trajectories: Iterable[TrajectoryBatch], max_r
     data = []
     with torch.no_grad():
         for batch in trajectories:
+            batch = to_device(batch, model_device(teacher))  # read to the CPU
             keep = batch.star_residual <= max_residual
             if not bool(keep.any()):
                 continue
@@ -191,9 +193,9 @@ def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Itera
     steps, epochs = budget_steps(samples, size, per_epoch)
 
     def batches(epoch: int, gen: torch.Generator):
-        for i in torch.randperm(len(data), generator=gen).tolist():
+        for i in torch.randperm(len(data), generator=gen, device=gen.device).tolist():
             u, z_star, n = data[i]
-            for idx in torch.randperm(n, generator=gen).split(size):
+            for idx in torch.randperm(n, generator=gen, device=gen.device).split(size):
                 idx = idx.to(z_star.device)
                 yield take_rows(u, idx, n), z_star[idx]
 

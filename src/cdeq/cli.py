@@ -4,8 +4,10 @@
 
     cdeq demo                                  # = cdeq run digits: the whole job, a few minutes
     cdeq run TASK [--config FILE] [--out DIR] [--quick] [--data PATH] [--name NAME] [--set K=V ...]
-    cdeq train|record|distill|baselines|evaluate --out DIR   # one stage on the artifacts of the earlier ones
-    cdeq generate --model DIR --prompt TEXT --tokens N [--nfe K]
+             [--seeds N] [--device cpu|cuda|auto]
+    cdeq train|record|distill|baselines|evaluate --out DIR [--device D]   # one stage on the
+                                               # artifacts of the earlier ones
+    cdeq generate --model DIR --prompt TEXT --tokens N [--nfe K] [--device D]
     cdeq tasks                                 # the built-in tasks
     cdeq summarize RUN... [--out FILE]         # the tables of docs/results.md from report files
     cdeq export --model DIR --out FILE [--pretrained DIR2]   # one-step student for deployment
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,8 @@ def _user_config(args: argparse.Namespace) -> dict:
     if task_cfg:
         user = merged(user, {"task_config": task_cfg})
     user = merged(user, _overrides(getattr(args, "set", None) or []))
+    if getattr(args, "device", None):
+        user["device"] = args.device
     if not isinstance(user.get("task_config", {}), dict):
         raise ConfigError(f"task_config={user['task_config']!r} is not valid; expected a mapping "
                           "(a JSON object) of the task's settings")
@@ -140,7 +145,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise ConfigError("`cdeq train` on a new --out directory needs a TASK")
         user = _user_config(args)
         config = build_config(_resolve_task(args.task, args, user), user, quick=args.quick)
-    with Run(out, config) as run:
+    with Run(out, config, device=args.device) as run:
         getattr(run, args.stage)()
     return 0
 
@@ -148,7 +153,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import Run
 
-    run = Run(args.model)
+    run = Run(args.model, device=args.device)
     gen = getattr(run.task, "generate_text", None)
     if gen is None:
         raise ConfigError(f"the run in {args.model} is a {run.config.task!r} task; `cdeq generate` "
@@ -201,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="dataset name inside --data (Planetoid layout)")
         p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
                        help="override configuration values, e.g. teacher.epochs=3")
+        device(p)
+
+    def device(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (CUDA when available)")
 
     p = sub.add_parser("run", help="train, record, distil and evaluate")
     p.add_argument("task")
@@ -213,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE")
+    device(p)
     p.set_defaults(fn=cmd_demo)
 
     for stage in ("train", "record", "distill", "baselines", "evaluate"):
@@ -222,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
             common(p)
         else:
             p.add_argument("--out", required=True, help="run directory")
+            device(p)
         p.set_defaults(fn=cmd_stage, stage=stage)
 
     p = sub.add_parser("generate", help="sample text with the C-DEQ and the teacher")
@@ -231,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nfe", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
+    device(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("export", help="export the one-step student of a run (torch.export)")
@@ -249,8 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Console(logging.Handler):
+    """cdeq's log lines as plain text: INFO on the current ``sys.stdout``, warnings and errors on
+    ``sys.stderr`` (looked up at each line, so a redirected stream is followed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must not break the command
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the library's log lines (progress of each stage, warnings) on the terminal; the run
+    directory's ``log.txt`` is written by the run itself. Idempotent."""
+    root = logging.getLogger("cdeq")
+    if not any(isinstance(h, _Console) for h in root.handlers):
+        root.addHandler(_Console())
+    if root.level == logging.NOTSET or root.level > level:
+        root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         if args.command in ("run", "demo", "train", "record", "distill", "baselines", "evaluate"):
             from . import distributed

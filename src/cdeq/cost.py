@@ -23,7 +23,8 @@ Timing (:func:`time_methods`): methods are called round-robin (interleaved: a bu
 shared machine hits every method alike), after a warm-up, with ``torch.set_num_threads``
 fixed for the measurement; the median and interquartile range of the repeats are reported.
 ``torch.utils.benchmark.Timer`` times one statement at a time and cannot interleave, hence this
-harness; it uses ``time.perf_counter`` as the benchmark module does on CPU.
+harness; it uses ``time.perf_counter`` as the benchmark module does on CPU, after a CUDA
+synchronisation when CUDA is in use (:func:`cdeq.precision.clock`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from .precision import clock
 
 _aten = torch.ops.aten
 _FREE = {"clone", "copy_", "_to_copy", "fill_", "zero_", "zeros_like", "ones_like", "empty_like",
@@ -185,10 +187,10 @@ def time_methods(fns: dict[Any, Callable[[], Any]], repeats: int = 20, warmup: i
         for r in range(warmup + repeats):
             shift = r % max(1, len(names))
             for name in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fns[name]()
                 if r >= warmup:
-                    times[name].append(1000.0 * (time.perf_counter() - t0))
+                    times[name].append(1000.0 * (clock() - t0))
     out = {}
     for name, ts in times.items():
         q1, med, q3 = _quartiles(ts)

@@ -43,7 +43,7 @@ class OneStepStudent(nn.Module):
             raise ValueError(f"the student's 1-NFE plan {plan!r} is not a single jump")
         self.student = student
         t = float(plan[0][1])
-        c_skip, c_out = student.schedule.scalings(torch.tensor([t], dtype=torch.float64))
+        c_skip, c_out = student.schedule.scalings(torch.tensor([t], dtype=torch.float64, device="cpu"))
         self.t, self.c_skip, self.c_out = t, float(c_skip), float(c_out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -149,7 +149,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, batch: int = 
     """Export the one-step student of a finished run (example input: its first test batch)."""
     from .pipeline import Run
 
-    run = Run(run_dir)
+    run = Run(run_dir, device="cpu")
     student = run.student()
     x, _ = next(iter(run.task.test_batches(batch)))
     if not isinstance(x, Tensor):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import Config, check_choice, check_int, check_positive
+from .precision import PRECISIONS, autocast, clock
 from .progress import progress
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class OptimConfig(Config):
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
         check_positive("grad_clip", self.grad_clip, allow_zero=True)
-        check_choice("precision", self.precision, ["fp32", "bf16"])
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 def build_optimizer(params: Sequence[nn.Parameter], config: OptimConfig, total_steps: int
@@ -246,13 +246,13 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
             break
         gen.manual_seed(seed * 1000 + epoch)
         torch.manual_seed(seed * 1000 + epoch)  # the global RNG too: a resumed epoch = a fresh one
-        t0 = time.perf_counter()
+        t0 = clock(device)
         model.train()
         if hooks.on_epoch_start is not None:
             hooks.on_epoch_start(epoch)
         sums, step = _epoch(run, opt, sched, params, config, batches(epoch, gen), device, step, total,
                             max_steps, hooks, name, f"epoch {epoch + 1}/{epochs}", hint, sync)
-        _record(history, sums, step, time.perf_counter() - t0)
+        _record(history, sums, step, clock(device) - t0)
         stop = False
         if hooks.validate is not None:
             model.eval()
@@ -289,8 +289,7 @@ def _epoch(run: Callable, opt: torch.optim.Optimizer, sched: Any, params: list[n
     for batch in bar:
         if max_steps and step >= max_steps:
             break
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                            enabled=config.precision == "bf16"):
+        with autocast(config.precision, device):
             loss, stats = run(batch, min(1.0, step / total))
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(f"{name} loss became {float(loss.detach())} at step {step} "

@@ -6,7 +6,8 @@ script that made it::
     DIR/model.safetensors   the student's state dict (teacher included), versioned + checksummed
     DIR/config.json         how to rebuild the teacher: each module's import path and init
                             arguments (``cdeq.describe``), or a registered task and its config;
-                            the solver settings, schedule, student config and inference plans
+                            the teacher's solvers and backward as it ran them (``solvers``,
+                            applied on load), schedule, student config and inference plans
 
 With ``huggingface_hub`` installed (``pip install cdeq[hub]``) :class:`Pipeline` also mixes in
 its ``PyTorchModelHubMixin``: ``from_pretrained`` then also takes a hub repository id, and
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
@@ -41,6 +43,7 @@ from .deq.model import DEQModel
 from .describe import build, describe
 from .export import ExportedStudent, OneStepStudent, export_one_step, export_run, load_exported
 from .io import CorruptFileError, load_tensors, read_json, save_tensors, write_json
+from .precision import resolve_device
 from .solvers import Solver
 
 __all__ = ["ExportedStudent", "OneStepStudent", "Pipeline", "export_one_step", "export_run",
@@ -96,6 +99,26 @@ def build_teacher(recipe: dict[str, Any]) -> DEQModel:
                     **recipe.get("deq", {}))
 
 
+def solver_settings(teacher: DEQModel) -> dict[str, Any]:
+    """The solvers and backward ``teacher`` runs now (those a run's ``TeacherConfig`` set, say), as
+    JSON: ``{"solver": ..., "eval_solver": ..., "backward": ...}``."""
+    deq = teacher.deq
+    backward = teacher.deq_kwargs.get("backward", deq.backward_strategy.name)
+    return {"solver": _solver_json(deq.solver), "eval_solver": _solver_json(deq.eval_solver),
+            "backward": backward if isinstance(backward, (str, dict)) else deq.backward_strategy.name}
+
+
+def apply_solver_settings(teacher: DEQModel, settings: dict[str, Any]) -> None:
+    """Give ``teacher`` the solvers and backward of :func:`solver_settings`' JSON."""
+    from .deq.backward import get_backward
+    from .solvers import get_solver
+
+    teacher.deq.solver = get_solver(settings["solver"])
+    teacher.deq.eval_solver = get_solver(settings["eval_solver"])
+    teacher.deq.backward_strategy = get_backward(settings["backward"])
+    teacher.deq_kwargs.update(settings)
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     cfg_path = directory / CONFIG
     if not cfg_path.exists():
@@ -113,8 +136,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_student(directory: str | os.PathLike) -> ConsistencyStudent:
-    """Rebuild the student saved in a pretrained directory (in eval mode)."""
+def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyStudent:
+    """Rebuild the student saved in a pretrained directory (in eval mode), on ``device``
+    (a name for :func:`cdeq.precision.resolve_device`, or a :class:`torch.device`)."""
     directory = Path(directory)
     cfg = _read_config(directory)
     cfg_path = directory / CONFIG
@@ -129,6 +153,8 @@ def load_student(directory: str | os.PathLike) -> ConsistencyStudent:
                               f"{sorted(TASKS)}")
         task_cls = TASKS[name]
         teacher = task_cls(task_cls.Config.from_dict(cfg.get("task_config", {}))).build_model()
+    if "solvers" in cfg:  # written since the format recorded them; the task's defaults otherwise
+        apply_solver_settings(teacher, cfg["solvers"])
     student = ConsistencyStudent(teacher, TimeSchedule(ScheduleConfig.from_dict(cfg["schedule"])),
                                  StudentConfig.from_dict(cfg["student"]))
     tensors, _ = load_tensors(directory / WEIGHTS, kind="student")
@@ -140,8 +166,7 @@ def load_student(directory: str | os.PathLike) -> ConsistencyStudent:
     plans = {int(k): plan_from_json(v) for k, v in cfg["plans"].items()}
     if cfg.get("plans_selected", True):
         student.plans = plans
-    student.eval()
-    return student
+    return student.to(resolve_device(device)).eval()
 
 
 class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
@@ -202,7 +227,8 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
             cfg.update(task=self.task, task_config=self.task_config)
         else:
             cfg["teacher"] = teacher_recipe(s.teacher, s.channels, s.channel_dim)
-        cfg.update(schedule=s.schedule.config.to_dict(), student=s.config.to_dict(),
+        cfg.update(solvers=solver_settings(s.teacher), schedule=s.schedule.config.to_dict(),
+                   student=s.config.to_dict(),
                    plans={str(k): plan_to_json(p) for k, p in sorted(s.plans.items())},
                    plans_selected=s.plans_selected)
         json.dumps(cfg)  # fail before writing anything
@@ -229,8 +255,10 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
         return directory
 
     @classmethod
-    def from_pretrained(cls, name_or_directory: str | os.PathLike, **hub_kwargs: Any) -> Pipeline:
-        """Load a pipeline from a pretrained directory (or, with huggingface_hub, a repository id)."""
+    def from_pretrained(cls, name_or_directory: str | os.PathLike, device: str | torch.device = "cpu",
+                        **hub_kwargs: Any) -> Pipeline:
+        """Load a pipeline from a pretrained directory (or, with huggingface_hub, a repository id)
+        onto ``device`` (``cpu``, ``cuda``, ``auto``...)."""
         name = str(name_or_directory)
         local = os.path.isdir(name)
         if not local and (os.path.exists(name) or os.path.isabs(name) or name.startswith(".")
@@ -239,18 +267,19 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
                                     "save_pretrained" + ("" if _MIXIN else " (a hub repository id needs "
                                                          "huggingface_hub: pip install 'cdeq[hub]')"))
         if _MIXIN:  # a folder or a hub repository id, through the mixin's loader
-            return PyTorchModelHubMixin.from_pretrained.__func__(cls, name, **hub_kwargs)
-        return cls._load(Path(name))
+            return PyTorchModelHubMixin.from_pretrained.__func__(cls, name, device=device, **hub_kwargs)
+        return cls._load(Path(name), device)
 
     @classmethod
-    def _load(cls, directory: Path) -> Pipeline:
+    def _load(cls, directory: Path, device: str | torch.device = "cpu") -> Pipeline:
         cfg = _read_config(directory)
-        return cls(load_student(directory), cfg.get("task"), cfg.get("task_config"))
+        return cls(load_student(directory, device), cfg.get("task"), cfg.get("task_config"))
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
                          force_download: bool = False, local_files_only: bool = False,
-                         token: Any = None, **_config: Any) -> Pipeline:
+                         token: Any = None, device: str | torch.device = "cpu", **_config: Any
+                         ) -> Pipeline:
         """The hub mixin's loading hook: fetch the two files unless ``model_id`` is a folder."""
         if not os.path.isdir(model_id):
             from huggingface_hub import snapshot_download
@@ -259,7 +288,7 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
                                          force_download=force_download, token=token,
                                          local_files_only=local_files_only,
                                          allow_patterns=[CONFIG, WEIGHTS])
-        return cls._load(Path(model_id))
+        return cls._load(Path(model_id), device)
 
 
 def save_pretrained(student: ConsistencyStudent, directory: str | os.PathLike, task: str | None = None,
@@ -268,14 +297,14 @@ def save_pretrained(student: ConsistencyStudent, directory: str | os.PathLike, t
     return Pipeline(student, task, task_config).save_pretrained(directory)
 
 
-def from_pretrained(directory: str | os.PathLike) -> ConsistencyStudent:
-    """The student of ``Pipeline.from_pretrained(directory)`` (in eval mode)."""
-    return Pipeline.from_pretrained(directory).student
+def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyStudent:
+    """The student of ``Pipeline.from_pretrained(directory, device)`` (in eval mode)."""
+    return Pipeline.from_pretrained(directory, device).student
 
 
 def save_run_pretrained(run_dir: str | os.PathLike, directory: str | os.PathLike) -> Path:
     """The student of a finished run directory, written as a pretrained directory."""
     from .pipeline import Run
 
-    run = Run(run_dir)
+    run = Run(run_dir, device="cpu")
     return save_pretrained(run.student(), directory, run.config.task, run.config.task_config)

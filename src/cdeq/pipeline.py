@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,11 +47,13 @@ from .consistency.trajectory import (
 )
 from .deq.model import DEQModel
 from .evaluate import EvalConfig, evaluate
-from .fit import LayerCalls
+from .fit import LayerCalls, OptimConfig
 from .io import read_json, write_json
+from .precision import autocast, check_device, check_precision, clock, resolve_device
 from .report import markdown_table, write_report
 from .rundir import RunDirectory, writes
 from .tasks import TASKS, Task
+from .tasks.base import on_device
 from .training import TeacherConfig, configure_teacher, evaluate_model, train_teacher
 
 
@@ -60,7 +61,12 @@ from .training import TeacherConfig, configure_teacher, evaluate_model, train_te
 class RunConfig(Config):
     """Everything a run needs; written to ``DIR/config.json``.
 
-    ``task`` holds the task's own settings (validated by the task's config class).
+    ``task`` holds the task's own settings (validated by the task's config class). ``device``
+    (``cpu``, ``cuda[:N]``, ``auto``) is where every stage runs, models and batches moved there;
+    ``cpu`` by default, as the GPU path is tested on CPU only (docs/gpu.md). It records where the
+    run last started: a run may resume or be evaluated elsewhere. ``precision`` (``fp32``,
+    ``bf16``) is the one place for mixed precision: it sets every optimiser loop's
+    ``optim.precision`` (left unset in a run) and autocasts recording, plan search and evaluation.
     """
 
     task: str = "digits"
@@ -75,13 +81,29 @@ class RunConfig(Config):
     baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     seed: int = 0
     threads: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
 
     def validate(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"task={self.task!r} is not valid; choose from {sorted(TASKS)}")
         check_int("seed", self.seed, minimum=0)
         check_int("threads", self.threads, minimum=0)
+        check_device(self.device)
+        check_precision(self.precision)
+        for key, optim in self.optim_sections().items():  # one place: the run's precision
+            if optim.precision not in ("fp32", self.precision):
+                raise ConfigError(f"{key}.precision={optim.precision!r} is not valid in a run "
+                                  f"configuration; set the run-level precision instead (--set "
+                                  f"precision={optim.precision})")
+            optim.precision = self.precision
         self.task_cls().Config.from_dict(self.task_config, key_path="task_config")
+
+    def optim_sections(self) -> dict[str, OptimConfig]:
+        """The optimiser loops of the run by key path (each takes the run's ``precision``)."""
+        return {"teacher.optim": self.teacher.optim, "distill.optim": self.distill.optim,
+                "baselines.init_optim": self.baselines.init_optim,
+                "baselines.unrolled_optim": self.baselines.unrolled_optim}
 
     def task_cls(self) -> type[Task]:
         return TASKS[self.task]
@@ -95,6 +117,11 @@ def build_config(task: str, user: dict | None = None, quick: bool = False) -> Ru
     if user.get("task", task) != task:
         raise ConfigError(f"task={user['task']!r} is not valid here: the run's task is {task!r} (the "
                           "TASK of `cdeq run TASK`); leave task out of --set and --config")
+    for key in RunConfig().optim_sections():
+        section, name = key.split(".")
+        if isinstance(user.get(section), dict) and "precision" in (user[section].get(name) or {}):
+            raise ConfigError(f"{key}.precision is not a setting of its own: the run-level "
+                              "precision sets every stage (--set precision=bf16)")
     data = merged(TASKS[task].run_defaults(quick), user)
     data["task"] = task
     return RunConfig.from_dict(data)
@@ -110,9 +137,10 @@ class Run(RunDirectory):
     """
 
     def __init__(self, out_dir: str | Path, config: RunConfig | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, device: str | None = None) -> None:
         super().__init__(out_dir, log)
         self._task: Task | None = None
+        self._device_name = device  # overrides the configuration's device (`--device`)
         cfg_path = self.dir / "config.json"
         if config is None:
             if not cfg_path.exists():
@@ -124,7 +152,9 @@ class Run(RunDirectory):
             _ = self.task  # builds the task: its data are read and checked before anything is written
             self.hold()
             try:
-                self.adopt_config(json.loads(json.dumps(config.to_dict())), _with_defaults)
+                new = json.loads(json.dumps(config.to_dict()))
+                # the device is where the run starts now, not part of what it computes
+                self.adopt_config(new, lambda old: {**_with_defaults(old), "device": new["device"]})
             except BaseException:
                 self.close()
                 raise
@@ -132,15 +162,26 @@ class Run(RunDirectory):
             torch.set_num_threads(self.config.threads)
 
     @property
+    def device(self) -> torch.device:
+        """Where the stages run: ``device`` given to the constructor, else the configuration's."""
+        return resolve_device(self._device_name or self.config.device)
+
+    @property
     def task(self) -> Task:
+        """The run's task; its batches come on :attr:`device`."""
         if self._task is None:
             cls = self.config.task_cls()
-            self._task = cls(cls.Config.from_dict(self.config.task_config, key_path="task_config"))
+            task = cls(cls.Config.from_dict(self.config.task_config, key_path="task_config"))
+            self._task = on_device(task, self.device)
         return self._task
+
+    def autocast(self) -> Any:
+        """The run's precision (:func:`cdeq.precision.autocast`) for recording and inference."""
+        return autocast(self.config.precision, self.device)
 
     def teacher(self) -> DEQModel:
         """The trained teacher with the configuration's solvers and backward (eval mode)."""
-        model = self.task.build_model()
+        model = self.task.build_model().to(self.device)
         configure_teacher(model, self.config.teacher)
         self.load_module("teacher", model)
         model.eval()
@@ -148,7 +189,8 @@ class Run(RunDirectory):
 
     def student(self, teacher: DEQModel | None = None) -> ConsistencyStudent:
         teacher = teacher or self.teacher()
-        student = ConsistencyStudent(teacher, TimeSchedule(self.config.schedule), self.config.student)
+        student = ConsistencyStudent(teacher, TimeSchedule(self.config.schedule),
+                                     self.config.student).to(self.device)
         meta = self.load_module("student", student)
         student.plans = {int(k): plan_from_json(v) for k, v in meta["plans"].items()}
         student.eval()
@@ -159,13 +201,14 @@ class Run(RunDirectory):
     def train(self) -> dict[str, Any]:
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        model = self.task.build_model()
+        model = self.task.build_model().to(self.device)
         history = self.resumed("teacher", model, "teacher training", lambda start, state, save: (
             train_teacher(self.task, model, cfg.teacher, seed=cfg.seed, log=self.log,
                           on_epoch_end=save, start_epoch=start, optimizer_state=state)))
         elapsed = sum(history["epoch_time"])  # every epoch's, those before a resume included
         model.eval()
-        result = evaluate_model(self.task, model, cfg.evaluate.batch_size)
+        with self.autocast():
+            result = evaluate_model(self.task, model, cfg.evaluate.batch_size)
         best = history.get("best_epoch", [len(history["steps"]) - 1])[-1]  # no validation: the last
         self.log(f"teacher: held-out {self.task.metric} {result['metric']:.4f} at "
                  f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; the weights of epoch "
@@ -181,15 +224,15 @@ class Run(RunDirectory):
         cfg = self.config
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
-        t0 = time.perf_counter()
-        with LayerCalls(teacher.cell) as calls:  # the recording's work, part of the student's cost
+        t0 = clock(self.device)
+        with LayerCalls(teacher.cell) as calls, self.autocast():  # part of the student's cost
             record(teacher, self.task.record_batches(cfg.record.batch_size), cfg.record, store=store)
         if distributed.is_main():
             write_json(store.root / "work.json", {"samples": store.manifest()["samples"],
                                                   **calls.as_dict()})
         summary = residual_summary(store, cfg.distill.max_residual)
         self.log(f"recorded {store.manifest()['samples']} training samples in {len(store)} shards "
-                 f"({time.perf_counter() - t0:.0f}s); unconverged (residual > "
+                 f"({clock(self.device) - t0:.0f}s); unconverged (residual > "
                  f"{cfg.distill.max_residual:g}): {100 * summary['unconverged_fraction']:.1f}%")
         if summary["unconverged_fraction"] > 0.05:
             self.log(f"warning: {100 * summary['unconverged_fraction']:.1f}% of the recorded samples "
@@ -203,20 +246,20 @@ class Run(RunDirectory):
         cfg = self.config
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
-        trajectories = list(store) if _fits_in_memory(store) else store
+        trajectories = list(store) if store.fits_in_memory() else store
         torch.manual_seed(cfg.seed)
-        student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student)
+        student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student).to(self.device)
         history = self.resumed("student", student, "distillation", lambda start, state, save: (
             distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
                     log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)))
         elapsed = sum(history["epoch_time"])
         last = int(store.manifest()["last"])
-        t1 = time.perf_counter()
-        with LayerCalls(student.cell, teacher.cell) as calls:  # plan search: part of the cost
+        t1 = clock(self.device)
+        with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():  # part of the cost
             search = select_plans(student, self.task.selection_batches(cfg.evaluate.batch_size),
                                   self._score, self.task.higher_is_better, last, cfg.plans)
         self.log(f"distilled in {elapsed:.0f}s; plan search on training data "
-                 f"{time.perf_counter() - t1:.0f}s")
+                 f"{clock(self.device) - t1:.0f}s")
         work_file = store.root / "work.json"
         work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
                             "epochs": len(history["steps"])},
@@ -245,13 +288,15 @@ class Run(RunDirectory):
             samples = int(self.read_meta("student").get("work", {}).get("distill", {}).get("samples", 0))
         if redo or not self.done("learned_init", "the learned initialiser"):
             torch.manual_seed(cfg.seed)
-            init = bl.LearnedInit.for_teacher(teacher, bcfg)
+            init = bl.LearnedInit.for_teacher(teacher, bcfg).to(self.device)
             store = TrajectoryStore(self.dir / "trajectories")
-            trajectories = list(store) if _fits_in_memory(store) else store
+            trajectories = list(store) if store.fits_in_memory() else store
             info = bl.train_learned_init(init, teacher, trajectories, bcfg, samples, seed=cfg.seed,
                                          log=self.log)
-            solvers = bl.select_init_solvers(init, teacher, self.task, self.task.selection_batches(
-                cfg.evaluate.batch_size), sorted(set(cfg.evaluate.budgets)), bcfg.init_select_batches)
+            with self.autocast():
+                solvers = bl.select_init_solvers(
+                    init, teacher, self.task, self.task.selection_batches(cfg.evaluate.batch_size),
+                    sorted(set(cfg.evaluate.budgets)), bcfg.init_select_batches)
             self.log(f"learned initialiser: solver per budget (chosen on training data) {solvers}")
             self.save_module("learned_init", init, {
                 "train_time_s": info["train_time_s"], "work": info["work"],
@@ -263,7 +308,7 @@ class Run(RunDirectory):
             if not redo and self.done(name, f"the {name} network"):
                 continue
             torch.manual_seed(cfg.seed)
-            net = bl.UnrolledNet(teacher, k, anytime=anytime)
+            net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
             info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed, log=self.log)
             self.save_module(name, net, {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
                                          "work": info["work"], "losses": info["losses"]})
@@ -277,7 +322,7 @@ class Run(RunDirectory):
         costs: dict[str, float] = {}
         work: dict[str, dict] = {}
         if (self.dir / "learned_init.safetensors").exists():
-            init = bl.LearnedInit.for_teacher(teacher, self.config.baselines)
+            init = bl.LearnedInit.for_teacher(teacher, self.config.baselines).to(self.device)
             meta = self.load_module("learned_init", init)
             methods["learned_init"] = bl.learned_init_method(
                 init, teacher, {int(k): s for k, s in meta["solvers"].items()})
@@ -287,7 +332,7 @@ class Run(RunDirectory):
         for name, k, anytime in [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks] + (
                 [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []):
             if (self.dir / f"{name}.safetensors").exists():
-                net = bl.UnrolledNet(teacher, k, anytime=anytime)
+                net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
                 meta = self.load_module(name, net)
                 costs[name], work[name] = meta.get("train_time_s", 0.0), meta.get("work")
                 if anytime:
@@ -303,8 +348,10 @@ class Run(RunDirectory):
         teacher = self.teacher()
         student = self.student(teacher)
         extra, extra_costs, extra_work = self._baseline_methods(teacher)
-        report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra,
-                          seed=self.config.seed)
+        with self.autocast():
+            report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra,
+                              seed=self.config.seed)
+        report["precision"], report["timing"]["device"] = self.config.precision, str(self.device)
         costs, work = {}, {}
         for name in ("teacher", "student"):
             meta = self.read_meta(name)
@@ -346,10 +393,3 @@ def _with_defaults(old: dict) -> dict:
         return json.loads(json.dumps(RunConfig.from_dict(old).to_dict()))
     except (ConfigError, TypeError, ValueError):
         return old
-
-
-def _fits_in_memory(store: TrajectoryStore, limit_bytes: int = 2 << 30) -> bool:
-    """Whether all shards, read back as float32, stay under ``limit_bytes``."""
-    on_disk = sum(p.stat().st_size for p in store.root.glob("shard_*.safetensors"))
-    widen = 2 if store.manifest().get("dtype") in ("float16", "bfloat16") else 1
-    return on_disk * widen <= limit_bytes

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,8 @@ from .io import (
     write_json,
 )
 
+logger = logging.getLogger("cdeq.run")
+
 LOCK = ".lock"
 #: the command whose stage writes each output (unrolled_k* and learned_init: ``baselines``)
 MAKER = {"teacher": "train", "student": "distill"}
@@ -62,14 +65,15 @@ def writes(method: Callable) -> Callable:
 
 
 class RunDirectory:
-    """The files of a run in ``path``; ``log`` receives every log line (also in ``log.txt``)."""
+    """The files of a run in ``path``; ``log`` receives every log line (also in ``log.txt``;
+    default: the ``cdeq.run`` logger at INFO, which the command line shows on the terminal)."""
 
     def __init__(self, path: str | Path, log: Callable[[str], None] | None = None) -> None:
         self.dir = Path(path)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"--out {self.dir} is an existing file, not a directory; name a new "
                               "directory or an existing run directory")
-        self._log = log or print
+        self._log = log or logger.info
         self._held = False  # the lock taken by hold(), dropped by close()
         self._solo = False  # True once no other torchrun rank takes part: no barriers
         self._repair = False  # True in `cdeq run`: damaged checkpoints are set aside, not refused

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from . import distributed
 from .checks import check_finite_inputs, check_labels
 from .config import Config, check_choice, check_int, check_positive
+from .deq.backward import BACKWARDS
 from .deq.layer import SolverSpec
 from .deq.regularizers import jacobian_frobenius
 from .fit import Hooks, OptimConfig, fit
@@ -34,7 +35,7 @@ class TeacherConfig(Config):
             the best by more than ``min_delta`` (patience 0: run every epoch); the best epoch's
             weights are kept either way.
         valid_batch_size: batch size of the validation passes.
-        backward: ``implicit``, ``phantom`` or ``jacobian_free``.
+        backward: a registered backward strategy (``implicit``, ``phantom``, ``jacobian_free``).
         train_solver / eval_solver: forward solvers in training and evaluation.
         jac_reg: weight of the Hutchinson Jacobian penalty (0 disables it).
         max_steps: stop after this many optimiser steps (0: no limit).
@@ -62,7 +63,7 @@ class TeacherConfig(Config):
         check_int("patience", self.patience, minimum=0)
         check_positive("min_delta", self.min_delta, allow_zero=True)
         check_int("valid_batch_size", self.valid_batch_size, minimum=1)
-        check_choice("backward", self.backward, ["implicit", "phantom", "jacobian_free"])
+        check_choice("backward", self.backward, sorted(BACKWARDS))
         check_positive("jac_reg", self.jac_reg, allow_zero=True)
         check_int("max_steps", self.max_steps, minimum=0)
 
@@ -71,9 +72,13 @@ def configure_teacher(model: nn.Module, config: TeacherConfig) -> None:
     """Set the model's DEQ solvers and backward strategy from ``config``."""
     from .deq.backward import get_backward
 
+    backward = {"name": config.backward, **config.backward_options}
     model.deq.solver = config.train_solver.build()
     model.deq.eval_solver = config.eval_solver.build()
-    model.deq.backward_strategy = get_backward({"name": config.backward, **config.backward_options})
+    model.deq.backward_strategy = get_backward(backward)
+    if isinstance(getattr(model, "deq_kwargs", None), dict):  # what saving the model records
+        model.deq_kwargs.update(solver=config.train_solver, eval_solver=config.eval_solver,
+                                backward=backward)
 
 
 def batch_rows(y: Any) -> int:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..config import Config, ConfigError, check_choice, check_int, check_positive, check_range
-from ..fit import Hooks, OptimConfig, fit
+from ..fit import Hooks, OptimConfig, fit, model_device
+from ..precision import to_device
 from .ema import EMA
 from .student import ConsistencyStudent
 from .trajectory import TrajectoryBatch, check_labels
@@ -34,8 +35,9 @@ from .trajectory import TrajectoryBatch, check_labels
 class PairSampler(Config):
     """Draws ``(n, m)`` recorded-point indices with ``n < m <= L``; ``m = L`` is ``z*``.
 
-    The draws use the loop's CPU generator (the same on every rank and after a resume); the caller
-    moves the indices to the data's device.
+    The draws use the loop's generator, on its device (the CPU in :func:`cdeq.fit.fit`: the same
+    draws on every rank, after a resume and on any device); the caller moves the indices to the
+    data's device.
     """
 
     name: ClassVar[str] = ""
@@ -82,7 +84,7 @@ class UniformPairs(PairSampler):
         check_int("gap", self.gap, minimum=1)
 
     def sample(self, batch, num_points, progress, gen):
-        n = torch.randint(0, num_points, (batch,), generator=gen)
+        n = torch.randint(0, num_points, (batch,), generator=gen, device=gen.device)
         return n, torch.clamp(n + self.gap, max=num_points)
 
 
@@ -97,7 +99,7 @@ class EarlyPairs(PairSampler):
         check_positive("power", self.power, allow_zero=True)
 
     def sample(self, batch, num_points, progress, gen):
-        w = torch.arange(1, num_points + 1, dtype=torch.float).pow(-self.power)
+        w = torch.arange(1, num_points + 1, dtype=torch.float, device=gen.device).pow(-self.power)
         n = torch.multinomial(w, batch, replacement=True, generator=gen)
         return n, n + 1
 
@@ -113,7 +115,7 @@ class CurriculumPairs(PairSampler):
         check_int("final_gap", self.final_gap, minimum=1)
 
     def sample(self, batch, num_points, progress, gen):
-        n = torch.randint(0, num_points, (batch,), generator=gen)
+        n = torch.randint(0, num_points, (batch,), generator=gen, device=gen.device)
         gap = torch.clamp(((num_points - n) * (1 - progress)).round().long(), min=self.final_gap)
         return n, torch.minimum(n + gap, torch.full_like(n, num_points))
 
@@ -202,7 +204,7 @@ def _minibatches(batch: TrajectoryBatch, size: int, gen: torch.Generator):
     if n <= size:
         yield batch
         return
-    perm = torch.randperm(n, generator=gen)  # the loop's CPU generator: the same order on every rank
+    perm = torch.randperm(n, generator=gen, device=gen.device)  # the same order on every rank
     for start in range(0, n, size):
         yield _take(batch, perm[start : start + size])
 
@@ -254,7 +256,8 @@ def distill(
     n_batches = len(trajectories)
     if n_batches == 0:
         raise ValueError("no trajectories to distil from: the record stage produced no batch")
-    check_trajectory_shapes(student, trajectories[0])
+    device = model_device(student)
+    check_trajectory_shapes(student, to_device(trajectories[0], device))
     ema = EMA(student, decay=config.ema_decay)
     if resume_state is not None:
         ema.target.load_state_dict(resume_state["ema"])
@@ -264,8 +267,8 @@ def distill(
     def batches(epoch: int, gen: torch.Generator):
         order = list(range(n_batches))
         random.Random(seed * 1000 + epoch).shuffle(order)
-        for i in order:
-            for mb in _minibatches(trajectories[i], config.batch_size, gen):
+        for i in order:  # a recorded batch (read to the CPU) is moved to the student's device
+            for mb in _minibatches(to_device(trajectories[i], device), config.batch_size, gen):
                 yield mb, gen  # the pair draws use the loop's per-epoch generator too
 
     def step(batch: tuple[TrajectoryBatch, torch.Generator], progress_: float

@@ -55,7 +55,7 @@ def candidate_times(student: ConsistencyStudent, last: int, config: PlanSearchCo
         return sorted(float(t) for t in config.times if t < student.schedule.T)
     sched = student.schedule
     idx = [k for k in (1, 2, 3, 4, 6, 8, 12) if k < last]
-    ts = [float(t) for t in sched.index_time(torch.tensor(idx), last)]
+    ts = [float(t) for t in sched.index_time(torch.tensor(idx, device="cpu"), last)]
     ts += [f * sched.T for f in (0.5, 0.75, 0.9)]
     return sorted(set(round(t, 6) for t in ts))
 

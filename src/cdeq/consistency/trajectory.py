@@ -197,6 +197,12 @@ class TrajectoryStore:
                 damaged.append((path, why))
         return missing, damaged
 
+    def fits_in_memory(self, limit_bytes: int = 2 << 30) -> bool:
+        """Whether all shards, read back as float32, stay under ``limit_bytes``."""
+        on_disk = sum(p.stat().st_size for p in self.root.glob("shard_*.safetensors"))
+        widen = 2 if self.manifest().get("dtype") in ("float16", "bfloat16") else 1
+        return on_disk * widen <= limit_bytes
+
     def __getitem__(self, i: int) -> TrajectoryBatch:
         if not 0 <= i < len(self):
             raise IndexError(f"shard {i} is out of range (the store has {len(self)})")

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..config import Config, ConfigError, check_int, check_keys, check_positive, check_range
+from ..precision import caller_autocast
 from ..solvers import Solver, SolverResult, get_solver
 
 
@@ -104,6 +105,7 @@ class ImplicitBackward(BackwardStrategy):
         if not z_out.requires_grad:
             return z_out
 
+        rebuild_autocast = caller_autocast(z_star.device)  # backward runs outside the forward's
         inside = [False]  # the vector-Jacobian products below pass through this hook again
         # The hook holds z_out weakly: a strong reference would make a cycle through autograd's
         # C++ side that Python's collector cannot see, keeping every step's tensors alive.
@@ -115,7 +117,7 @@ class ImplicitBackward(BackwardStrategy):
             zi, zo = z_in, z_out_ref()
             if zo is None:  # the caller dropped z_out: rebuild its one-call graph (1 NFE)
                 zi = z_in.detach().requires_grad_()
-                with torch.enable_grad():
+                with torch.enable_grad(), rebuild_autocast():
                     zo = f(zi, x)
 
             def adjoint(g: Tensor, _: Any) -> Tensor:

@@ -137,6 +137,39 @@ class Task:
         return out
 
 
+class OnDevice:
+    """``task`` with its batches on ``device``: the five batch methods yield each batch moved there
+    (:func:`cdeq.precision.to_device`: tensors, and tuples such as a graph's ``(features,
+    adjacency)``); every other attribute is the task's own. The data stay where the task keeps
+    them (the CPU); each batch is copied when it is used.
+    """
+
+    _BATCHES = ("train_batches", "record_batches", "validation_batches", "test_batches",
+                "selection_batches")
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.task, self.device = task, torch.device(device)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.task, name)
+        if name not in self._BATCHES:
+            return value
+
+        def batches(*args: Any, **kwargs: Any) -> Iterable[Batch]:
+            from ..precision import to_device
+
+            inner = value(*args, **kwargs)  # called now: NotImplementedError is raised here
+            return (to_device(batch, self.device) for batch in inner)
+
+        return batches
+
+
+def on_device(task: Task, device: torch.device | str) -> Task:
+    """``task`` itself on the CPU, otherwise :class:`OnDevice` (the same interface)."""
+    device = torch.device(device)
+    return task if device.type == "cpu" else OnDevice(task, device)  # type: ignore[return-value]
+
+
 TASKS: dict[str, type[Task]] = {}
 
 

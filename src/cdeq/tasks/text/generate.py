@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ...config import check_int
+from ...precision import clock
 
 __all__ = ["Generation", "generate"]
 
@@ -65,7 +65,7 @@ def generate(step_fn: Callable[[Tensor], Any], prompt_ids: Tensor | list[int], n
         raise ValueError(f"temperature={temperature!r} is not valid; it must be a number >= 0")
     start = ids.shape[1]
     nfe_total, nfe_seen = 0.0, False
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(n_tokens):
         out = step_fn(ids[:, -seq_len:])
         if isinstance(out, tuple):
@@ -84,7 +84,7 @@ def generate(step_fn: Callable[[Tensor], Any], prompt_ids: Tensor | list[int], n
             probs = torch.softmax(logits, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator)
         ids = torch.cat([ids, nxt.to(ids.dtype)], dim=1)
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     new = ids[:, start:]
     return Generation(
         ids=new,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ...config import Config, ConfigError, check_choice, check_int, check_range
 from ...deq.model import DEQModel
+from ...fit import model_device
 from ..base import Batch, Task, register_task
 from . import presets
 from .data import SPLITS, find_shakespeare, load_corpus, window_starts, windows
@@ -180,7 +181,12 @@ class TextTask(Task):
             raise ValueError("the prompt is empty; give at least one character (or word)")
         model.eval()
         predict = getattr(model, "predict", None)
-        step = (lambda x: predict(x, nfe=nfe)[0]) if predict is not None else model
+        device = model_device(model)
+
+        def step(x: Tensor) -> Any:  # ids to the model's device, logits back to the sampler's CPU
+            out = predict(x.to(device), nfe=nfe)[0] if predict is not None else model(x.to(device))
+            return (out[0].cpu(), *out[1:]) if isinstance(out, tuple) else out.cpu()
+
         out = generate(step, ids, n_tokens, self.config.seq_len, temperature=temperature, top_k=top_k,
                        generator=torch.Generator().manual_seed(seed))
         sep = " " if self.corpus.level == "word" and not prompt.endswith(("\n", " ")) else ""
