@@ -228,3 +228,66 @@ def test_images_task_picks_the_reader_from_the_path(tmp_path):
     assert ImageTask.resolve_user_config(given, str(tmp_path / "d.npz")) == given
     assert MnistTask.resolve_user_config({}, str(tmp_path / "d.npz")) == {}  # a fixed dataset
     assert ImageTask.variants({"a": 1}) == [(None, {"a": 1})]
+
+
+@pytest.mark.parametrize("member", [b"", b"\x93NUMPY\x01\x00", b"plain bytes"])
+def test_npz_whose_members_are_not_arrays_is_named(tmp_path, member):
+    """A zip holding the four names, each empty, a cut .npy header or other bytes."""
+    import zipfile
+
+    path = tmp_path / "hollow.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            z.writestr(f"{key}.npy", member)
+    with pytest.raises(DataError, match="not a valid .npz") as err:
+        load_npz(path)
+    assert str(path) in str(err.value) and "x_train, y_train, x_test, y_test" in str(err.value)
+
+
+def test_cli_images_with_a_hollow_npz_gives_a_clear_error(tmp_path, capsys):
+    import zipfile
+
+    from cdeq.cli import main
+
+    path = tmp_path / "hollow.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            z.writestr(f"{key}.npy", b"")
+    out = tmp_path / "run"
+    assert main(["run", "images", "--quick", "--data", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "not a valid .npz" in err and "Traceback" not in err
+    assert not out.exists()  # nothing written for a data set that failed
+
+
+@pytest.mark.parametrize("content", [b"not a tar archive " * 40, b"", "gzip"])
+def test_cifar10_garbage_archive_is_named(tmp_path, content):
+    from cdeq.tasks.images.data import load_cifar10_archive
+
+    path = tmp_path / "cifar10_jpg.tar.gz"
+    if content == "gzip":  # a valid gzip stream whose content is not a tar archive
+        path.write_bytes(gzip.compress(b"\x01" * 4000))
+    else:
+        path.write_bytes(content)
+    cache = tmp_path / "cache.npz"
+    with pytest.raises(DataError, match="not a readable tar archive") as err:
+        load_cifar10_archive(path, cache=cache)
+    assert str(path) in str(err.value) and "train/<class>/*.jpg" in str(err.value)
+    assert not cache.exists()
+    with pytest.raises(DataError, match="is not a file"):
+        load_cifar10_archive(tmp_path, cache=cache)
+
+
+def test_cifar10_archive_with_a_broken_image_names_the_member(tmp_path):
+    import io
+    import tarfile
+
+    from cdeq.tasks.images.data import load_cifar10_archive
+
+    path = tmp_path / "c.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("cifar10/train/cat/0001.jpg")
+        info.size = 12
+        tar.addfile(info, io.BytesIO(b"not a jpeg!!"))
+    with pytest.raises(DataError, match=r"train/cat/0001.jpg is not a readable JPEG"):
+        load_cifar10_archive(path, cache=tmp_path / "cache.npz")

@@ -14,10 +14,12 @@ Every reader returns ``(x_train, y_train, x_test, y_test)`` numpy arrays: images
 from __future__ import annotations
 
 import gzip
+import lzma
 import os
 import struct
 import tarfile
 import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -79,6 +81,10 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, ...]:
                 raise DataError(f"{path} lacks {missing}; an image .npz needs x_train, y_train, "
                                 f"x_test, y_test (found {sorted(data.files)})")
             arrays = tuple(data[k] for k in NPZ_KEYS)
+        bad = [k for k, a in zip(NPZ_KEYS, arrays, strict=True) if not isinstance(a, np.ndarray)]
+        if bad:  # np.load hands back the raw bytes of a member that is not a .npy array
+            raise DataError(f"{path} is not a valid .npz file: its members {[k + '.npy' for k in bad]} "
+                            f"are not .npy arrays (empty or other bytes); {expect}")
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
@@ -155,20 +161,31 @@ def load_cifar10_archive(path: str | Path, cache: str | Path | None = None) -> t
 
     splits: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
     classes: list[str] = []
-    with tarfile.open(path) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
-                         key=lambda m: m.name)
-        for m in members:
-            parts = Path(m.name).parts
-            split = next((s for s in ("train", "test") if s in parts), None)
-            if split is None:
-                continue
-            cls = parts[parts.index(split) + 1]
-            if cls not in classes:
-                classes.append(cls)
-            img = Image.open(BytesIO(tar.extractfile(m).read())).convert("RGB")
-            splits[split][0].append(np.asarray(img, dtype=np.uint8))
-            splits[split][1].append(cls)
+    expect = ("CIFAR-10 needs the JPEG archive: a tar file (gzip, bz2 or xz compressed, or not) of "
+              "train/<class>/*.jpg and test/<class>/*.jpg")
+    if not path.is_file():
+        raise DataError(f"{path} is not a file; {expect}")
+    try:
+        with tarfile.open(path) as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
+                             key=lambda m: m.name)
+            for m in members:
+                parts = Path(m.name).parts
+                split = next((s for s in ("train", "test") if s in parts), None)
+                if split is None:
+                    continue
+                cls = parts[parts.index(split) + 1]
+                if cls not in classes:
+                    classes.append(cls)
+                try:
+                    img = Image.open(BytesIO(tar.extractfile(m).read())).convert("RGB")
+                except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                    raise DataError(f"{path}: {m.name} is not a readable JPEG image ({err})") from err
+                splits[split][0].append(np.asarray(img, dtype=np.uint8))
+                splits[split][1].append(cls)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
+        raise DataError(f"{path} is not a readable tar archive ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'no detail'}); {expect}") from err
     classes.sort()
     out = []
     rng = np.random.default_rng(0)  # the archive is sorted by class: fix one shuffled order
