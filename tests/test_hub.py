@@ -236,3 +236,28 @@ def test_pipeline_is_a_hub_mixin_offline(tmp_path):
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "p").iterdir()}
     loaded = cdeq.Pipeline.from_pretrained(str(tmp_path / "p"), local_files_only=True)
     assert torch.equal(loaded(x, nfe=2), pipe(x, nfe=2))
+
+
+@pytest.mark.parametrize("task", ["digits", None])
+def test_pretrained_keeps_the_solvers_the_teacher_config_set(task, tmp_path):
+    """A run's TeacherConfig replaces the model's default solvers; a pretrained directory records
+    the solvers the teacher ran with and the loaded teacher runs them too (a task's model, rebuilt
+    by the task, or a user's modules, rebuilt from their recipe)."""
+    from cdeq.training import TeacherConfig, configure_teacher
+
+    if task is None:
+        teacher = user_pipeline(WideCell(6))[0].teacher
+    else:
+        cls = TASKS[task]
+        teacher = cls(cls.Config.from_dict(TASK_CFG)).build_model()
+    configure_teacher(teacher, TeacherConfig.from_dict({
+        "train_solver": {"name": "broyden", "max_iter": 11, "tol": 3e-3},
+        "eval_solver": {"name": "picard", "max_iter": 77, "tol": 2e-5},
+        "backward": "phantom", "backward_options": {"steps": 3}}))
+    hub.save_pretrained(ConsistencyStudent(teacher), tmp_path / "m", task, TASK_CFG if task else None)
+    loaded = hub.from_pretrained(tmp_path / "m").teacher.deq
+    assert (loaded.eval_solver.name, loaded.eval_solver.options.max_iter) == ("picard", 77)
+    assert loaded.eval_solver.options.tol == 2e-5
+    assert (loaded.solver.name, loaded.solver.options.max_iter, loaded.solver.options.tol) == \
+        ("broyden", 11, 3e-3)
+    assert loaded.backward_strategy.name == "phantom" and loaded.backward_strategy.config.steps == 3
