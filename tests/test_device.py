@@ -512,7 +512,7 @@ def test_device_and_precision_keys_are_checked(tmp_path, capsys):
     assert not out.exists()  # nothing written for a device that failed
 
 
-def test_the_quick_pipeline_runs_in_bf16_on_cpu(tmp_path, monkeypatch):
+def test_the_quick_pipeline_runs_in_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     """``--set precision=bf16`` reaches every optimiser loop (teacher, distillation, baselines)
     and the autocast of recording, plan search and evaluation; the report is finite."""
     import importlib
@@ -545,3 +545,6 @@ def test_the_quick_pipeline_runs_in_bf16_on_cpu(tmp_path, monkeypatch):
                                               for per in report[key].values() for v in per.values()]
     assert len(values) > 10 and all(math.isfinite(v) for v in values)
     assert {"cdeq", "learned_init", "unrolled", "unrolled_any_k"} <= set(report["methods"])
+    shown, logged = capsys.readouterr().out, (out / "log.txt").read_text()  # through logging
+    for line in ("teacher epoch 1:", "distillation epoch 1:", "training samples in 1 shards"):
+        assert line in shown and line in logged

@@ -287,3 +287,24 @@ def test_a_task_without_validation_trains_every_epoch(caplog):
                                 log=lambda m: None)
     assert len(history["loss"]) == 2 and "valid" not in history
     assert "no validation split" in caplog.text
+
+
+def test_teacher_config_accepts_every_registered_backward():
+    """The allowed backward names come from the registry, not a copy of it."""
+    from cdeq.deq.backward import BACKWARDS, BackwardStrategy, register_backward
+    from cdeq.training import TeacherConfig
+
+    with pytest.raises(ConfigError, match=r"backward='mine' is not valid.*'implicit'"):
+        TeacherConfig(backward="mine")
+
+    @register_backward
+    class Mine(BackwardStrategy):
+        name = "mine"
+
+        def attach(self, f, z_star, x):
+            return f(z_star.detach(), x)
+
+    try:
+        assert TeacherConfig(backward="mine").backward == "mine"
+    finally:
+        del BACKWARDS["mine"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import sys
 import types
@@ -21,7 +22,7 @@ def test_readme_has_the_library_examples():
         assert needed in text
 
 
-def test_readme_python_blocks_run(tmp_path, monkeypatch):
+def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)
     module = types.ModuleType("readme_example")  # importable by name: from_pretrained resolves Cell
     monkeypatch.setitem(sys.modules, "readme_example", module)
@@ -33,6 +34,9 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         code = compile(block, f"README.md python block {i + 1}", "exec")
         exec(code, module.__dict__)  # noqa: S102 - the README's own examples
     ns = module.__dict__
+    printed = capsys.readouterr()  # the library prints nothing unasked (it logs)
+    assert (printed.out, printed.err) == ("", "") or "print(" in "".join(blocks)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert (tmp_path / "my-cdeq" / "config.json").exists()
     assert (tmp_path / "my-cdeq" / "model.safetensors").exists()
     assert ns["loaded"].student.plans == ns["pipe"].student.plans

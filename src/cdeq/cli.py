@@ -16,9 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -274,25 +276,32 @@ class _Console(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Show the library's log lines (progress of each stage, warnings) on the terminal; the run
-    directory's ``log.txt`` is written by the run itself. Idempotent."""
+@contextlib.contextmanager
+def console_logging(level: int = logging.INFO) -> Iterator[None]:
+    """Show the library's log lines (each stage's progress, warnings) on the terminal while the
+    command runs; the run directory's ``log.txt`` is written by the run itself. The handler is
+    removed afterwards, so a program that calls :func:`main` keeps its own logging."""
     root = logging.getLogger("cdeq")
-    if not any(isinstance(h, _Console) for h in root.handlers):
-        root.addHandler(_Console())
-    if root.level == logging.NOTSET or root.level > level:
+    handler, before = _Console(), root.level
+    root.addHandler(handler)
+    if before == logging.NOTSET or before > level:
         root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(before)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging()
     try:
-        if args.command in ("run", "demo", "train", "record", "distill", "baselines", "evaluate"):
-            from . import distributed
+        with console_logging():
+            if args.command in ("run", "demo", "train", "record", "distill", "baselines", "evaluate"):
+                from . import distributed
 
-            distributed.init()  # under torchrun: join the process group (a no-op otherwise)
-        return args.fn(args)
+                distributed.init()  # under torchrun: join the process group (a no-op otherwise)
+            return args.fn(args)
     except (ConfigError, BusyError, OSError, ValueError) as err:  # the user's to fix: no traceback
         print(f"cdeq: error: {err}", file=sys.stderr)
         return 2
