@@ -493,9 +493,13 @@ def test_device_and_precision_keys_are_checked(tmp_path, capsys):
     assert cfg.device == "cpu"  # the default: the GPU path is opt-in
     assert {k: o.precision for k, o in cfg.optim_sections().items()} == dict.fromkeys(
         ["teacher.optim", "distill.optim", "baselines.init_optim", "baselines.unrolled_optim"], "bf16")
-    with pytest.raises(ConfigError, match=r"teacher.optim.precision is not a setting of its own.*"
-                                          r"--set precision=bf16"):
+    with pytest.raises(ConfigError, match=r"teacher.optim.precision='bf16' is not a setting of its "
+                                          r"own.*--set precision=bf16"):
         build_config("digits", {"teacher": {"optim": {"precision": "bf16"}}})
+    with pytest.raises(ConfigError, match=r"baselines.init_optim.precision='fp32' is not a setting"):
+        build_config("digits", {"precision": "bf16", "baselines": {"init_optim": {"precision": "fp32"}}})
+    again = build_config("digits", cfg.to_dict(), quick=True)  # a run's config.json as --config
+    assert again.to_dict() == cfg.to_dict()
     with pytest.raises(ConfigError, match=r"distill.optim.precision='bf16' is not valid in a run"):
         RunConfig.from_dict({"distill": {"optim": {"precision": "bf16"}}})
     with pytest.raises(ConfigError, match=r"precision='fp16' is not valid"):

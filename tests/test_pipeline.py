@@ -146,3 +146,27 @@ def test_every_stage_loads_the_solvers_the_configuration_gives(tmp_path, monkeyp
             ("broyden", 77, 1e-5)
     manifest = json.loads((tmp_path / "trajectories" / "manifest.json").read_text())
     assert manifest["last"] == 13 and max(manifest["indices"]) < 13
+
+
+def test_a_run_may_restart_or_load_on_another_device(quick_run):
+    """The device is where a run starts now, not part of what it computes: another device's start
+    is not "another configuration", and a run recorded on CUDA loads on the CPU when asked."""
+    import torch
+
+    from cdeq.config import ConfigError
+
+    path = quick_run / "config.json"
+    written = path.read_text()
+    try:
+        data = json.loads(written)
+        with Run(quick_run, build_config("digits", {**data, "device": "auto"})) as run:
+            assert json.loads(path.read_text())["device"] == "auto"  # recorded, nothing refused
+            assert run.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+        path.write_text(json.dumps({**data, "device": "cuda"}))
+        teacher = Run(quick_run, device="cpu").teacher()
+        assert next(teacher.parameters()).device.type == "cpu"
+        if not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="no CUDA device"):
+                Run(quick_run).teacher()
+    finally:
+        path.write_text(written)

@@ -117,11 +117,13 @@ def build_config(task: str, user: dict | None = None, quick: bool = False) -> Ru
     if user.get("task", task) != task:
         raise ConfigError(f"task={user['task']!r} is not valid here: the run's task is {task!r} (the "
                           "TASK of `cdeq run TASK`); leave task out of --set and --config")
-    for key in RunConfig().optim_sections():
+    for key in RunConfig().optim_sections():  # a run's config.json, reused, agrees with itself
         section, name = key.split(".")
-        if isinstance(user.get(section), dict) and "precision" in (user[section].get(name) or {}):
-            raise ConfigError(f"{key}.precision is not a setting of its own: the run-level "
-                              "precision sets every stage (--set precision=bf16)")
+        given = (user.get(section) or {}).get(name) if isinstance(user.get(section), dict) else None
+        if isinstance(given, dict) and given.get("precision", user.get("precision", "fp32")) != \
+                user.get("precision", "fp32"):
+            raise ConfigError(f"{key}.precision={given['precision']!r} is not a setting of its own: "
+                              "the run-level precision sets every stage (--set precision=bf16)")
     data = merged(TASKS[task].run_defaults(quick), user)
     data["task"] = task
     return RunConfig.from_dict(data)
