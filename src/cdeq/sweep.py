@@ -76,6 +76,7 @@ def aggregate(reports: list[dict[str, Any]], tolerance: float | None = None,
     out["seeds"] = [r.get("seed") for r in reports]
     out["runs"] = runs or []
     out["splits"] = first.get("splits")
+    out["precision"] = first.get("precision")  # the seeds share the configuration
     out["teacher"] = _teacher(reports, lambda r: r["teacher"])
     for section in ("methods", "relative_error"):
         out[section], out[f"{section}_std"], out[f"{section}_per_seed"] = _nested(
