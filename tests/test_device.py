@@ -521,6 +521,7 @@ def test_the_quick_pipeline_runs_in_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     and the autocast of recording, plan search and evaluation; the report is finite."""
     import importlib
     import json
+    import logging
     import math
 
     from cdeq import baselines, pipeline, training
@@ -552,3 +553,4 @@ def test_the_quick_pipeline_runs_in_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     shown, logged = capsys.readouterr().out, (out / "log.txt").read_text()  # through logging
     for line in ("teacher epoch 1:", "distillation epoch 1:", "training samples in 1 shards"):
         assert line in shown and line in logged
+    assert logging.getLogger("cdeq").handlers == []  # the command's console handler is gone

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,7 +281,10 @@ class _Console(logging.Handler):
 def console_logging(level: int = logging.INFO) -> Iterator[None]:
     """Show the library's log lines (each stage's progress, warnings) on the terminal while the
     command runs; the run directory's ``log.txt`` is written by the run itself. The handler is
-    removed afterwards, so a program that calls :func:`main` keeps its own logging."""
+    removed afterwards, so a program that calls :func:`main` keeps its own logging. Under
+    torchrun the ranks other than 0 show warnings only (rank 0 speaks for the run)."""
+    if os.environ.get("RANK", "0") != "0":
+        level = max(level, logging.WARNING)
     root = logging.getLogger("cdeq")
     handler, before = _Console(), root.level
     root.addHandler(handler)
