@@ -38,7 +38,7 @@ from .fit import OptimConfig, fit, model_device
 from .precision import to_device
 from .solvers import get_solver
 from .solvers.base import take_rows
-from .tasks.base import Task
+from .tasks.base import Task, on_device
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def select_init_solvers(init: LearnedInit, teacher: DEQModel, task: Task, batche
     for b, (x, y) in enumerate(batches):
         if b >= max_batches:
             break
+        x, y = to_device((x, y), model_device(teacher))
         u = teacher.inject(x)
         z0 = init.init_state(teacher, u)
         for s in INIT_SOLVERS:
@@ -295,6 +296,7 @@ def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, samples
     means, "work": steps/samples/epochs, "train_time_s"}``."""
     from .training import batch_rows
 
+    task = on_device(task, model_device(net))  # batches where the network is
     size = config.unrolled_batch_size
     per_epoch = max(1, sum(1 for _ in task.train_batches(size, shuffle=False)))
     steps, epochs = budget_steps(samples, size, per_epoch)

@@ -22,9 +22,10 @@ from .config import Config, ConfigError, check_int, check_positive
 from .consistency.student import ConsistencyStudent
 from .deq.layer import SolverSpec
 from .deq.model import DEQModel
+from .fit import model_device
 from .progress import progress
 from .solvers import SOLVERS, get_solver
-from .tasks.base import Task
+from .tasks.base import Task, on_device
 
 
 @dataclasses.dataclass
@@ -224,6 +225,7 @@ def evaluate(task: Task, teacher: DEQModel, student: ConsistencyStudent | None,
     budgets (``None`` for budgets they do not support). Validation figures choose; the test
     split is evaluated once and only reported.
     """
+    task = on_device(task, model_device(teacher))  # batches where the models are
     teacher.eval()
     if student is not None:
         student.eval()

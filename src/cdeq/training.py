@@ -17,8 +17,8 @@ from .config import Config, check_choice, check_int, check_positive
 from .deq.backward import BACKWARDS
 from .deq.layer import SolverSpec
 from .deq.regularizers import jacobian_frobenius
-from .fit import Hooks, OptimConfig, fit
-from .tasks.base import Task
+from .fit import Hooks, OptimConfig, fit, model_device
+from .tasks.base import Task, on_device
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def train_teacher(
     writes it with the weights to a checkpoint); ``start_epoch``/``optimizer_state`` resume a run.
     """
     configure_teacher(model, config)
+    task = on_device(task, model_device(model))  # batches where the model is
     steps_per_epoch = sum(1 for _ in task.train_batches(config.batch_size, shuffle=False))
     if steps_per_epoch == 0:
         raise ValueError(f"the {task.name or type(task).__name__} training split is empty: nothing to "
@@ -172,6 +173,7 @@ def train_teacher(
 @torch.no_grad()
 def evaluate_model(task: Task, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
     """Converged-teacher metric and mean NFE on the held-out batches."""
+    task = on_device(task, model_device(model))
     model.eval()
     total, count, nfe, n = 0.0, 0, 0.0, 0
     for x, y in task.test_batches(batch_size):

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from ..config import Config, ConfigError, check_int
+from ..fit import model_device
+from ..precision import to_device
 from .student import ConsistencyStudent, Plan
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int
         if i >= limit:
             break
         x, y = item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None)
+        x, y = to_device((x, y), model_device(student))  # batches where the student is
         u_s, u_t = student.teacher_inputs(x)
         if to_teacher:
             y = student.teacher.head(student.teacher.deq.solve(u_t, student.initial_state(u_t)).z)

@@ -29,6 +29,7 @@ from ..checks import check_finite_inputs, check_labels  # noqa: F401 (check_labe
 from ..config import Config, ConfigError, check_choice, check_int
 from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
+from ..fit import model_device
 from ..io import (
     CorruptFileError,
     flatten,
@@ -39,6 +40,7 @@ from ..io import (
     unflatten,
     write_json,
 )
+from ..precision import to_device
 from ..progress import progress
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -108,6 +110,7 @@ def record_batch(model: DEQModel, x: Any, y: Any, config: RecordConfig) -> Traje
     """Run the teacher solver on one batch and keep the chosen iterates."""
     model.eval()
     solver = config.solver.build()
+    x, y = to_device((x, y), model_device(model))  # batches where the teacher is
     check_finite_inputs(x, "record")
     try:
         u = model.inject(x)
