@@ -44,6 +44,7 @@ from .evaluate import EvalConfig, evaluate
 from .io import load_checkpoint, load_tensors, read_json, save_checkpoint, save_tensors, write_json
 from .report import markdown_table, write_report
 from .tasks import TASKS, Task
+from .threads import apply_thread_policy
 from .training import TeacherConfig, evaluate_model, train_teacher
 
 
@@ -123,8 +124,7 @@ class Run:
         self._log = log or print
         self._task: Task | None = None
         self._solo = False
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        self.threads = apply_thread_policy(config.threads)  # 0: a fair share of the free cores
 
     def log(self, msg: str) -> None:
         if not distributed.is_main():
