@@ -24,7 +24,9 @@ Equal settings (read from TorchDEQ's source, ``torchdeq/solver/anderson.py``, ``
 Two regimes:
 
 - ``fixed``: ``tol=0`` in every solver, so each runs exactly its iteration cap (15 forward, 30
-  backward): equal forward and backward NFE by construction. This is the speed comparison.
+  backward): equal forward and backward NFE by construction. This is the speed comparison. Its
+  ``floor`` row does the same cell calls and vector-Jacobian products as plain loops with no solver
+  bookkeeping: the cost any library pays for this NFE.
 - ``teacher``: the demo teacher's tolerances (forward ``1e-3``, backward ``1e-5``); each library
   stops by its own rule and the NFE it spent is reported.
 
@@ -150,14 +152,50 @@ class TorchdeqStep:
         return m.head(z_out[-1])
 
 
+class FloorStep:
+    """The NFE work alone: ``f_iter`` cell calls without a graph, one with, ``b_iter``
+    vector-Jacobian products in the backward hook (plain iterations, no solver bookkeeping)."""
+
+    def __init__(self, model: nn.Module, f_iter: int, b_iter: int) -> None:
+        self.model, self.f_iter, self.b_iter = model, f_iter, b_iter
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.model
+        u = m.injection(x)
+        with torch.no_grad():
+            z = torch.zeros_like(u)
+            for _ in range(self.f_iter):
+                z = m.cell(z, u)
+        z_in = z.requires_grad_()
+        z_out = m.cell(z_in, u)
+
+        inside = [False]  # the products below pass through this hook again
+
+        def hook(grad: Tensor) -> Tensor:
+            if inside[0]:
+                return grad
+            inside[0], g = True, grad
+            for _ in range(self.b_iter):
+                g = torch.autograd.grad(z_out, z_in, g, retain_graph=True)[0] + grad
+            inside[0] = False
+            return g
+
+        z_out.register_hook(hook)
+        return m.head(z_out)
+
+
 def make_steps(base: nn.Module, regime: str, f_iter: int, b_iter: int) -> dict[str, Callable]:
     """One training-step closure per library, each on its own copy of ``base``."""
     tols = REGIMES[regime]
     out: dict[str, Callable] = {}
-    for lib in LIBS:
+    for lib in LIBS + (("floor",) if regime == "fixed" else ()):
         model = copy.deepcopy(base).train()
-        fwd = (CdeqStep(model, f_iter, b_iter, **tols) if lib == "cdeq"
-               else TorchdeqStep(model, f_iter, b_iter, **tols, hook=lib.endswith("hook")))
+        if lib == "floor":
+            fwd: Callable = FloorStep(model, f_iter, b_iter)
+        elif lib == "cdeq":
+            fwd = CdeqStep(model, f_iter, b_iter, **tols)
+        else:
+            fwd = TorchdeqStep(model, f_iter, b_iter, **tols, hook=lib.endswith("hook"))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
 
         def step(x: Tensor, y: Tensor, fwd: Callable = fwd, model: nn.Module = model,
@@ -276,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", type=int, default=0, help="print this many top functions per library")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "training.json"))
-    p.add_argument("--probe", choices=LIBS, help=argparse.SUPPRESS)
+    p.add_argument("--probe", choices=LIBS + ("floor",), help=argparse.SUPPRESS)
     p.add_argument("--probe-regime", choices=list(REGIMES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
