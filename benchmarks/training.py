@@ -52,6 +52,7 @@ import cProfile
 import importlib.metadata
 import io
 import json
+import os
 import platform
 import pstats
 import statistics
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         probe_memory(args)
         return
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0]
     base, batches = build(args.dataset, args.warmup + args.steps, args.batch_size)
     results: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.machine(), "memory": "peak RSS (VmHWM) minus RSS before the first step, "
         "fresh subprocess per library, 3 steps",
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load1_start_end": [load_start, os.getloadavg()[0]],  # a busy machine shows here
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
