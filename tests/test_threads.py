@@ -83,13 +83,18 @@ def test_apply_sets_torch_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_explicit_request_does_not_sample_the_load(monkeypatch):
+def test_explicit_request_or_environment_does_not_sample_the_load(monkeypatch):
     def fail():
-        raise AssertionError("an explicit thread count must not wait for a load sample")
+        raise AssertionError("a thread count given by the user must not wait for a load sample")
 
     before = torch.get_num_threads()
     monkeypatch.setattr(threads, "busy_cores", fail)
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
     try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert apply_thread_policy(1) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert apply_thread_policy(0) == 3
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

@@ -120,8 +120,9 @@ def apply_thread_policy(requested: int) -> int:
     import torch
 
     cores = available_cores()
-    busy = None if requested else busy_cores()
-    threads = choose_threads(requested, cores, busy, os.environ.get("OMP_NUM_THREADS"))
+    env = os.environ.get("OMP_NUM_THREADS")
+    busy = None if requested or env else busy_cores()  # sample only when the load decides
+    threads = choose_threads(requested, cores, busy, env)
     torch.set_num_threads(threads)
     log.info("threads: %d (requested %s, %d cores, %s busy elsewhere, OpenMP wait policy %s)",
              threads, requested or "auto", cores, "?" if busy is None else f"{busy:.1f}",
