@@ -5,8 +5,11 @@ Usage (after a finished run, e.g. ``cdeq demo --out runs/demo``)::
     python benchmarks/ablations.py --run runs/demo --out benchmarks/results/ablations_digits.json
 
 Every variant distils a fresh student from the same teacher and trajectories with one setting
-changed from the run's configuration, chooses its plans on training data, and is evaluated on the
-held-out split at budgets 1, 2 and 4. Prints a table and writes JSON.
+changed from the run's configuration, chooses its plans on training data, and is evaluated at
+budgets 1, 2 and 4 on the validation split (where the defaults are chosen) and on the test split
+(reported only). Each variant's 1-NFE call is costed in layer-call equivalents (FLOPs) and timed
+against the others, interleaved, by :func:`cdeq.cost.time_methods` (one thread). Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +33,7 @@ from cdeq.consistency import (
     distill,
     select_plans,
 )
+from cdeq.cost import time_methods
 from cdeq.evaluate import EvalConfig, evaluate
 from cdeq.pipeline import Run
 
@@ -61,8 +66,10 @@ def main() -> None:
     trajectories = list(store)
     last = int(store.manifest()["last"])
     eval_cfg = EvalConfig.from_dict({**cfg.evaluate.to_dict(), "budgets": [1, 2, 4],
-                                     "solvers": ["picard", "anderson"], "latency_repeats": 1})
-    results = {}
+                                     "solvers": ["picard", "anderson"], "latency_repeats": 1,
+                                     "timing_budgets": [1]})
+    results: dict[str, Any] = {}
+    students: dict[str, ConsistencyStudent] = {}
     for name, change in VARIANTS.items():
         if args.only and name not in args.only:
             continue
@@ -80,14 +87,27 @@ def main() -> None:
                      run.task.higher_is_better, last, PlanSearchConfig(max_nfe=4, batches=cfg.plans.batches))
         rep = evaluate(run.task, teacher, student, eval_cfg)
         results[name] = {"change": change, "train_s": train_s, "metric": rep["methods"]["cdeq"],
+                         "valid_metric": rep["valid"]["methods"]["cdeq"],
                          "relative_error": rep["relative_error"]["cdeq"],
+                         "layer_calls_at_1": rep["cost"]["layer_calls"]["cdeq"]["1"],
                          "exact_speedup": rep["exact_mode"]["speedup"]}
+        students[name] = student
         base = rep
-        print(f"{name:34s} " + " ".join(f"k={k}: {v:.4f}" for k, v in rep["methods"]["cdeq"].items())
-              + f"  err@1 {rep['relative_error']['cdeq']['1']:.3f}  ({train_s:.0f}s)", flush=True)
+        print(f"{name:34s} valid " + " ".join(f"k={k}: {v:.4f}" for k, v in
+                                               rep["valid"]["methods"]["cdeq"].items())
+              + f"  err@1 {rep['relative_error']['cdeq']['1']:.3f}  calls@1 "
+              f"{results[name]['layer_calls_at_1']:.2f}  ({train_s:.0f}s)", flush=True)
+    x = next(iter(run.task.test_batches(eval_cfg.latency_batch)))[0]
+    timed = time_methods({name: (lambda s=s: s.predict(x, nfe=1)) for name, s in students.items()},
+                         repeats=20, warmup=2, threads=1)
+    for name, t in timed.items():
+        results[name]["time_at_1"] = t
     out = {"run": str(run.dir), "task": base["task"], "metric": base["metric"],
-           "teacher": base["teacher"]["metric"],
+           "teacher": base["teacher"]["metric"], "valid_teacher": base["valid"]["teacher"]["metric"],
            "truncated": {s: base["methods"][s] for s in ("picard", "anderson")},
+           "valid_truncated": {s: base["valid"]["methods"][s] for s in ("picard", "anderson")},
+           "timing": {"threads": 1, "batch_size": len(x) if hasattr(x, "__len__") else 1,
+                      "repeats": 20, "interleaved": True},
            "variants": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

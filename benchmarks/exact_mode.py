@@ -14,7 +14,10 @@ On held-out batches the exact-mode solver (the run's ``evaluate.exact_solver`` a
   relative errors ``e`` from 0.3 down to 0.001: a student as good as ``e``, costing 1 NFE.
 
 For each start it prints the relative error to ``z*``, the NFE spent before the solver, the solver's
-NFE to tolerance and the total against the cold start. Writes JSON.
+NFE to tolerance and the total against the cold start. The student's plans are also costed in
+layer-call equivalents (FLOPs, :mod:`cdeq.cost`: a student call is dearer than a layer call), and
+the cold and warm exact solves are timed on one batch, interleaved, with
+:func:`cdeq.cost.time_methods` (one thread, 20 repeats). Writes JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cdeq.cost import count_flops, time_methods
 from cdeq.pipeline import Run
 from cdeq.solvers import get_solver
 
@@ -93,10 +97,30 @@ def main() -> None:
         print(f"{name:26s} {r['error']:7.4f} {r['before']:7.1f} {r['solver']:7.2f} {total:7.2f} "
               f"{r['speedup']:6.2f}x {r['converged']:7.3f}")
     out = {"run": str(run.dir), "task": run.task.describe()["task"], "solver": ev.exact_solver,
-           "tol": ev.exact_tol, "cold_nfe": cold, "starts": summary}
+           "tol": ev.exact_tol, "cold_nfe": cold, "starts": summary,
+           **_cost_of_plans(run, teacher, student, solver)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def _cost_of_plans(run: Run, teacher: object, student: object, solver: object) -> dict:
+    """Layer-call equivalents of each warm-start plan, and interleaved times of the exact solves."""
+    x = next(iter(run.task.test_batches(256)))[0]
+    u = teacher.inject(x)
+    z0 = teacher.initial_state(u)
+    layer = count_flops(lambda: teacher.cell(z0, u)).total
+    u_s, u_t = student.teacher_inputs(x)
+    calls, fns = {}, {"cold start z_0": lambda: solver.solve(teacher.cell, z0, u)}
+    for k in (1, 2, 4):
+        plan = student.plan_for(k)
+        calls[str(k)] = count_flops(lambda plan=plan: student.run_plan(u_s, plan, u_t)).total / layer
+        fns[f"student plan {k}"] = lambda plan=plan: student.solve_exact(x, solver, plan)
+    timing = time_methods(fns, repeats=20, warmup=2, threads=1)
+    for name, t in timing.items():
+        print(f"{name:26s} {t['median_ms']:8.1f} ms (IQR {t['iqr_ms']:.1f})")
+    return {"plan_layer_calls": calls, "timing": {"threads": 1, "batch_size": int(z0.shape[0]),
+                                                  "repeats": 20, **timing}}
 
 
 if __name__ == "__main__":

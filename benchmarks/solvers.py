@@ -24,6 +24,11 @@ Usage::
 
     python benchmarks/solvers.py                      # full run, writes benchmarks/results/solvers.json
     python benchmarks/solvers.py --quick --repeats 1  # smoke test with small sizes
+    python benchmarks/solvers.py --check-every 1,8    # cdeq only: host-sync interval vs it/s
+
+With ``--check-every``, only cdeq's solvers run, once per interval, side by side (round robin),
+and the table gives the loop iterations per second (iterations run: the largest NFE rounded up to
+the interval) next to the NFE, which the interval does not change.
 """
 
 from __future__ import annotations
@@ -216,6 +221,43 @@ SOLVERS = [
 COUNTERPART = {"anderson, torchdeq lam=1e-10": "anderson"}
 
 
+def check_every_rows(problems: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """cdeq's solvers at each ``--check-every`` interval, timed round robin."""
+    intervals, rows = [int(v) for v in args.check_every.split(",")], []
+    for problem in problems:
+        for label, lib, name, options in SOLVERS:
+            if lib != "cdeq" or label not in args.solvers.split(","):
+                continue
+            runners = [run_cdeq(name, {**options, "check_every": n}, problem, args.tol, args.max_iter)
+                       for n in intervals]
+            for once in runners:
+                for _ in range(args.warmup):
+                    once()
+            runs: list[list[dict[str, Any]]] = [[] for _ in runners]
+            for _ in range(args.repeats):
+                for i, once in enumerate(runners):
+                    runs[i].append(once())
+            for n, solver_runs in zip(intervals, runs, strict=True):
+                row = summarise(solver_runs, problem)
+                its = min(args.max_iter, -(-row["nfe_max"] // n) * n)
+                row.update({"problem": problem["name"], "solver": label, "check_every": n,
+                            "iterations": its, "iterations_per_s": its / (row["time_ms"] / 1000)})
+                rows.append(row)
+                print(f"  {problem['name']:<10} {label:<9} check_every={n:<4} nfe={row['nfe']:7.1f} "
+                      f"its={its:4d} time={row['time_ms']:8.1f} ms", file=sys.stderr)
+    return rows
+
+
+def check_every_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| problem | solver | check_every | NFE mean (max) | loop iterations | ms | iterations/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['problem']} | {r['solver']} | {r['check_every']} | {r['nfe']:.1f} "
+                     f"({r['nfe_max']}) | {r['iterations']} | {r['time_ms']:.1f} "
+                     f"| {r['iterations_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/solvers.json")
@@ -230,7 +272,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated subset of tanh-easy, tanh-hard, conv")
     parser.add_argument("--solvers", default="picard,anderson,broyden",
                         help="comma-separated subset of picard, anderson, broyden")
+    parser.add_argument("--check-every", default="",
+                        help="comma-separated intervals: time cdeq's solvers at each (cdeq only)")
     args = parser.parse_args(argv)
+    if args.check_every:
+        return main_check_every(args, argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -289,6 +335,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(out["table"])
     path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+    return out
+
+
+def main_check_every(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    wanted = set(args.problems.split(","))
+    problems = [p for p in make_problems(args.quick, args.seed) if p["name"] in wanted]
+    rows = check_every_rows(problems, args)
+    out = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {k: getattr(args, k) for k in ("tol", "max_iter", "repeats", "warmup", "threads",
+                                                   "quick", "check_every")},
+        "environment": {"torch": torch.__version__, "machine": platform.machine()},
+        "results": [{k: v for k, v in r.items() if k != "times_ms"} for r in rows],
+        "table": check_every_table(rows),
+    }
+    print(out["table"])
+    default = args.out == "benchmarks/results/solvers.json"
+    path = Path("benchmarks/results/solvers_check_every.json" if default else args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")

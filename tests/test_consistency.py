@@ -170,3 +170,91 @@ def test_record_config_rejects_bad_indices():
         RecordConfig.from_dict({"indices": [0, 99], "solver": {"max_iter": 10}})
     with pytest.raises(ConfigError, match="dtype"):
         RecordConfig(dtype="int8")
+
+
+# --- the library API ------------------------------------------------------------------------------
+def plain_cell(z, u):
+    """A parameter-free ``f(z, u)``, as a TorchDEQ user would write it."""
+    return torch.tanh(0.5 * z + u)
+
+
+def test_student_leaves_the_teacher_as_the_caller_built_it():
+    model, x, y = tiny_problem(n=64)
+    flags = [p.requires_grad for p in model.parameters()]
+    student = ConsistencyStudent(model)
+    assert [p.requires_grad for p in model.parameters()] == flags == [True] * len(flags)
+    own = student.trainable_parameters()
+    teacher_ids = {id(p) for p in model.parameters()}
+    assert own and not teacher_ids & {id(p) for p in own}
+    assert {id(p) for p in own} == {id(p) for n, p in student.named_parameters()
+                                    if not n.startswith("teacher.")}
+    # a student step through the shared injection and a teacher re-entry step: no teacher grads
+    u = student.inject(x)
+    z = student.run_plan(u, [("jump", 0.01), ("step",), ("jump", 1.0)])
+    nn.functional.cross_entropy(student.head(z), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in student.cell.parameters())
+
+
+def test_teacher_step_keeps_the_gradient_with_respect_to_the_state():
+    model, x, _ = tiny_problem(n=8)
+    student = ConsistencyStudent(model)
+    u = model.inject(x).detach()
+    z = torch.randn(8, 16, requires_grad=True)
+    student.run_plan(u, [("step",)], z0=z).sum().backward()
+    z2 = z.detach().requires_grad_()
+    model.cell(z2, u).sum().backward()
+    assert torch.allclose(z.grad, z2.grad)
+
+
+def test_distill_leaves_the_teacher_weights_unchanged():
+    model, x, y = tiny_problem(n=128)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trajs = record(model, [(x, y)], RecordConfig.from_dict({"solver": {"max_iter": 20}}))
+    student = ConsistencyStudent(model)
+    distill(student, trajs, DistillConfig(epochs=2, batch_size=64, lr=1e-2),
+            task_loss=nn.functional.cross_entropy, log=lambda s: None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_predict_refuses_multi_step_without_selected_plans():
+    model, x, y = tiny_problem(n=64)
+    student = ConsistencyStudent(model)
+    assert student.predict(x, nfe=1)[0].shape == (64, 4)
+    with pytest.raises(ValueError, match=r"select_plans\(train_batches"):
+        student.predict(x, nfe=4)
+    log = student.select_plans([(x, y)], loss=nn.functional.cross_entropy, max_nfe=3)
+    assert set(log) == {"1", "2", "3"} and student.plans_selected
+    assert student.predict(x, nfe=4)[0].shape == (64, 4)  # the selected 3-NFE plan
+    assert len(student.plan_for(4)) <= 3
+    losses = [log[k]["loss"] for k in ("1", "2", "3")]
+    assert losses == sorted(losses, reverse=True)  # on the search batches, more NFE is never worse
+
+
+def test_plans_selected_without_labels_track_the_teacher():
+    model, x, _ = tiny_problem(n=64)
+    student = ConsistencyStudent(model)
+    log = student.select_plans([x], max_nfe=2)  # inputs alone: scored against the converged teacher
+    assert log["2"]["metric"] <= log["1"]["metric"]
+    with pytest.raises(ValueError, match=r"\(x, y\) batches"):
+        student.select_plans([x], loss=nn.functional.cross_entropy)
+
+
+def test_deq_model_takes_any_cell_and_infers_the_state():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+    model = DEQModel(nn.Linear(3, 8), plain_cell, nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="channels=C"):
+        model.state_layout()  # nothing seen yet and nothing declared
+    logits, info = model(x)
+    assert logits.shape == (5, 2) and bool(info.converged.all())
+    assert model.state_layout() == (8, -1)
+    assert ConsistencyStudent(model).predict(x)[0].shape == (5, 2)
+    # a state of its own shape, and a 4-d state read as (B, C, H, W)
+    wide = DEQModel(nn.Identity(), lambda z, u: torch.tanh(0.5 * z + u.sum(-1, keepdim=True)),
+                    nn.Flatten(), state_shape=(6,))
+    assert wide.state_layout() == (6, -1) and wide(x)[0].shape == (5, 6)
+    conv = DEQModel(nn.Conv2d(1, 4, 3, padding=1), plain_cell, nn.Flatten())
+    assert conv.state_layout(torch.randn(2, 1, 5, 5)) == (4, 1)
+    with pytest.raises(ValueError, match="state_shape"):
+        DEQModel(nn.Identity(), plain_cell, nn.Identity(), state_shape=(0,))

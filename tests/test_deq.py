@@ -416,6 +416,53 @@ def test_get_backward_rejects_unknown_names_and_keys():
         DEQ(TanhCell(), backward="exact")
 
 
+def test_register_backward_makes_a_user_strategy_available_with_its_fields_as_keys():
+    import dataclasses
+
+    from cdeq.config import Config
+    from cdeq.deq import BACKWARDS, BackwardStrategy, register_backward
+
+    @dataclasses.dataclass
+    class ScaledOptions(Config):
+        scale: float = 1.0
+
+    class Scaled(BackwardStrategy):
+        """One step from z*, its gradient scaled (a user strategy)."""
+
+        name = "scaled"
+        Options = ScaledOptions
+
+        def __init__(self, scale: float = 1.0) -> None:
+            self.scale = scale
+
+        def attach(self, f, z_star, x):
+            out = f(z_star.detach(), x)
+            return out.detach() + self.scale * (out - out.detach())
+
+    register_backward(Scaled)
+    try:
+        assert sorted(BACKWARDS) == ["implicit", "jacobian_free", "phantom", "scaled"]
+        strategy = get_backward({"name": "scaled", "scale": 0.5})
+        assert isinstance(strategy, Scaled) and strategy.scale == 0.5
+        with pytest.raises(ConfigError, match=r"unknown key 'scal' in backward 'scaled'.*\['scale'\]"):
+            get_backward({"name": "scaled", "scal": 2})
+        cell = TanhCell()
+        x = torch.randn(3, 3, dtype=D64)
+        for scale in (1.0, 0.5):
+            deq = DEQ(cell, backward={"name": "scaled", "scale": scale}, tol=1e-10, max_iter=100)
+            z, _ = deq(x)
+            cell.zero_grad()
+            z.sum().backward()
+            grads = cell.W.grad.clone()
+            if scale == 1.0:
+                full = grads
+        torch.testing.assert_close(grads, 0.5 * full)
+    finally:
+        BACKWARDS.pop("scaled", None)
+    with pytest.raises(ValueError, match="needs a non-empty class attribute 'name'"):
+        register_backward(type("Nameless", (BackwardStrategy,), {}))
+
+
 # --- docstrings -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("module", ["cdeq.deq.layer", "cdeq.deq.backward", "cdeq.deq.regularizers"])
 def test_docstring_examples(module):

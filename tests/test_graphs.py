@@ -11,6 +11,7 @@ import cdeq
 from cdeq.config import ConfigError
 from cdeq.solvers.base import take_rows
 from cdeq.tasks.base import TASKS
+from cdeq.tasks.datadir import data_dir
 from cdeq.tasks.graphs import (
     CoraTask,
     FacebookTask,
@@ -19,17 +20,17 @@ from cdeq.tasks.graphs import (
     IGNNCell,
     PlanetoidTask,
     constrain_inf_norm,
-    default_data_dir,
     graph_batch,
     load_planetoid,
     load_saved_graph,
     normalized_adjacency,
     perturb_graph,
+    random_split,
 )
 from cdeq.training import TeacherConfig, train_teacher
 
-PLANETOID = default_data_dir() / "planetoid"
-FACEBOOK = default_data_dir() / "facebook"
+PLANETOID = data_dir() / "planetoid"
+FACEBOOK = data_dir() / "facebook"
 needs_cora = pytest.mark.skipif(not (PLANETOID / "Cora" / "raw" / "ind.cora.x").is_file(),
                                 reason="shared Cora files not found")
 
@@ -233,6 +234,52 @@ def test_transductive_batches_and_selection_never_use_test_mask(cora):
     assert adj.shape == (2708, 2708) and torch.equal(mask, cora.train_mask)
     (_, _), (_, sel) = next(iter(task.selection_batches(1)))
     assert torch.equal(sel, cora.val_mask)
+    (_, _), (_, val) = next(iter(task.validation_batches(1)))
+    assert torch.equal(val, cora.val_mask)
+
+
+@needs_cora
+@pytest.mark.parametrize("setting", ["transductive", "inductive"])
+def test_split_sizes_are_the_disjoint_masks(cora, setting):
+    task = CoraTask(CoraTask.Config(setting=setting))
+    task._graph = cora
+    assert task.split_sizes() == {"train": 140, "valid": 500, "test": 1000}
+    masks = [cora.train_mask, cora.val_mask, cora.test_mask]
+    assert all(not (a & b).any() for i, a in enumerate(masks) for b in masks[i + 1:])
+
+
+def test_random_split_is_seeded_disjoint_and_sized():
+    masks = random_split(200, seed=3, train_frac=0.1, val_frac=0.2)
+    assert [int(m.sum()) for m in masks] == [20, 40, 140]
+    assert int(sum(m.long() for m in masks).max()) == 1  # every node in exactly one split
+    assert all(torch.equal(a, b) for a, b in zip(masks, random_split(200, seed=3, train_frac=0.1,
+                                                                     val_frac=0.2), strict=True))
+    assert not torch.equal(masks[2], random_split(200, seed=4, train_frac=0.1, val_frac=0.2)[2])
+
+
+def test_graph_runs_both_settings_unless_one_is_given():
+    assert [name for name, _ in CoraTask.variants({})] == ["transductive", "inductive"]
+    (_, user), = [v for v in FacebookTask.variants({"teacher": {"epochs": 1}}) if v[0] == "inductive"]
+    assert user == {"teacher": {"epochs": 1}, "task_config": {"setting": "inductive"}}
+    given = {"task_config": {"setting": "inductive", "hidden": 8}}
+    assert CoraTask.variants(given) == [(None, given)]
+
+
+@needs_cora
+def test_planetoid_reader_matches_torch_geometric(cora, tmp_path):
+    """Optional parity check: the same arrays as torch_geometric's Planetoid on Cora."""
+    datasets = pytest.importorskip("torch_geometric.datasets")
+    import shutil
+
+    shutil.copytree(PLANETOID / "Cora" / "raw", tmp_path / "Cora" / "raw")  # PyG writes processed/
+    data = datasets.Planetoid(str(tmp_path), "Cora")[0]
+    assert torch.equal(cora.features.to_dense(), data.x)
+    assert torch.equal(cora.labels, data.y)
+    for ours, theirs in ((cora.train_mask, data.train_mask), (cora.val_mask, data.val_mask),
+                         (cora.test_mask, data.test_mask)):
+        assert torch.equal(ours, theirs)
+    pairs = set(zip(*data.edge_index.tolist(), strict=True))
+    assert set(zip(*cora.edge_index.tolist(), strict=True)) == {(a, b) for a, b in pairs if a != b}
 
 
 def test_record_batches_are_distinct_perturbations():

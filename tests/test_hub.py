@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
+from torch import nn
 
+import cdeq
 from cdeq import hub
+from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent
 from cdeq.io import CorruptFileError
 from cdeq.tasks import TASKS
@@ -57,8 +61,9 @@ def test_from_pretrained_errors_name_the_file(student_and_x, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     hub.save_pretrained(student, d, "digits", TASK_CFG)
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not match") as err:
         hub.from_pretrained(d)
+    assert "size mismatch" in str(err.value)  # the whole state_dict message, not its first line
 
 
 def test_one_step_wrapper_equals_predict(student_and_x):
@@ -124,3 +129,110 @@ def test_cli_export(tmp_path, capsys):
         assert torch.allclose(hub.load_exported(tmp_path / "s.pt2")(x), ref, atol=1e-5)
         assert torch.allclose(hub.from_pretrained(tmp_path / "pre").predict(x, 1)[0], ref, atol=1e-6)
     assert main(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.pt2")]) == 2
+    with pytest.raises(ConfigError, match=r"run directory.*--pretrained DIR"):
+        hub.from_pretrained(out)  # the run itself, not its export
+
+
+# --- the pipeline object, for a user's own cell ------------------------------------------------
+
+
+class WideCell(nn.Module):
+    """A user cell whose init arguments are kept as attributes."""
+
+    def __init__(self, width: int, scale: float = 0.5) -> None:
+        super().__init__()
+        self.width, self.scale = width, scale
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, z, u):
+        return torch.tanh(self.scale * self.lin(z) + u)
+
+
+@cdeq.saveable
+class HiddenArgsCell(nn.Module):
+    """Init arguments not kept as attributes: recorded by @cdeq.saveable."""
+
+    def __init__(self, sizes: list, gain: float = 0.5) -> None:
+        super().__init__()
+        self.lin = nn.Linear(sizes[0], sizes[1])
+        self.g = gain
+
+    def forward(self, z, u):
+        return torch.tanh(self.g * self.lin(z) + u)
+
+
+class UnrecordableCell(WideCell):
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+
+
+def user_pipeline(cell, width=6, seed=0):
+    torch.manual_seed(seed)
+    model = cdeq.DEQModel(nn.Sequential(nn.Linear(3, width), nn.Tanh()), cell,
+                          nn.Linear(width, 2, bias=False), solver={"name": "anderson", "max_iter": 25},
+                          eval_solver=cdeq.SolverSpec(name="picard", max_iter=40, tol=1e-5))
+    x = torch.randn(16, 3)
+    model(x)  # seen a state: the student reads its channels off it
+    student = cdeq.ConsistencyStudent(model)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    pipe = cdeq.Pipeline(student).select_plans([x], max_nfe=2)
+    return pipe, x
+
+
+@pytest.mark.parametrize("cell", [WideCell(6, scale=0.4), HiddenArgsCell([6, 6], gain=0.3)])
+def test_pipeline_saves_and_loads_a_user_cell(cell, tmp_path):
+    pipe, x = user_pipeline(cell)
+    out = pipe(x, nfe=2)
+    assert out.shape == (16, 2) and torch.equal(out, pipe.predict(x, nfe=2)[0])
+    pipe.save_pretrained(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["teacher"]["cell"]["class"] == f"{__name__}:{type(cell).__name__}"
+    loaded = cdeq.Pipeline.from_pretrained(tmp_path / "p")
+    assert type(loaded.teacher.cell) is type(cell) and loaded.plans == pipe.plans
+    assert loaded.teacher.deq.eval_solver.name == "picard"
+    for nfe in (1, 2):
+        assert torch.equal(loaded(x, nfe=nfe), pipe(x, nfe=nfe))
+    with torch.no_grad():
+        assert torch.equal(loaded.teacher(x)[0], pipe.teacher(x)[0])
+
+
+def test_pipeline_that_cannot_be_recorded_writes_nothing(tmp_path):
+    pipe, _ = user_pipeline(UnrecordableCell(6))
+    with pytest.raises(ConfigError, match="saveable"):
+        pipe.save_pretrained(tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(ConfigError, match="unknown task"):
+        hub.save_pretrained(pipe.student, tmp_path / "q", task="mine")
+
+
+def test_from_pretrained_on_a_run_directory_names_the_export_command(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": "digits", "teacher": {}, "distill": {}}))
+    (run / "student.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"run directory.*cdeq export --model RUN --out FILE "
+                                          r"--pretrained DIR"):
+        hub.from_pretrained(run)
+
+
+def test_exported_model_names_the_expected_input_shape(student_and_x, tmp_path):
+    student, x = student_and_x
+    path, _ = hub.export_one_step(student, x, tmp_path / "s.pt2")
+    module = hub.load_exported(path)
+    expected = "(B, " + ", ".join(str(d) for d in x.shape[1:])
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        module(torch.randn(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="shape"):
+        module(torch.randn(8, 8))
+
+
+def test_pipeline_is_a_hub_mixin_offline(tmp_path):
+    hf = pytest.importorskip("huggingface_hub")
+    pipe, x = user_pipeline(WideCell(6))
+    assert isinstance(pipe, hf.PyTorchModelHubMixin)
+    pipe.save_pretrained(tmp_path / "p")  # through the mixin: it adds a model card
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "p").iterdir()}
+    loaded = cdeq.Pipeline.from_pretrained(str(tmp_path / "p"), local_files_only=True)
+    assert torch.equal(loaded(x, nfe=2), pipe(x, nfe=2))

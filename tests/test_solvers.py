@@ -241,7 +241,10 @@ def test_nan_input_flags_only_that_sample(name):
     x = torch.randn(4, 6, dtype=D64)
     x[1, 3] = float("nan")
     z0 = torch.zeros_like(x)
-    res = get_solver(name, tol=1e-10, max_iter=100).solve(tanh_map(w), z0, x)
+    with pytest.warns(RuntimeWarning, match=r"1 of 4 samples became non-finite.*indices \[1\]") as got:
+        res = get_solver(name, tol=1e-10, max_iter=100).solve(tanh_map(w), z0, x)
+    assert len(got) == 1  # once per solve
+    assert got[0].filename == __file__  # points at the caller
     assert res.diverged.tolist() == [False, True, False, False]
     assert res.converged.tolist() == [True, False, True, True]
     assert int(res.nfe[1]) == 1  # stopped at its first (non-finite) evaluation
@@ -258,9 +261,37 @@ def test_nan_start_flags_only_that_sample(name):
     x = torch.randn(3, 6, dtype=D64)
     z0 = torch.zeros_like(x)
     z0[2, 0] = float("nan")
-    res = get_solver(name, tol=1e-10, max_iter=100).solve(linear_map(w), z0, x)
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 samples.*indices \[2\]"):
+        res = get_solver(name, tol=1e-10, max_iter=100).solve(linear_map(w), z0, x)
     assert res.diverged.tolist() == [False, False, True]
     assert res.converged.tolist() == [True, True, False]
+
+
+def test_on_nonfinite_raise_names_the_samples_and_ignore_is_silent(recwarn):
+    from cdeq.solvers import NonFiniteError
+
+    x = torch.ones(5, 3, dtype=D64)
+    x[[0, 3], 1] = float("inf")
+    f = lambda z, x: 0.5 * z + x  # noqa: E731
+    with pytest.raises(NonFiniteError, match=r"2 of 5 samples.*indices \[0, 3\].*on_nonfinite"):
+        get_solver("anderson", on_nonfinite="raise").solve(f, torch.zeros_like(x), x)
+    res = get_solver("anderson", on_nonfinite="ignore").solve(f, torch.zeros_like(x), x)
+    assert res.diverged.tolist() == [True, False, False, True, False]
+    clean = get_solver("anderson", on_nonfinite="raise").solve(f, torch.zeros_like(x), torch.ones_like(x))
+    assert clean.converged.all()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    with pytest.raises(ConfigError, match=r"on_nonfinite='loud'.*\['warn', 'raise', 'ignore'\]"):
+        get_solver("picard", on_nonfinite="loud")
+
+
+def test_a_sample_that_blows_up_midway_warns_once():
+    f = lambda z, x: x * z + 1  # noqa: E731  row 1 doubles each step and overflows
+    x = torch.tensor([[0.5], [1e30]], dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 samples.*\[1\]") as got:
+        res = get_solver("picard", tol=1e-6, max_iter=40).solve(f, torch.zeros(2, 1), x)
+    assert len(got) == 1
+    assert res.diverged.tolist() == [False, True] and res.converged.tolist() == [True, False]
+    assert torch.isfinite(res.z).all() and int(res.nfe[1]) == 3  # 1, 1e30+1, inf
 
 
 @pytest.mark.parametrize("mode", ["abs", "rel"])
@@ -347,7 +378,8 @@ def test_unknown_solver_name_lists_the_registered_ones():
     "name, options, match",
     [
         ("anderson", {"memroy": 3}, r"unknown key 'memroy'.*did you mean 'memory'"),
-        ("picard", {"memory": 3}, r"unknown key 'memory'.*allowed keys: \['compact', 'damping'"),
+        ("picard", {"memory": 3},
+         r"unknown key 'memory'.*allowed keys: \['check_every', 'compact', 'damping'"),
         ("picard", {"stop_mode": "max"}, r"stop_mode='max'.*allowed values: \['rel', 'abs'\]"),
         ("picard", {"max_iter": 0}, r"max_iter=0"),
         ("picard", {"max_iter": 2.5}, r"max_iter=2.5"),

@@ -35,7 +35,7 @@ TINY = {"d_model": 16, "n_heads": 2, "mlp_ratio": 2.0, "seq_len": 8, "eval_windo
 
 @pytest.fixture
 def char_file(tmp_path):
-    text = "abcabc abc\nhello world\n" * 20 + "xyz zyx\n" * 3  # x, y, z only in the last 10%
+    text = "abcabc abc\nhello world\n" * 40 + "xyz zyx\n" * 3  # x, y, z only in the last 5% (test)
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
     return path
@@ -63,8 +63,8 @@ def test_char_vocabulary_from_train_only(char_file):
     assert corpus.vocab[0] == UNK
     for c in "xyz":
         assert c not in corpus.vocab
-    valid = corpus.splits["valid"]
-    assert (valid == 0).any()  # x, y, z map to <unk>
+    test = corpus.splits["test"]
+    assert (test == 0).any()  # x, y, z map to <unk>
     assert set(corpus.vocab[1:]) == set(corpus.decode(corpus.splits["train"].tolist()))
     assert corpus.decode(corpus.encode("hello")) == "hello"
     assert corpus.encode("q")[0] == corpus.unk_id
@@ -87,7 +87,7 @@ def test_word_level_wikitext_layout(tmp_path, wiki_dir, names):
 
 
 def test_word_task_batches_and_test_split(wiki_dir):
-    task = TextTask(TextConfig(data=str(wiki_dir), level="word", eval_split="test", **TINY))
+    task = TextTask(TextConfig(data=str(wiki_dir), level="word", **TINY))
     assert task.metric == "nats_per_token" and TextTask.metric == "nats_per_char"
     x, y = next(iter(task.test_batches(2)))
     assert x.dtype == torch.long and x.shape == (2, 8) and y.shape == (2, 8)
@@ -117,8 +117,8 @@ def test_batches_are_windows_of_the_text(char_file):
     assert torch.equal(xs[0], chunks[0])
     assert all(any(torch.equal(c, row) for c in chunks) for row in xs)
     full = TextTask(TextConfig(data=str(char_file), **{**TINY, "eval_windows": 0}))
-    n_valid = full.corpus.splits["valid"].numel()
-    assert sum(len(x) for x, _ in full.test_batches(100)) == (n_valid - 1) // 8
+    n_test = full.corpus.splits["test"].numel()
+    assert sum(len(x) for x, _ in full.test_batches(100)) == (n_test - 1) // 8
 
 
 def test_errors(tmp_path, char_file):
@@ -133,7 +133,10 @@ def test_errors(tmp_path, char_file):
     (folder / "train.txt").write_text("a b c\n")
     with pytest.raises(FileNotFoundError, match="valid"):
         load_corpus(folder, level="word")
-    (folder / "valid.txt").write_text("")
+    (folder / "valid.txt").write_text("a b\n")
+    with pytest.raises(FileNotFoundError, match="test"):
+        load_corpus(folder, level="word")
+    (folder / "test.txt").write_text("")
     with pytest.raises(ValueError, match="empty"):
         load_corpus(folder, level="word")
     with pytest.raises(ConfigError, match="needs data"):
@@ -148,8 +151,12 @@ def test_errors(tmp_path, char_file):
         ShakespeareConfig(level="word")
     with pytest.raises(ValueError, match="seq_len"):
         TextTask(TextConfig(data=str(char_file), seq_len=4096))
-    with pytest.raises(ConfigError, match="test split"):
-        TextTask(TextConfig(data=str(char_file), eval_split="test", **TINY))
+    with pytest.raises(ConfigError, match="unknown key"):
+        TextConfig.from_dict({"eval_split": "valid"})  # the test split is always the test file/part
+    with pytest.raises(ConfigError, match="at most 0.9"):
+        TextConfig(valid_fraction=0.5, test_fraction=0.45)
+    with pytest.raises(ConfigError, match="test_fraction"):
+        TextConfig(test_fraction=0.0)
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
     with pytest.raises(ValueError, match="UTF-8"):
@@ -206,15 +213,15 @@ def test_training_reduces_loss(char_file):
     task = TextTask(TextConfig(data=str(char_file), **{**TINY, "epoch_windows": 64}))
     model = task.build_model()
 
-    def train_nll() -> float:
+    def valid_nll() -> float:
         with torch.no_grad():
             sums = [task.metric_sum(model(x)[0], y) for x, y in task.selection_batches(8)]
         return sum(s for s, _ in sums) / sum(c for _, c in sums)
 
-    before = train_nll()
+    before = valid_nll()
     train_teacher(task, model, TeacherConfig(epochs=3, batch_size=16, lr=1e-2, backward="jacobian_free"),
                   log=lambda s: None)
-    after = train_nll()
+    after = valid_nll()
     assert after < before - 0.5
     result = evaluate_model(task, model)
     assert result["nfe"] >= 1 and result["metric"] > 0
@@ -269,3 +276,66 @@ def test_run_defaults_are_valid(quick):
     assert task_config.quick is quick
     if not quick:  # the documented teacher: 4 epochs x 16,000 windows / 32 = 2,000 steps
         assert config.teacher.epochs * task_config.epoch_windows // config.teacher.batch_size == 2000
+
+
+def test_single_file_splits_in_three(char_file):
+    """One file: train / valid / test by position (90% / 5% / 5%), disjoint, nothing lost."""
+    text = char_file.read_text(encoding="utf-8")
+    task = TextTask(TextConfig(data=str(char_file), **TINY))
+    sizes = task.split_sizes()
+    cut1, cut2 = int(len(text) * 0.9), int(len(text) * 0.95)
+    assert sizes == {"train": cut1, "valid": cut2 - cut1, "test": len(text) - cut2}
+    corpus = task.corpus
+    for name, part in (("train", text[:cut1]), ("valid", text[cut1:cut2]), ("test", text[cut2:])):
+        assert corpus.splits[name].tolist() == corpus.encode(part)
+    other = TextTask(TextConfig(data=str(char_file), valid_fraction=0.1, test_fraction=0.2, **TINY))
+    assert other.split_sizes()["test"] == len(text) - int(len(text) * 0.8)
+
+
+def test_single_file_word_cuts_at_lines(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("".join(f"line {i} of words\n" for i in range(100)), encoding="utf-8")
+    corpus = load_corpus(path, level="word")
+    for name in ("train", "valid", "test"):
+        decoded = corpus.decode(corpus.splits[name].tolist())
+        assert decoded.startswith("line ") and decoded.endswith("words\n")  # whole lines only
+    total = sum(int(v.numel()) for v in corpus.splits.values())
+    assert total == 100 * 5  # 4 words and <eos> per line
+
+
+def test_folder_splits_are_kept_apart(wiki_dir, monkeypatch):
+    task = TextTask(TextConfig(data=str(wiki_dir), level="word", **TINY))
+    corpus = task.corpus
+    for name, file in (("valid", "wiki.valid.tokens"), ("test", "wiki.test.tokens")):
+        lines = (wiki_dir / file).read_text().splitlines()
+        expected = [corpus.stoi.get(w, 0) for line in lines for w in (*line.split(), "<eos>")]
+        assert corpus.splits[name].tolist() == expected  # exactly that file's words
+    assert task.split_sizes() == {k: int(v.numel()) for k, v in corpus.splits.items()}
+    x_test, _ = next(iter(task.test_batches(1)))
+    x_valid, _ = next(iter(task.validation_batches(1)))
+    assert task.decode(x_test[0].tolist()).startswith("the cat <unk> .")  # the test file
+    assert task.decode(x_valid[0].tolist()).startswith("the <unk> sat on")  # the valid file
+
+    def no_test(*args, **kwargs):
+        raise AssertionError("selection touched the test split")
+
+    monkeypatch.setattr(task, "test_batches", no_test)
+    selected = [x for x, _ in task.selection_batches(2)]
+    assert selected and all(torch.equal(a, b) for a, b in zip(
+        selected, [x for x, _ in task.validation_batches(2)], strict=True))
+
+
+def test_model_solvers_come_from_the_configuration(char_file):
+    """The built model's solvers are the run configuration's (quick: eval max_iter 20, not 40)."""
+    pipeline = pytest.importorskip("cdeq.pipeline")
+    for quick in (True, False):
+        config = pipeline.build_config("text", {"task_config": {"data": str(char_file), **TINY}},
+                                       quick=quick)
+        task = TextTask(TextConfig.from_dict(config.task_config))
+        deq = task.build_model().deq
+        for solver, spec in ((deq.solver, config.teacher.train_solver),
+                             (deq.eval_solver, config.teacher.eval_solver)):
+            assert type(solver).__name__.lower() == spec.name
+            assert (solver.options.max_iter, solver.options.tol) == (spec.max_iter, spec.tol)
+    quick_task = TextTask(TextConfig(data=str(char_file), quick=True))
+    assert quick_task.build_model().deq.eval_solver.options.max_iter == 20

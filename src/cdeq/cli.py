@@ -7,13 +7,13 @@
     cdeq train|record|distill|baselines|evaluate --out DIR   # one stage on the artifacts of the earlier ones
     cdeq generate --model DIR --prompt TEXT --tokens N [--nfe K]
     cdeq tasks                                 # the built-in tasks
+    cdeq summarize RUN... [--out FILE]         # the tables of docs/results.md from report files
     cdeq export --model DIR --out FILE [--pretrained DIR2]   # one-step student for deployment
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -74,10 +74,13 @@ def _user_config(args: argparse.Namespace) -> dict:
 
 
 def _resolve_task(task: str, args: argparse.Namespace, user: dict) -> str:
-    """``images`` with ``--data``: pick the npz or IDX reader from the path."""
-    if task == "images" and args.data:
-        kind = "idx" if Path(args.data).is_dir() else "npz"
-        user.setdefault("task_config", {}).setdefault("dataset", kind)
+    """Complete ``user`` with what the task infers from ``--data`` (``Task.resolve_user_config``)."""
+    from .tasks import TASKS
+
+    if task in TASKS:
+        resolved = TASKS[task].resolve_user_config(user, getattr(args, "data", None))
+        user.clear()
+        user.update(resolved)
     return task
 
 
@@ -90,16 +93,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     out = Path(args.out or f"runs/{task}{'-quick' if args.quick else ''}")
-    fields = {f.name for f in dataclasses.fields(TASKS[task].Config)}
-    settings = [None]
-    if "setting" in fields and "setting" not in user.get("task_config", {}):
-        settings = ["transductive", "inductive"]
-    for setting in settings:
-        cfg_user = user if setting is None else {
-            **user, "task_config": {**user.get("task_config", {}), "setting": setting}}
+    for sub, cfg_user in TASKS[task].variants(user):  # e.g. a graph's two settings
+        if getattr(args, "seeds", 0):  # whole pipelines per seed into DIR/seed_<i>/, then DIR/report.json
+            from .sweep import run_seeds
+
+            run_seeds(task, cfg_user, args.seeds, out if sub is None else out / sub, args.quick)
+            continue
         config = build_config(task, cfg_user, quick=args.quick)
-        run = Run(out if setting is None else out / setting, config)
-        run.log(f"run {task}{'' if setting is None else ' (' + setting + ')'} in {run.dir}")
+        run = Run(out if sub is None else out / sub, config)
+        run.log(f"run {task}{'' if sub is None else ' (' + sub + ')'} in {run.dir}")
         run.run_all()
     return 0
 
@@ -161,6 +163,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from .summary import write_summary
+
+    text = write_summary(args.runs, args.out)
+    print(f"wrote {args.out}" if args.out else text, end="\n" if args.out else "")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks import TASKS
 
@@ -186,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train, record, distil and evaluate")
     p.add_argument("task")
     common(p)
+    p.add_argument("--seeds", type=int, default=0, help="run N whole pipelines (seeds 0..N-1) "
+                   "into DIR/seed_<i>/ and write their aggregate (mean, std) to DIR")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("demo", help="the digits run (a few minutes on 2 cores)")
@@ -217,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.pt2)")
     p.add_argument("--pretrained", help="also write a save_pretrained directory here")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("summarize", help="markdown tables of docs/results.md from report files")
+    p.add_argument("runs", nargs="+", help="run directories (or folders of them)")
+    p.add_argument("--out", help="markdown file whose generated section is replaced")
+    p.set_defaults(fn=cmd_summarize)
 
     p = sub.add_parser("tasks", help="list the built-in tasks")
     p.set_defaults(fn=cmd_tasks)

@@ -1,22 +1,23 @@
-"""Budget sweeps: the truncated teacher against the C-DEQ student, at the same NFE.
+"""Budget sweeps: the truncated teacher against the C-DEQ student and the baselines, at each budget.
 
-For every budget ``k`` on the held-out batches: the teacher truncated to ``k`` NFE with each
-solver, the C-DEQ student with its plan of at most ``k`` NFE, the task metric and the relative
-error to the reference equilibrium ``z*``; the converged teacher; the exact mode (student
-warm start) against the teacher solver from ``z_0``; latency per batch of each.
+For every budget ``k``, on the validation split and on the test split: the teacher truncated to
+``k`` NFE with each solver, the C-DEQ student with its plan of at most ``k`` NFE, the baselines,
+the task metric and the relative error to the reference equilibrium ``z*``; the converged
+teacher. On the test split also the exact mode (student warm start against the teacher solver
+from ``z_0``). Then what each prediction costs (:mod:`cdeq.cost`): FLOPs per sample, layer-call
+equivalents and interleaved wall time, and the teacher-accuracy cost chosen on validation figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import cost
 from .config import Config, ConfigError, check_int, check_positive
 from .consistency.student import ConsistencyStudent
 from .deq.layer import SolverSpec
@@ -35,8 +36,13 @@ class EvalConfig(Config):
         exact_solver / exact_tol: the solver and tolerance of the exact-mode comparison.
         exact_select_batches: training batches on which the exact mode's warm-start plan (the
             student's 1-, 2- or 4-NFE plan) is chosen; the test split only measures it.
-        batch_size, max_batches: held-out batches (``max_batches`` 0: all).
-        latency_batch, latency_repeats: batch size and repeats (median) of the latency figures.
+        batch_size, max_batches: evaluation batches, validation and test (``max_batches`` 0: all).
+        latency_batch, latency_repeats: batch size and timed repeats (median, interquartile
+            range) of the wall-time figures; ``timing_warmup`` rounds first; ``timing_threads``
+            intra-op threads while timing (0: the process's setting); ``timing_budgets`` the
+            budgets timed (``()``: all).
+        teacher_tolerance: how close to the converged teacher's validation metric counts as
+            "teacher accuracy" (negative: 0.25 accuracy points, or 0.5% of a loss).
     """
 
     budgets: tuple = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -50,7 +56,11 @@ class EvalConfig(Config):
     batch_size: int = 256
     max_batches: int = 0
     latency_batch: int = 256
-    latency_repeats: int = 5
+    latency_repeats: int = 20
+    timing_warmup: int = 2
+    timing_threads: int = 1
+    timing_budgets: tuple = ()
+    teacher_tolerance: float = -1.0
 
     def validate(self) -> None:
         if not self.budgets or any(not isinstance(k, int) or k < 1 for k in self.budgets):
@@ -68,6 +78,14 @@ class EvalConfig(Config):
         check_int("max_batches", self.max_batches, minimum=0)
         check_int("latency_batch", self.latency_batch, minimum=1)
         check_int("latency_repeats", self.latency_repeats, minimum=1)
+        check_int("timing_warmup", self.timing_warmup, minimum=0)
+        check_int("timing_threads", self.timing_threads, minimum=0)
+        if any(not isinstance(k, int) or k < 1 for k in self.timing_budgets):
+            raise ConfigError(f"timing_budgets={self.timing_budgets!r} is not valid; give positive "
+                              "integers (or [] for every budget)")
+        if not isinstance(self.teacher_tolerance, (int, float)):
+            raise ConfigError(f"teacher_tolerance={self.teacher_tolerance!r} is not valid; give a "
+                              "number (negative: the default rule)")
 
 
 def _rel_err(z: Tensor, ref: Tensor) -> Tensor:
@@ -99,47 +117,68 @@ class _Acc:
         return self.err / max(1, self.err_n)
 
 
-def _timeit(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+Predictor = Callable[[Any], Any]
+"""``x -> logits`` (or ``(logits, z)``): one method at one budget, input to prediction."""
 
 
-@torch.no_grad()
-def evaluate(task: Task, teacher: DEQModel, student: ConsistencyStudent | None,
-             config: EvalConfig, extra_methods: dict[str, Callable[[Any, int], Tensor]] | None = None,
-             ) -> dict[str, Any]:
-    """Run the sweep; returns the report dictionary (fields in ``docs/results.md``).
+def _residual(z: Tensor, fz: Tensor, rel: bool) -> Tensor:
+    """The solver's residual of one evaluation (the formula of ``cdeq.solvers.base``)."""
+    g = fz - z
+    res = torch.linalg.vector_norm(g, dim=1)
+    finite = torch.isfinite(res)
+    if rel:
+        res = res / (torch.linalg.vector_norm(fz, dim=1) + 1e-12)
+        finite &= torch.isfinite(res)
+    return torch.where(finite, res, torch.inf)
 
-    ``extra_methods`` maps a name to ``(x, k) -> (logits, z)`` for baselines evaluated at the same
-    budgets (``None`` entries for budgets they do not support are skipped).
+
+def truncated_states(solver: Any, f: Callable, z0: Tensor, u: Any, budgets: list[int]
+                     ) -> dict[int, Tensor]:
+    """The solver's result ``z`` cut to each budget ``k``, from one run of ``max(budgets)`` steps.
+
+    A ``k``-step run returns ``f(z_j)`` at the iterate ``z_j`` (``j < k``) of lowest residual, the
+    first such; the first ``k`` steps of a longer run are the same computation, so the ``k``-step
+    result is read off the longer run's evaluations. When a sample stops early (an exact fixed
+    point or a non-finite value) or the run's residuals differ from the ones recomputed here, the
+    budgets are run one by one instead, so the figures always equal separate runs.
     """
-    teacher.eval()
-    if student is not None:
-        student.eval()
+    outs: list[tuple[Tensor, Tensor]] = []
+    batch = z0.shape[0]
+
+    def capture(z: Tensor, x: Any) -> Tensor:
+        out = f(z, x)
+        outs.append((z.reshape(z.shape[0], -1), out))
+        return out
+
+    rel = solver.options.stop_mode == "rel"
+    res = solver.solve(capture, z0, u, max_iter=max(budgets))
+    full = all(z.shape[0] == batch for z, _ in outs) and len(outs) == max(budgets)
+    if full:
+        mine = torch.stack([_residual(z, o.reshape(batch, -1).to(z.dtype), rel) for z, o in outs])
+        full = torch.equal(mine, res.trace)
+    if not full:
+        return {k: solver.solve(f, z0, u, max_iter=k).z for k in budgets}
+    out = {}
+    rows = torch.arange(batch, device=z0.device)
+    stacked = torch.stack([o for _, o in outs])  # (K, B, ...)
+    for k in budgets:
+        best = torch.argmin(res.trace[:k], dim=0)  # the first minimum, as the solver's strict <
+        out[k] = stacked[best, rows]
+    return out
+
+
+def _sweep(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, config: EvalConfig,
+           batches: Any, extra: dict[str, Callable] | None, split: str) -> dict[str, Any]:
+    """Metric and relative error to ``z*`` of every method at every budget on ``batches``."""
     reference = config.reference.build()
-    exact = get_solver(config.exact_solver, max_iter=config.exact_max_iter, tol=config.exact_tol)
     budgets = sorted(set(config.budgets))
-    accs: dict[str, dict[int, _Acc]] = {s: {k: _Acc() for k in budgets} for s in config.solvers}
-    if student is not None:
-        accs["cdeq"] = {k: _Acc() for k in budgets}
-    for name in extra_methods or {}:
-        accs[name] = {k: _Acc() for k in budgets}
+    names = list(config.solvers) + (["cdeq"] if student is not None else []) + list(extra or {})
+    accs = {name: {k: _Acc() for k in budgets} for name in names}
     teacher_acc = _Acc()
     ref_nfe, ref_n, ref_unconv = 0.0, 0, 0
-    warm_budgets = [k for k in (1, 2, 4) if k <= max(budgets)]
-    exact_cold, exact_n, exact_cold_unconv = 0.0, 0, 0
-    exact_warm = dict.fromkeys(warm_budgets, 0.0)
-    exact_warm_unconv = dict.fromkeys(warm_budgets, 0)
-    seen = False
-    for b, (x, y) in enumerate(progress(task.test_batches(config.batch_size), desc="evaluate")):
+    for b, (x, y) in enumerate(progress(batches, desc=f"evaluate ({split})")):
         if config.max_batches and b >= config.max_batches:
             break
-        seen = True
         u = teacher.inject(x)
         z0 = teacher.initial_state(u)
         ref = reference.solve(teacher.cell, z0, u)
@@ -150,62 +189,114 @@ def evaluate(task: Task, teacher: DEQModel, student: ConsistencyStudent | None,
         ref_unconv += int((~ref.converged).sum())
         for s in config.solvers:
             solver = get_solver(s, max_iter=max(budgets), tol=0.0)
-            for k in budgets:
-                z = solver.solve(teacher.cell, z0, u, max_iter=k).z
+            for k, z in truncated_states(solver, teacher.cell, z0, u, budgets).items():
                 accs[s][k].add(task, teacher.head(z), y, z, z_ref)
         if student is not None:
             u_s, u_t = student.teacher_inputs(x)
             for k in budgets:
                 z = student.run_plan(u_s, student.plan_for(k), u_t)
                 accs["cdeq"][k].add(task, student.head(z), y, z, z_ref)
-            cold = exact.solve(teacher.cell, z0, u)
-            exact_cold += float(cold.nfe.float().sum())
-            exact_n += cold.nfe.numel()
-            exact_cold_unconv += int((~cold.converged).sum())
-            for k in warm_budgets:
-                _, warm, warm_nfe = student.solve_exact(x, exact, student.plan_for(k))
-                exact_warm[k] += float((warm.nfe + warm_nfe).float().sum())
-                exact_warm_unconv[k] += int((~warm.converged).sum())
-        for name, fn in (extra_methods or {}).items():
+        for name, fn in (extra or {}).items():
             for k in budgets:
                 out = fn(x, k)
                 if out is not None:
-                    logits, z = out
-                    accs[name][k].add(task, logits, y, z, z_ref)
-    if not seen:
-        raise ValueError(f"the task {task.name!r} has no held-out batches to evaluate on")
-
-    report: dict[str, Any] = {
-        "task": task.describe()["task"], "metric": task.metric,
-        "higher_is_better": task.higher_is_better,
-        "teacher": {"metric": teacher_acc.value(), "nfe": ref_nfe / max(1, ref_n),
-                    "unconverged_fraction": ref_unconv / max(1, ref_n),
+                    accs[name][k].add(task, out[0], y, out[1], z_ref)
+    if not ref_n:
+        raise ValueError(f"the task {task.name!r} has no {split} batches to evaluate on")
+    return {
+        "teacher": {"metric": teacher_acc.value(), "nfe": ref_nfe / ref_n,
+                    "unconverged_fraction": ref_unconv / ref_n,
                     "solver": dataclasses.asdict(config.reference)},
-        "budgets": budgets,
         "methods": {name: {str(k): a.value() for k, a in per.items() if a.count}
                     for name, per in accs.items()},
         "relative_error": {name: {str(k): a.error() for k, a in per.items() if a.count}
                            for name, per in accs.items()},
     }
+
+
+@torch.no_grad()
+def evaluate(task: Task, teacher: DEQModel, student: ConsistencyStudent | None,
+             config: EvalConfig, extra_methods: dict[str, Callable[[Any, int], Tensor]] | None = None,
+             seed: int | None = None) -> dict[str, Any]:
+    """Run the sweep; returns the report dictionary (fields in ``docs/results.md``).
+
+    ``extra_methods`` maps a name to ``(x, k) -> (logits, z)`` for baselines evaluated at the same
+    budgets (``None`` for budgets they do not support). Validation figures choose; the test
+    split is evaluated once and only reported.
+    """
+    teacher.eval()
     if student is not None:
-        per_plan = {str(k): exact_warm[k] / max(1, exact_n) for k in warm_budgets}
-        on_train = _exact_plan_nfe(task, student, exact, warm_budgets, config)
-        best = min(warm_budgets, key=lambda k: on_train[k])
-        cold_nfe = exact_cold / max(1, exact_n)
-        report["exact_mode"] = {
-            f"{config.exact_solver}_nfe": cold_nfe,
-            "cdeq_warm_nfe": per_plan[str(best)],
-            "warm_plan_nfe": best,
-            "warm_nfe_by_plan": per_plan,
-            "warm_nfe_by_plan_on_training_data": {str(k): v for k, v in on_train.items()},
-            "tol": config.exact_tol,
-            "cold_unconverged_fraction": exact_cold_unconv / max(1, exact_n),
-            "warm_unconverged_fraction": exact_warm_unconv[best] / max(1, exact_n),
-            "speedup": cold_nfe / max(1e-9, per_plan[str(best)]),
-        }
+        student.eval()
+    budgets = sorted(set(config.budgets))
+    valid = _sweep(task, teacher, student, config, task.validation_batches(config.batch_size),
+                   extra_methods, "valid")
+    test = _sweep(task, teacher, student, config, task.test_batches(config.batch_size),
+                  extra_methods, "test")
+    report: dict[str, Any] = {
+        "task": task.describe()["task"], "metric": task.metric,
+        "higher_is_better": task.higher_is_better, "seed": seed, "splits": task.split_sizes(),
+        "teacher": test["teacher"], "budgets": budgets, "methods": test["methods"],
+        "relative_error": test["relative_error"], "valid": valid,
+    }
+    if student is not None:
+        report["exact_mode"] = _exact_mode(task, teacher, student, config, budgets)
         report["plans"] = {str(k): [list(op) for op in student.plan_for(k)] for k in budgets}
-    report["latency_ms"] = _latency(task, teacher, student, config, budgets, extra_methods)
+    x = next(iter(task.test_batches(config.latency_batch)))[0]
+    preds = predictors(teacher, student, config, budgets, extra_methods, x)
+    report["cost"] = measure_flops(teacher, preds, x)
+    report["timing"] = measure_time(preds, config, x)
+    report["latency_ms"] = {"batch_size": float(cost.batch_size(x)), **{
+        (name if k is None else f"{name}@{k}"): v["median_ms"] for name, k, v in _timed(report)}}
+    tol = config.teacher_tolerance if config.teacher_tolerance >= 0 else None
+    report["teacher_accuracy_cost"] = cost.teacher_accuracy_cost(report, tol)
     return report
+
+
+def _timed(report: dict[str, Any]) -> list[tuple[str, str | None, dict]]:
+    out = []
+    for name, per in report["timing"].items():
+        if name == "teacher":
+            out.append((name, None, per))
+        elif isinstance(per, dict):
+            out += [(name, k, v) for k, v in per.items()]
+    return out
+
+
+def _exact_mode(task: Task, teacher: DEQModel, student: ConsistencyStudent, config: EvalConfig,
+                budgets: list[int]) -> dict[str, Any]:
+    """The exact mode on the test split, the warm-start plan chosen on training batches."""
+    exact = get_solver(config.exact_solver, max_iter=config.exact_max_iter, tol=config.exact_tol)
+    warm_budgets = [k for k in (1, 2, 4) if k <= max(budgets)]
+    cold_nfe, n, cold_unconv = 0.0, 0, 0
+    warm = dict.fromkeys(warm_budgets, 0.0)
+    warm_unconv = dict.fromkeys(warm_budgets, 0)
+    for b, (x, _) in enumerate(task.test_batches(config.batch_size)):
+        if config.max_batches and b >= config.max_batches:
+            break
+        u = teacher.inject(x)
+        cold = exact.solve(teacher.cell, teacher.initial_state(u), u)
+        cold_nfe += float(cold.nfe.float().sum())
+        n += cold.nfe.numel()
+        cold_unconv += int((~cold.converged).sum())
+        for k in warm_budgets:
+            _, res, plan_nfe = student.solve_exact(x, exact, student.plan_for(k))
+            warm[k] += float((res.nfe + plan_nfe).float().sum())
+            warm_unconv[k] += int((~res.converged).sum())
+    per_plan = {str(k): warm[k] / max(1, n) for k in warm_budgets}
+    on_train = _exact_plan_nfe(task, student, exact, warm_budgets, config)
+    best = min(warm_budgets, key=lambda k: on_train[k])
+    cold_mean = cold_nfe / max(1, n)
+    return {
+        f"{config.exact_solver}_nfe": cold_mean,
+        "cdeq_warm_nfe": per_plan[str(best)],
+        "warm_plan_nfe": best,
+        "warm_nfe_by_plan": per_plan,
+        "warm_nfe_by_plan_on_training_data": {str(k): v for k, v in on_train.items()},
+        "tol": config.exact_tol,
+        "cold_unconverged_fraction": cold_unconv / max(1, n),
+        "warm_unconverged_fraction": warm_unconv[best] / max(1, n),
+        "speedup": cold_mean / max(1e-9, per_plan[str(best)]),
+    }
 
 
 def _exact_plan_nfe(task: Task, student: ConsistencyStudent, solver: Any, budgets: list[int],
@@ -222,40 +313,71 @@ def _exact_plan_nfe(task: Task, student: ConsistencyStudent, solver: Any, budget
     return {k: v / max(1, n) for k, v in total.items()}
 
 
-def _latency(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, config: EvalConfig,
-             budgets: list[int], extra_methods: dict | None) -> dict[str, float]:
-    """Median wall time (ms) of one forward pass, input to logits, on one held-out batch."""
-    x = next(iter(task.test_batches(config.latency_batch)))[0]
+def predictors(teacher: DEQModel, student: ConsistencyStudent | None, config: EvalConfig,
+               budgets: list[int], extra: dict[str, Callable] | None, x: Any
+               ) -> dict[str, dict[str, Predictor]]:
+    """Every method's whole prediction path, input to logits: ``{method: {k: fn}}`` and
+    ``{"teacher": {"converged": fn}}`` (the exact-mode solver to its tolerance)."""
     reference = get_solver(config.exact_solver, max_iter=config.exact_max_iter, tol=config.exact_tol)
-    out: dict[str, float] = {"batch_size": float(_batch_size(x))}
 
-    def teacher_fn() -> Tensor:
-        u = teacher.inject(x)
-        return teacher.head(reference.solve(teacher.cell, teacher.initial_state(u), u).z)
+    def solve(solver: Any) -> Predictor:
+        def fn(x: Any) -> Tensor:
+            u = teacher.inject(x)
+            return teacher.head(solver.solve(teacher.cell, teacher.initial_state(u), u).z)
+        return fn
 
-    out["teacher"] = _timeit(teacher_fn, config.latency_repeats)
+    out: dict[str, dict[str, Predictor]] = {"teacher": {"converged": solve(reference)}}
     for s in config.solvers:
-        for k in budgets:
-            solver = get_solver(s, max_iter=k, tol=0.0)
-
-            def fn(solver=solver) -> Tensor:
-                u = teacher.inject(x)
-                return teacher.head(solver.solve(teacher.cell, teacher.initial_state(u), u).z)
-
-            out[f"{s}@{k}"] = _timeit(fn, config.latency_repeats)
+        out[s] = {str(k): solve(get_solver(s, max_iter=k, tol=0.0)) for k in budgets}
     if student is not None:
-        for k in budgets:
-            out[f"cdeq@{k}"] = _timeit(lambda k=k: student.predict(x, nfe=k), config.latency_repeats)
-    for name, fn in (extra_methods or {}).items():
-        for k in budgets:
-            if fn(x, k) is not None:
-                out[f"{name}@{k}"] = _timeit(lambda k=k, fn=fn: fn(x, k), config.latency_repeats)
+        out["cdeq"] = {str(k): (lambda x, k=k: student.predict(x, nfe=k)) for k in budgets}
+    for name, fn in (extra or {}).items():
+        out[name] = {str(k): (lambda x, k=k, fn=fn: fn(x, k)) for k in budgets if fn(x, k) is not None}
     return out
 
 
-def _batch_size(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return int(x.shape[0])
-    if isinstance(x, (tuple, list)):
-        return _batch_size(x[0])
-    return 1
+def measure_flops(teacher: DEQModel, preds: dict[str, dict[str, Predictor]], x: Any) -> dict[str, Any]:
+    """FLOPs per sample of every predictor on batch ``x`` and its layer-call equivalents:
+    ``(FLOPs - injection - head) / one teacher layer call`` (see :mod:`cdeq.cost`)."""
+    per = 1.0 / cost.batch_size(x)
+    u = teacher.inject(x)
+    z0 = teacher.initial_state(u)
+    inj = cost.count_flops(lambda: teacher.inject(x)).total * per
+    head = cost.count_flops(lambda: teacher.head(z0)).total * per
+    layer = cost.count_flops(lambda: teacher.cell(z0, u)).scaled(per)
+    shared = inj + head
+
+    def calls(f: float) -> float:
+        return (f - shared) / max(layer.total, 1e-30)
+
+    flops: dict[str, dict[str, float]] = {}
+    for name, per_k in preds.items():
+        flops[name] = {k: cost.count_flops(lambda fn=fn: fn(x)).total * per for k, fn in per_k.items()}
+    teacher_flops = flops.pop("teacher")["converged"]
+    return {
+        "per": "sample", "batch_size": cost.batch_size(x), "layer_call_flops": layer.total,
+        "layer_call_breakdown": layer.to_dict(), "injection_flops": inj, "head_flops": head,
+        "teacher": {"flops": teacher_flops, "layer_calls": calls(teacher_flops)},
+        "flops": flops,
+        "layer_calls": {name: {k: calls(f) for k, f in per_k.items()} for name, per_k in flops.items()},
+        "counted": "dense products (torch.utils.flop_counter formulas) + bias adds + sparse products "
+                   "(2 nnz d) + elementwise ops, reductions, norms and solves (cdeq.cost)",
+    }
+
+
+def measure_time(preds: dict[str, dict[str, Predictor]], config: EvalConfig, x: Any) -> dict[str, Any]:
+    """Interleaved wall time of every predictor on batch ``x`` (:func:`cdeq.cost.time_methods`)."""
+    timed = {str(k) for k in (config.timing_budgets or config.budgets)}
+    fns = {(name, k): (lambda fn=fn: fn(x)) for name, per_k in preds.items()
+           for k, fn in per_k.items() if name == "teacher" or k in timed}
+    got = cost.time_methods(fns, repeats=config.latency_repeats, warmup=config.timing_warmup,
+                            threads=config.timing_threads)
+    out: dict[str, Any] = {"threads": config.timing_threads or torch.get_num_threads(),
+                           "batch_size": cost.batch_size(x), "repeats": config.latency_repeats,
+                           "warmup": config.timing_warmup, "interleaved": True}
+    for (name, k), v in got.items():
+        if name == "teacher":
+            out["teacher"] = v
+        else:
+            out.setdefault(name, {})[k] = v
+    return out

@@ -1,88 +1,134 @@
-"""Saving, loading and exporting a distilled C-DEQ student.
+"""The C-DEQ pipeline object (teacher + student + plans), saved and loaded in the hub layout.
 
-A *pretrained directory* holds everything needed to rebuild a student without the run that made
-it::
+A *pretrained directory* holds everything needed to rebuild a pipeline without the run or the
+script that made it::
 
     DIR/model.safetensors   the student's state dict (teacher included), versioned + checksummed
-    DIR/config.json         task name + task config (rebuilds the teacher architecture through
-                            ``cdeq.tasks.TASKS[task](Config.from_dict(task_config)).build_model()``),
-                            schedule config, student config and the inference plans
+    DIR/config.json         how to rebuild the teacher: each module's import path and init
+                            arguments (``cdeq.describe``), or a registered task and its config;
+                            the solver settings, schedule, student config and inference plans
 
-Deployment: :class:`OneStepStudent` wraps a student as ``x -> logits`` with exactly one layer call
-(the 1-NFE plan) and no data-dependent control flow, so ``torch.export`` and ``torch.compile``
-handle it; :func:`export_one_step` writes it with ``torch.export`` (``.pt2``) and falls back to
-TorchScript tracing when export fails for a model.
+With ``huggingface_hub`` installed (``pip install cdeq[hub]``) :class:`Pipeline` also mixes in
+its ``PyTorchModelHubMixin``: ``from_pretrained`` then also takes a hub repository id, and
+``push_to_hub`` uploads. Deployment: :class:`OneStepStudent` wraps a student as ``x -> logits``
+with exactly one layer call and no data-dependent control flow, so ``torch.export`` and
+``torch.compile`` handle it; :func:`export_one_step` writes it (``.pt2``).
 
 Example:
-    >>> save_pretrained(student, "my-cdeq", task="digits", task_config={})     # doctest: +SKIP
-    >>> student = from_pretrained("my-cdeq")                                   # doctest: +SKIP
-    >>> export_one_step(student, example_x, "student.pt2")                     # doctest: +SKIP
+    >>> pipe = Pipeline(student).select_plans(train_batches, loss=F.cross_entropy)   # doctest: +SKIP
+    >>> logits = pipe(x, nfe=2)                                    # doctest: +SKIP
+    >>> pipe.save_pretrained("my-cdeq"); Pipeline.from_pretrained("my-cdeq")      # doctest: +SKIP
+    >>> export_one_step(pipe.student, example_x, "student.pt2")    # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
 from .consistency.inference import plan_from_json, plan_to_json
 from .consistency.schedule import ScheduleConfig, TimeSchedule
-from .consistency.student import ConsistencyStudent, StudentConfig
+from .consistency.student import ConsistencyStudent, Plan, StudentConfig
+from .deq.layer import SolverSpec
+from .deq.model import DEQModel
+from .describe import build, describe
+from .export import ExportedStudent, OneStepStudent, export_one_step, export_run, load_exported
 from .io import CorruptFileError, load_tensors, read_json, save_tensors, write_json
+from .solvers import Solver
 
-HUB_FORMAT = 1
+__all__ = ["ExportedStudent", "OneStepStudent", "Pipeline", "export_one_step", "export_run",
+           "from_pretrained", "load_exported", "load_student", "save_pretrained", "save_run_pretrained"]
+log = logging.getLogger(__name__)
+HUB_FORMAT = 2
+READS = (1, 2)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+MAKE_PRETRAINED = "cdeq export --model RUN --out FILE --pretrained DIR"
+
+try:  # the optional hub integration (extra "hub")
+    from huggingface_hub import PyTorchModelHubMixin
+
+    _MIXIN: tuple[type, ...] = (PyTorchModelHubMixin,)
+    _MIXIN_KW: dict[str, Any] = {"library_name": "cdeq", "tags": ["deq", "c-deq"]}
+except ImportError:  # pragma: no cover - depends on the environment
+    _MIXIN, _MIXIN_KW = (), {}
 
 
-def save_pretrained(student: ConsistencyStudent, directory: str | os.PathLike, task: str,
-                    task_config: dict[str, Any] | None = None) -> Path:
-    """Write ``student`` to ``directory`` (weights + a config that rebuilds it); returns the dir.
-
-    ``task``/``task_config`` name the registered task whose ``build_model()`` rebuilds the
-    teacher's architecture (the weights then come from the file).
-    """
-    from .tasks import TASKS
-
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(directory / WEIGHTS, student.state_dict(), kind="student")
-    write_json(directory / CONFIG, {
-        "cdeq_hub_format": HUB_FORMAT,
-        "task": task,
-        "task_config": dict(task_config or {}),
-        "schedule": student.schedule.config.to_dict(),
-        "student": student.config.to_dict(),
-        "plans": {str(k): plan_to_json(p) for k, p in sorted(student.plans.items())},
-    })
-    return directory
+def _solver_json(spec: Any) -> Any:
+    if isinstance(spec, SolverSpec):
+        return {"name": spec.name, "max_iter": spec.max_iter, "tol": spec.tol,
+                "stop_mode": spec.stop_mode, **spec.options}
+    if isinstance(spec, Solver):
+        return {"name": spec.name, **spec.options.to_dict()}
+    return spec
 
 
-def from_pretrained(directory: str | os.PathLike) -> ConsistencyStudent:
-    """Rebuild the student saved by :func:`save_pretrained` (in eval mode)."""
-    from .tasks import TASKS
+def teacher_recipe(teacher: DEQModel, channels: int, channel_dim: int) -> dict[str, Any]:
+    """The JSON that rebuilds ``teacher``'s architecture (see :mod:`cdeq.describe`)."""
+    deq = {k: _solver_json(v) for k, v in teacher.deq_kwargs.items()}
+    bad = [k for k, v in deq.items() if not isinstance(v, (str, int, float, dict))]
+    if bad:
+        kinds = [type(deq[k]).__name__ for k in bad]
+        raise ConfigError(f"cannot save the DEQModel's {bad} settings ({kinds}); give solvers and "
+                          "the backward by name or as dicts")
+    shape = teacher.state_shape
+    if callable(shape):
+        shape = {"__module__": describe(shape)}
+    return {"injection": describe(teacher.injection), "cell": describe(teacher.cell),
+            "head": describe(teacher.head), "state_shape": shape if shape is None or isinstance(shape, dict)
+            else list(shape), "channels": channels, "channel_dim": channel_dim, "deq": deq}
 
-    directory = Path(directory)
+
+def build_teacher(recipe: dict[str, Any]) -> DEQModel:
+    """A fresh :class:`DEQModel` from :func:`teacher_recipe`'s JSON."""
+    shape = recipe.get("state_shape")
+    if isinstance(shape, dict):
+        shape = build(shape["__module__"])
+    return DEQModel(build(recipe["injection"]), build(recipe["cell"]), build(recipe["head"]),
+                    state_shape=shape, channels=recipe["channels"], channel_dim=recipe["channel_dim"],
+                    **recipe.get("deq", {}))
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
     cfg_path = directory / CONFIG
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} does not exist: not a directory written by save_pretrained")
     cfg = read_json(cfg_path)
-    if cfg.get("cdeq_hub_format") != HUB_FORMAT:
-        raise CorruptFileError(f"{cfg_path} has hub format {cfg.get('cdeq_hub_format')!r}; this cdeq "
-                               f"reads format {HUB_FORMAT}")
-    name = cfg.get("task")
-    if name not in TASKS:
-        raise ConfigError(f"{cfg_path} names task {name!r}, which is not registered; known tasks: "
-                          f"{sorted(TASKS)}")
-    task_cls = TASKS[name]
-    teacher = task_cls(task_cls.Config.from_dict(cfg.get("task_config", {}))).build_model()
+    fmt = cfg.get("cdeq_hub_format") if isinstance(cfg, dict) else None
+    if fmt is None and ((directory / "student.safetensors").exists() or (
+            isinstance(cfg, dict) and {"task", "distill"} <= set(cfg))):
+        raise ConfigError(f"{directory} is a cdeq run directory, not a pretrained directory; make one "
+                          f"from it with `{MAKE_PRETRAINED}`, or load the run's student with "
+                          f"cdeq.pipeline.Run({str(directory)!r}).student()")
+    if fmt not in READS:
+        raise CorruptFileError(f"{cfg_path} has hub format {fmt!r}; this cdeq reads formats {list(READS)} "
+                               "(written by save_pretrained)")
+    return cfg
+
+
+def load_student(directory: str | os.PathLike) -> ConsistencyStudent:
+    """Rebuild the student saved in a pretrained directory (in eval mode)."""
+    directory = Path(directory)
+    cfg = _read_config(directory)
+    cfg_path = directory / CONFIG
+    if "teacher" in cfg:
+        teacher = build_teacher(cfg["teacher"])
+    else:
+        from .tasks import TASKS
+
+        name = cfg.get("task")
+        if name not in TASKS:
+            raise ConfigError(f"{cfg_path} names task {name!r}, which is not registered; known tasks: "
+                              f"{sorted(TASKS)}")
+        task_cls = TASKS[name]
+        teacher = task_cls(task_cls.Config.from_dict(cfg.get("task_config", {}))).build_model()
     student = ConsistencyStudent(teacher, TimeSchedule(ScheduleConfig.from_dict(cfg["schedule"])),
                                  StudentConfig.from_dict(cfg["student"]))
     tensors, _ = load_tensors(directory / WEIGHTS, kind="student")
@@ -90,10 +136,141 @@ def from_pretrained(directory: str | os.PathLike) -> ConsistencyStudent:
         student.load_state_dict(tensors)
     except RuntimeError as err:
         raise ConfigError(f"{directory / WEIGHTS} does not match the model rebuilt from {cfg_path}: "
-                          f"{str(err).splitlines()[0]}") from err
-    student.plans = {int(k): plan_from_json(v) for k, v in cfg["plans"].items()}
+                          f"{err}") from err
+    plans = {int(k): plan_from_json(v) for k, v in cfg["plans"].items()}
+    if cfg.get("plans_selected", True):
+        student.plans = plans
     student.eval()
     return student
+
+
+class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
+    """Teacher + student + plans: ``pipe(x, nfe=k)`` gives logits with at most ``k`` layer calls.
+
+    The model (the student, holding the teacher) and the scheduler (its schedule and plans) stay
+    separate objects; the pipeline joins them, chooses plans, and saves and loads them.
+
+    Args:
+        student: a (distilled) :class:`ConsistencyStudent`; ``pipe.teacher`` is its teacher.
+        task, task_config: for students of a registered task, rebuild the teacher through the
+            task instead of recording its modules.
+    """
+
+    def __init__(self, student: ConsistencyStudent, task: str | None = None,
+                 task_config: dict | None = None) -> None:
+        super().__init__()
+        if not isinstance(student, ConsistencyStudent):
+            raise TypeError(f"Pipeline takes a ConsistencyStudent, not {type(student).__name__}")
+        self.student = student
+        self.task, self.task_config = task, dict(task_config or {})
+        self.search: dict[str, Any] | None = None  # the last plan search's log
+
+    @property
+    def teacher(self) -> DEQModel:
+        return self.student.teacher
+
+    @property
+    def plans(self) -> dict[int, Plan]:
+        return self.student.plans
+
+    def select_plans(self, batches: Iterable[Any], loss: Callable[[Tensor, Any], Tensor] | None = None,
+                     max_nfe: int = 4, **kwargs: Any) -> Pipeline:
+        """Choose plans for ``1..max_nfe`` NFE on training/validation ``batches``; returns ``self``.
+
+        See :meth:`ConsistencyStudent.select_plans`; the search log is kept in ``self.search``."""
+        self.search = self.student.select_plans(batches, loss=loss, max_nfe=max_nfe, **kwargs)
+        return self
+
+    def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
+        """``(logits, z)`` with at most ``nfe`` layer calls."""
+        return self.student.predict(x, nfe)
+
+    def forward(self, x: Any, nfe: int = 1) -> Tensor:
+        """Logits ``(B, ...)`` with at most ``nfe`` layer calls."""
+        return self.student.predict(x, nfe)[0]
+
+    def config_dict(self) -> dict[str, Any]:
+        """The ``config.json`` content (raises ``ConfigError`` when a module cannot be recorded)."""
+        s = self.student
+        cfg: dict[str, Any] = {"cdeq_hub_format": HUB_FORMAT, "library": "cdeq"}
+        if self.task is not None:
+            from .tasks import TASKS
+
+            if self.task not in TASKS:
+                raise ConfigError(f"unknown task {self.task!r}; choose from {sorted(TASKS)}, or leave "
+                                  "task unset to record the model's own modules")
+            cfg.update(task=self.task, task_config=self.task_config)
+        else:
+            cfg["teacher"] = teacher_recipe(s.teacher, s.channels, s.channel_dim)
+        cfg.update(schedule=s.schedule.config.to_dict(), student=s.config.to_dict(),
+                   plans={str(k): plan_to_json(p) for k, p in sorted(s.plans.items())},
+                   plans_selected=s.plans_selected)
+        json.dumps(cfg)  # fail before writing anything
+        return cfg
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        cfg = self.config_dict()
+        save_directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(save_directory / WEIGHTS, self.student.state_dict(), kind="student")
+        write_json(save_directory / CONFIG, cfg)
+
+    def save_pretrained(self, directory: str | os.PathLike, **hub_kwargs: Any) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` to ``directory``; returns it.
+
+        ``hub_kwargs`` (``push_to_hub``, ``repo_id``, ...) need ``huggingface_hub``."""
+        directory = Path(directory)
+        self.config_dict()  # a module that cannot be recorded fails here, before any file is written
+        if _MIXIN:
+            PyTorchModelHubMixin.save_pretrained(self, directory, **hub_kwargs)
+        elif hub_kwargs:
+            raise ConfigError(f"{sorted(hub_kwargs)} need huggingface_hub: pip install 'cdeq[hub]'")
+        else:
+            self._save_pretrained(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, name_or_directory: str | os.PathLike, **hub_kwargs: Any) -> Pipeline:
+        """Load a pipeline from a pretrained directory (or, with huggingface_hub, a repository id)."""
+        name = str(name_or_directory)
+        local = os.path.isdir(name)
+        if not local and (os.path.exists(name) or os.path.isabs(name) or name.startswith(".")
+                          or name.count("/") > 1 or not _MIXIN):
+            raise FileNotFoundError(f"{Path(name) / CONFIG} does not exist: not a directory written by "
+                                    "save_pretrained" + ("" if _MIXIN else " (a hub repository id needs "
+                                                         "huggingface_hub: pip install 'cdeq[hub]')"))
+        if _MIXIN:  # a folder or a hub repository id, through the mixin's loader
+            return PyTorchModelHubMixin.from_pretrained.__func__(cls, name, **hub_kwargs)
+        return cls._load(Path(name))
+
+    @classmethod
+    def _load(cls, directory: Path) -> Pipeline:
+        cfg = _read_config(directory)
+        return cls(load_student(directory), cfg.get("task"), cfg.get("task_config"))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
+                         force_download: bool = False, local_files_only: bool = False,
+                         token: Any = None, **_config: Any) -> Pipeline:
+        """The hub mixin's loading hook: fetch the two files unless ``model_id`` is a folder."""
+        if not os.path.isdir(model_id):
+            from huggingface_hub import snapshot_download
+
+            model_id = snapshot_download(model_id, revision=revision, cache_dir=cache_dir,
+                                         force_download=force_download, token=token,
+                                         local_files_only=local_files_only,
+                                         allow_patterns=[CONFIG, WEIGHTS])
+        return cls._load(Path(model_id))
+
+
+def save_pretrained(student: ConsistencyStudent, directory: str | os.PathLike, task: str | None = None,
+                    task_config: dict[str, Any] | None = None) -> Path:
+    """``Pipeline(student, task, task_config).save_pretrained(directory)``."""
+    return Pipeline(student, task, task_config).save_pretrained(directory)
+
+
+def from_pretrained(directory: str | os.PathLike) -> ConsistencyStudent:
+    """The student of ``Pipeline.from_pretrained(directory)`` (in eval mode)."""
+    return Pipeline.from_pretrained(directory).student
 
 
 def save_run_pretrained(run_dir: str | os.PathLike, directory: str | os.PathLike) -> Path:
@@ -102,92 +279,3 @@ def save_run_pretrained(run_dir: str | os.PathLike, directory: str | os.PathLike
 
     run = Run(run_dir)
     return save_pretrained(run.student(), directory, run.config.task, run.config.task_config)
-
-
-class OneStepStudent(nn.Module):
-    """``x -> logits`` with one layer call: the student's 1-NFE plan, export-friendly.
-
-    Equal to ``student.predict(x, nfe=1)[0]`` (the 1-NFE plan is a single jump from ``z_0``),
-    written without the data-dependent branches of :meth:`ConsistencyStudent.F` so that
-    ``torch.export``, TorchScript tracing and ``torch.compile`` see one static graph.
-    """
-
-    def __init__(self, student: ConsistencyStudent) -> None:
-        super().__init__()
-        plan = student.plans.get(1, [("jump", student.schedule.t_min)])
-        if len(plan) != 1 or plan[0][0] != "jump":
-            raise ValueError(f"the student's 1-NFE plan {plan!r} is not a single jump")
-        self.student = student
-        t = float(plan[0][1])
-        c_skip, c_out = student.schedule.scalings(torch.tensor([t], dtype=torch.float64))
-        self.t, self.c_skip, self.c_out = t, float(c_skip), float(c_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        s = self.student
-        u = s.inject(x)
-        z = s.initial_state(u)
-        if self.c_out != 0.0:
-            t = torch.full((z.shape[0],), self.t, dtype=z.dtype, device=z.device)
-            z = self.c_skip * z + self.c_out * s.G(z, t, u)
-        return s.head(z)
-
-
-def export_one_step(student: ConsistencyStudent, example_x: Tensor, path: str | os.PathLike
-                    ) -> tuple[Path, str]:
-    """Export :class:`OneStepStudent` to ``path``; returns ``(path, method)``.
-
-    ``method`` is ``"torch.export"`` (a ``torch.export.save`` archive, load it with
-    ``torch.export.load(path).module()``; the batch dimension is dynamic where the model allows)
-    or ``"torchscript"`` (``torch.jit.load``) when export fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    module = OneStepStudent(student).eval()
-    tmp = path.with_name(f".tmp-{path.name}")  # same suffix (.pt2) as the target
-    errors = []
-    with torch.no_grad():
-        for dynamic in (True, False):
-            try:
-                shapes = None
-                if dynamic:
-                    shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
-                program = torch.export.export(module, (example_x,), dynamic_shapes=shapes)
-                torch.export.save(program, tmp)
-                os.replace(tmp, path)
-                return path, "torch.export"
-            except Exception as err:  # noqa: BLE001 - try the next way, report all if none works
-                errors.append(f"torch.export (dynamic={dynamic}): {type(err).__name__}: {err}")
-        warnings.warn("torch.export failed (" + "; ".join(e[:200] for e in errors)
-                      + "); falling back to TorchScript tracing", stacklevel=2)
-        traced = torch.jit.trace(module, (example_x,), check_trace=False)
-        torch.jit.save(traced, str(tmp))
-        os.replace(tmp, path)
-    return path, "torchscript"
-
-
-def load_exported(path: str | os.PathLike) -> nn.Module:
-    """Load a file written by :func:`export_one_step` as a callable ``x -> logits`` module."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return torch.export.load(path).module()
-    except Exception:  # noqa: BLE001 - not an export archive: try TorchScript
-        try:
-            return torch.jit.load(str(path))
-        except Exception as err:  # noqa: BLE001
-            raise CorruptFileError(f"{path} is neither a torch.export archive nor a TorchScript "
-                                   f"file ({err})") from err
-
-
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, batch: int = 2) -> tuple[Path, str]:
-    """Export the one-step student of a finished run (example input: its first test batch)."""
-    from .pipeline import Run
-
-    run = Run(run_dir)
-    student = run.student()
-    x, _ = next(iter(run.task.test_batches(batch)))
-    if not isinstance(x, Tensor):
-        raise ValueError(f"export needs a task whose inputs are one tensor; {run.config.task!r} "
-                         f"gives {type(x).__name__}")
-    return export_one_step(student, x, out)

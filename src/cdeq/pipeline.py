@@ -317,7 +317,8 @@ class Run:
         teacher = self.teacher()
         student = self.student(teacher)
         extra, extra_costs = self._baseline_methods(teacher)
-        report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra)
+        report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra,
+                          seed=self.config.seed)
         costs = {}
         for name in ("teacher", "student"):
             _, meta = load_tensors(self.dir / f"{name}.safetensors", kind=name)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from . import distributed
+from .checks import check_finite_inputs, check_labels
 from .config import Config, check_choice, check_int, check_positive
-from .consistency.trajectory import check_finite_inputs, check_labels
 from .deq.layer import SolverSpec
 from .deq.regularizers import jacobian_frobenius
 from .progress import progress

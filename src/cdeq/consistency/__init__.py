@@ -2,9 +2,9 @@
 
 from .distill import PAIR_SAMPLERS, DistillConfig, PairSampler, distill, relative_distance
 from .ema import EMA
-from .inference import PlanSearchConfig, select_plans
+from .inference import PlanSearchConfig, loss_score, select_plans
 from .schedule import ScheduleConfig, TimeSchedule
-from .student import ConsistencyStudent, Plan, StudentConfig
+from .student import ConsistencyStudent, Plan, StudentConfig, frozen_call
 from .trajectory import RecordConfig, TrajectoryBatch, TrajectoryStore, record, record_batch
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "TrajectoryBatch",
     "TrajectoryStore",
     "distill",
+    "frozen_call",
+    "loss_score",
     "record",
     "record_batch",
     "relative_distance",

@@ -15,6 +15,7 @@ task metric (the loss breaks ties), so on those batches a larger budget is never
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import Tensor
 from ..config import Config, ConfigError, check_int
 from .student import ConsistencyStudent, Plan
 
+log = logging.getLogger(__name__)
 ScoreFn = Callable[[Tensor, Any], tuple[float, int, float]]
 """``(logits, y) -> (metric sum, item count, loss sum)``."""
 
@@ -58,29 +60,77 @@ def candidate_times(student: ConsistencyStudent, last: int, config: PlanSearchCo
     return sorted(set(round(t, 6) for t in ts))
 
 
-@torch.no_grad()
-def select_plans(
-    student: ConsistencyStudent,
-    batches: Iterable[tuple[Any, Any]],
-    score: ScoreFn,
-    higher_is_better: bool,
-    last: int,
-    config: PlanSearchConfig | None = None,
-) -> dict[str, Any]:
-    """Choose ``student.plans`` for budgets ``1..max_nfe`` on ``batches`` (training data).
+def loss_score(loss: Callable[[Tensor, Any], Tensor]) -> ScoreFn:
+    """A :data:`ScoreFn` from a task loss ``(logits, y) -> mean loss``: lower is better."""
 
-    Returns the search log: for each budget the plan, its metric and loss on the batches.
-    """
-    config = config or PlanSearchConfig()
-    student.eval()
+    def score(logits: Tensor, y: Any) -> tuple[float, int, float]:
+        n = logits.shape[0]
+        value = float(loss(logits, y)) * n
+        return value, n, value
+
+    return score
+
+
+def teacher_score(logits: Tensor, teacher_logits: Tensor) -> tuple[float, int, float]:
+    """Label-free score: relative squared distance to the converged teacher's logits (lower is
+    better). ``logits``, ``teacher_logits``: ``(B, ...)``."""
+    n = logits.shape[0]
+    d = (logits - teacher_logits).reshape(n, -1).pow(2).sum(1)
+    d = d / (teacher_logits.reshape(n, -1).pow(2).sum(1) + 1e-12)
+    value = float(d.sum())
+    return value, n, value
+
+
+def default_last(student: ConsistencyStudent) -> int:
+    """The equilibrium index the student's times refer to: the teacher's eval solver budget."""
+    return int(student.teacher.deq.eval_solver.options.max_iter)
+
+
+def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int, to_teacher: bool
+                 ) -> list[tuple[Any, Any, Any]]:
+    """``(u_student, u_teacher, y)`` of the first ``limit`` batches; ``y`` is the converged
+    teacher's logits when ``to_teacher``."""
     data = []
-    for i, (x, y) in enumerate(batches):
-        if i >= config.batches:
+    for i, item in enumerate(batches):
+        if i >= limit:
             break
+        x, y = item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None)
         u_s, u_t = student.teacher_inputs(x)
+        if to_teacher:
+            y = student.teacher.head(student.teacher.deq.solve(u_t, student.initial_state(u_t)).z)
+        elif y is None:
+            raise ValueError("plan search with a loss or score needs (x, y) batches; pass labelled "
+                             "batches, or no loss to score against the converged teacher")
         data.append((u_s, u_t, y))
     if not data:
         raise ValueError("plan search needs at least one training batch")
+    return data
+
+
+@torch.no_grad()
+def select_plans(
+    student: ConsistencyStudent,
+    batches: Iterable[Any],
+    score: ScoreFn | None = None,
+    higher_is_better: bool = False,
+    last: int | None = None,
+    config: PlanSearchConfig | None = None,
+    loss: Callable[[Tensor, Any], Tensor] | None = None,
+) -> dict[str, Any]:
+    """Choose ``student.plans`` for budgets ``1..max_nfe`` on ``batches`` (training data).
+
+    Scoring, in order: ``score`` (``(logits, y) -> (metric sum, count, loss sum)`` with
+    ``higher_is_better``); else ``loss`` (a task loss ``(logits, y) -> mean``, lower is better);
+    else the distance to the converged teacher's logits (``batches`` may then hold inputs
+    alone). ``last``: the recorded equilibrium index (default: the teacher's eval solver
+    ``max_iter``). Returns the search log: for each budget the plan, its metric and loss.
+    """
+    config = config or PlanSearchConfig()
+    last = default_last(student) if last is None else int(last)
+    if score is None:
+        score, higher_is_better = (loss_score(loss), False) if loss is not None else (teacher_score, False)
+    student.eval()
+    data = _search_data(student, batches, config.batches, score is teacher_score)
     times = candidate_times(student, last, config)
     auto = student.schedule.config.kind == "residual"
 
@@ -125,6 +175,7 @@ def select_plans(
         top = max(scored, key=lambda s: s[0])
         best[k] = (top[1], top[2], top[3], top[4])
     student.plans = {k: list(v[0]) for k, v in best.items()}
+    log.info("selected plans for 1..%d NFE on %d batches", config.max_nfe, len(data))
     return {str(k): {"plan": [list(op) for op in v[0]], "metric": v[2], "loss": v[3]}
             for k, v in best.items()}
 

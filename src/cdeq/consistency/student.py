@@ -11,8 +11,14 @@ Inference runs a *plan*: a list of operations starting from ``z_0``, each costin
 - ``("jump_auto",)``: a jump whose time is read off the residual measured by the previous
   teacher step (only after a ``step``; needs the residual-based schedule).
 
+Plans for more than one call are chosen on data (``student.select_plans(batches, loss=...)``);
+until then ``predict`` refuses ``nfe > 1``.
+
 Example:
+    >>> student = ConsistencyStudent(teacher)                             # doctest: +SKIP
     >>> student.predict(x, nfe=1)           # doctest: +SKIP
+    >>> student.select_plans(train_batches, loss=F.cross_entropy, max_nfe=4)  # doctest: +SKIP
+    >>> student.predict(x, nfe=4)           # doctest: +SKIP
     >>> student.run_plan(u, [("jump", student.schedule.t_min), ("step",), ("jump", 3.5)])  # doctest: +SKIP
 """
 
@@ -20,7 +26,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
+import numbers
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -32,6 +41,20 @@ from ..deq.model import DEQModel
 from .schedule import ScheduleConfig, TimeSchedule
 
 Plan = list[tuple]
+log = logging.getLogger(__name__)
+
+
+def frozen_call(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` building a graph for the inputs but none for ``fn``'s parameters.
+
+    The teacher's modules keep their ``requires_grad`` flags: the call runs on detached copies
+    of the parameters, so no gradient can reach (or be accumulated on) them."""
+    if not isinstance(fn, nn.Module) or not torch.is_grad_enabled():
+        return fn(*args)
+    params = {name: p.detach() for name, p in fn.named_parameters()}
+    if not params:
+        return fn(*args)
+    return torch.func.functional_call(fn, params, args)
 
 
 @dataclasses.dataclass
@@ -110,38 +133,72 @@ class ConsistencyStudent(nn.Module):
     """A C-DEQ student built from a trained :class:`DEQModel`.
 
     The student owns copies of the teacher's injection, layer and head (the trainable ``phi``)
-    and keeps the frozen teacher for re-entry steps and the exact mode.
+    and keeps the teacher for re-entry steps and the exact mode. The teacher is not modified:
+    its calls from the student build no graph for its parameters, and
+    :meth:`trainable_parameters` leaves it out.
 
     Args:
         teacher: the trained DEQ.
         schedule: the time schedule (times and scalings).
         config: architecture of the time conditioning and correction.
+        example: an example input ``x``, only needed when the teacher cannot tell the size and
+            axis of its state's channels (see :meth:`DEQModel.state_layout`).
     """
 
     def __init__(self, teacher: DEQModel, schedule: TimeSchedule | None = None,
-                 config: StudentConfig | None = None) -> None:
+                 config: StudentConfig | None = None, example: Any = None) -> None:
         super().__init__()
         self.config = config or StudentConfig()
         self.schedule = schedule or TimeSchedule(ScheduleConfig())
         self.teacher = teacher
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.injection = copy.deepcopy(teacher.injection) if self.config.train_injection else None
         self.cell = copy.deepcopy(teacher.cell)
         self.head = copy.deepcopy(teacher.head)
         for module in (self.injection, self.cell, self.head):
-            for p in module.parameters() if module is not None else []:
+            for p in module.parameters() if isinstance(module, nn.Module) else []:
                 p.requires_grad_(True)
-        c = int(self.cell.channels)
-        self.channel_dim = int(self.cell.channel_dim)
+        c, self.channel_dim = teacher.state_layout(example)
+        self.channels = c
         self.time_embed = TimeEmbedding(self.config.time_features, self.config.time_hidden, 4 * c)
         hidden = self.config.correction_hidden
         self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
-        self.plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
+        self._plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
+        self.plans_selected = False  # True once plans come from a search or from the caller
+
+    @property
+    def plans(self) -> dict[int, Plan]:
+        """Budget (NFE) -> plan. Assigning plans counts as selecting them."""
+        return self._plans
+
+    @plans.setter
+    def plans(self, plans: dict[int, Plan]) -> None:
+        if 1 not in plans:
+            raise ValueError(f"plans must include a 1-NFE plan; got budgets {sorted(plans)}")
+        self._plans = {int(k): list(v) for k, v in plans.items()}
+        self.plans_selected = True
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's own parameters that require grad (the teacher's are never included)."""
+        teacher = {id(p) for p in self.teacher.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in teacher]
+
+    def select_plans(self, batches: Iterable[Any], loss: Callable[[Tensor, Any], Tensor] | None = None,
+                     max_nfe: int = 4, **kwargs: Any) -> dict[str, Any]:
+        """Choose multi-step plans on ``batches`` (training or validation data, never test).
+
+        ``batches``: ``(x, y)`` pairs with ``loss`` (a task loss ``(logits, y) -> mean``), or, with
+        no ``loss``, inputs ``x`` (or pairs, labels ignored) scored against the converged
+        teacher. ``kwargs`` go to :func:`cdeq.consistency.select_plans`. Returns the search log.
+        """
+        from .inference import PlanSearchConfig, select_plans
+
+        config = kwargs.pop("config", None) or PlanSearchConfig(max_nfe=max_nfe)
+        return select_plans(self, batches, loss=loss, config=config, **kwargs)
 
     # --- the consistency function -------------------------------------------------------------
     def inject(self, x: Any) -> Any:
-        return self.teacher.inject(x) if self.injection is None else self.injection(x)
+        """The student's injection: its own copy, or the teacher's (without a parameter graph)."""
+        return frozen_call(self.teacher.injection, x) if self.injection is None else self.injection(x)
 
     def G(self, z: Tensor, t: Tensor, u: Any) -> Tensor:
         """One conditioned layer call (1 NFE). ``z``: state ``(B, ...)``, ``t``: ``(B,)``."""
@@ -176,7 +233,7 @@ class ConsistencyStudent(nn.Module):
 
     def teacher_inputs(self, x: Any) -> tuple[Any, Any]:
         """``(u_student, u_teacher)``; the same object when the injection was not fine-tuned."""
-        u_t = self.teacher.inject(x)
+        u_t = frozen_call(self.teacher.injection, x)
         return (u_t if self.injection is None else self.injection(x)), u_t
 
     def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Tensor | None = None) -> Tensor:
@@ -188,7 +245,7 @@ class ConsistencyStudent(nn.Module):
             if op[0] == "jump":
                 z = self.F(z, op[1], u)
             elif op[0] == "step":
-                fz = self.teacher.cell(z, u_teacher)
+                fz = frozen_call(self.teacher.cell, z, u_teacher)
                 b = z.shape[0]
                 last_residual = (fz - z).reshape(b, -1).norm(dim=1) / (fz.reshape(b, -1).norm(dim=1) + 1e-12)
                 z = fz
@@ -201,10 +258,22 @@ class ConsistencyStudent(nn.Module):
         return z
 
     def plan_for(self, nfe: int) -> Plan:
-        """The selected plan with the most NFE not above ``nfe``."""
+        """The selected plan with the most NFE not above ``nfe``.
+
+        Raises ``ValueError`` for ``nfe > 1`` when no plans were selected (rather than answering
+        with the 1-call plan)."""
+        if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
+            raise ValueError(f"nfe={nfe!r} is not valid; give a positive int (layer calls)")
+        nfe = int(nfe)
+        top = max(self.plans)
+        if nfe > top and not self.plans_selected:
+            raise ValueError(
+                f"nfe={nfe}: this student has only its 1-NFE plan, because no multi-step plans were "
+                "selected; call student.select_plans(train_batches, loss=task_loss) (or "
+                "cdeq.Pipeline(student).select_plans(...)) first, or use nfe=1")
+        if nfe > top:
+            log.debug("nfe=%d is above the largest selected plan; using the %d-NFE plan", nfe, top)
         fitting = [k for k in self.plans if k <= nfe]
-        if not fitting:
-            raise ValueError(f"nfe={nfe} is below the smallest plan ({min(self.plans)} NFE)")
         return self.plans[max(fitting)]
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import check_finite_inputs, check_labels  # noqa: F401 (check_labels: distill imports it here)
 from ..config import Config, ConfigError, check_choice, check_int
 from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
@@ -209,30 +210,6 @@ def record(
                     "last": config.solver.max_iter, "dtype": config.dtype})
         return store
     return out
-
-
-def check_finite_inputs(x: Any, where: str) -> None:
-    """Raise a clear ``ValueError`` when a floating-point tensor in ``x`` holds NaN or inf."""
-    if isinstance(x, Tensor):
-        if x.is_floating_point() and not x.is_sparse and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(f"{where}: the input of shape {tuple(x.shape)} holds {bad} NaN/inf "
-                             "values; clean or impute the data first")
-    elif isinstance(x, (tuple, list)):
-        for item in x:
-            check_finite_inputs(item, where)
-    elif isinstance(x, dict):
-        for item in x.values():
-            check_finite_inputs(item, where)
-
-
-def check_labels(logits: Tensor, y: Any, where: str) -> None:
-    """Class-index labels must lie in ``[0, C)`` for ``C = logits.shape[-1]``."""
-    if isinstance(y, Tensor) and not y.is_floating_point() and y.numel() and logits.dim() >= 2:
-        lo, hi, c = int(y.min()), int(y.max()), int(logits.shape[-1])
-        if lo < 0 or hi >= c:
-            raise ValueError(f"{where}: labels must be class indices in [0, {c - 1}] (the model has "
-                             f"{c} outputs), found values in [{lo}, {hi}]")
 
 
 def warn_unconverged(summary: dict[str, float], tol: float, threshold: float = 0.05) -> bool:

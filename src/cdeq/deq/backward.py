@@ -10,30 +10,75 @@ whose graph carries the chosen gradient to the parameters of ``f`` and to ``x``.
 - :class:`PhantomBackward`: ``k`` damped unrolled steps from ``z*`` (phantom gradient).
 - :class:`JacobianFreeBackward`: one step from ``z*``, i.e. ``J`` replaced by zero (``k = 1``,
   no damping).
+
+Strategies are registered by name like solvers (:func:`register_backward`); the keys each one
+accepts are the fields of its ``Options`` dataclass.
+
+Example:
+    >>> get_backward({"name": "phantom", "steps": 3})
+    PhantomBackward(steps=3, damping=0.5)
+    >>> sorted(BACKWARDS)
+    ['implicit', 'jacobian_free', 'phantom']
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..config import Config, check_int, check_range
+from ..config import Config, ConfigError, check_int, check_keys, check_positive, check_range
 from ..solvers import Solver, SolverResult, get_solver
 
 
-class BackwardStrategy:
-    """Base class of backward strategies."""
+@dataclasses.dataclass
+class NoOptions(Config):
+    """A strategy without options."""
 
+
+class BackwardStrategy:
+    """Base class of backward strategies: ``name``, ``Options`` (a :class:`Config` dataclass whose
+    fields are the constructor's keyword arguments) and :meth:`attach`."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[Config]] = NoOptions
     extra_nfe: int = 1
 
     def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
         raise NotImplementedError
 
 
+BACKWARDS: dict[str, type[BackwardStrategy]] = {}
+
+
+def register_backward(cls: type[BackwardStrategy]) -> type[BackwardStrategy]:
+    """Class decorator: make a strategy available by ``cls.name`` to :func:`get_backward`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    if not (dataclasses.is_dataclass(cls.Options) and issubclass(cls.Options, Config)):
+        raise ValueError(f"{cls.__name__}.Options must be a cdeq.config.Config dataclass")
+    BACKWARDS[cls.name] = cls
+    return cls
+
+
+@dataclasses.dataclass
+class ImplicitOptions(Config):
+    """``solver``: of the adjoint fixed point (name or ``{"name": ..., **options}``);
+    ``max_iter``, ``tol``: its limits."""
+
+    solver: str | dict = "anderson"
+    max_iter: int = 30
+    tol: float = 1e-5
+
+    def validate(self) -> None:
+        check_int("max_iter", self.max_iter, minimum=1)
+        check_positive("tol", self.tol, allow_zero=True)
+
+
+@register_backward
 class ImplicitBackward(BackwardStrategy):
     """Exact gradient by the implicit function theorem.
 
@@ -42,13 +87,14 @@ class ImplicitBackward(BackwardStrategy):
         max_iter, tol: its limits.
     """
 
+    name = "implicit"
+    Options = ImplicitOptions
     extra_nfe = 1
 
     def __init__(self, solver: str | dict | Solver = "anderson", max_iter: int = 30,
                  tol: float = 1e-5) -> None:
         self.solver = get_solver(solver, max_iter=max_iter, tol=tol, compact=False)
         self.last_stats: SolverResult | None = None
-
     def __repr__(self) -> str:
         return f"ImplicitBackward({self.solver!r})"
 
@@ -89,7 +135,9 @@ class ImplicitBackward(BackwardStrategy):
 
 
 @dataclasses.dataclass
-class PhantomConfig(Config):
+class PhantomOptions(Config):
+    """``steps``: unrolled steps k; ``damping``: lambda in (0, 1]."""
+
     steps: int = 5
     damping: float = 0.5
 
@@ -98,11 +146,18 @@ class PhantomConfig(Config):
         check_range("damping", self.damping, 1e-6, 1.0)
 
 
+PhantomConfig = PhantomOptions  # the earlier name
+
+
+@register_backward
 class PhantomBackward(BackwardStrategy):
     """Phantom gradient: ``k`` steps of ``z <- (1 - lam) z + lam f(z, x)`` from ``z*`` with a graph."""
 
+    name = "phantom"
+    Options = PhantomOptions
+
     def __init__(self, steps: int = 5, damping: float = 0.5) -> None:
-        self.config = PhantomConfig(steps=steps, damping=damping)
+        self.config = PhantomOptions(steps=steps, damping=damping)
         self.extra_nfe = steps
 
     def __repr__(self) -> str:
@@ -116,8 +171,11 @@ class PhantomBackward(BackwardStrategy):
         return z
 
 
+@register_backward
 class JacobianFreeBackward(BackwardStrategy):
     """Jacobian-free backward: one step ``f(z*, x)``, treating ``J_f`` as zero."""
+
+    name = "jacobian_free"
 
     extra_nfe = 1
 
@@ -128,30 +186,18 @@ class JacobianFreeBackward(BackwardStrategy):
         return f(z_star.detach(), x)
 
 
-BACKWARDS = {
-    "implicit": ImplicitBackward,
-    "phantom": PhantomBackward,
-    "jacobian_free": JacobianFreeBackward,
-}
-
-
 def get_backward(spec: str | dict | BackwardStrategy) -> BackwardStrategy:
-    """A strategy from an instance, a name, or ``{"name": ..., **kwargs}``."""
-    from ..config import ConfigError, check_keys
-
+    """A strategy from an instance, a registered name, or ``{"name": ..., **options}``."""
     if isinstance(spec, BackwardStrategy):
         return spec
     kwargs: dict[str, Any] = {}
     if isinstance(spec, dict):
         kwargs = dict(spec)
         spec = kwargs.pop("name", None)
-    if spec not in BACKWARDS:
+    if not isinstance(spec, str) or spec not in BACKWARDS:
         raise ConfigError(f"unknown backward {spec!r}; choose from {sorted(BACKWARDS)}")
     cls = BACKWARDS[spec]
-    allowed = {
-        "implicit": ["solver", "max_iter", "tol"],
-        "phantom": ["steps", "damping"],
-        "jacobian_free": [],
-    }[spec]
-    check_keys(f"backward {spec!r}", kwargs, allowed)
-    return cls(**kwargs)
+    fields = [f.name for f in dataclasses.fields(cls.Options)]
+    check_keys(f"backward {spec!r}", kwargs, fields)
+    options = cls.Options.from_dict(kwargs)
+    return cls(**{name: getattr(options, name) for name in fields})

@@ -71,8 +71,9 @@ class DEQ(nn.Module):
         cell: a module (or callable) ``f(z, x) -> z``, ``z`` of shape ``(B, ...)``.
         solver: forward solver for training (name, dict, :class:`SolverSpec` or :class:`Solver`).
         eval_solver: forward solver in eval mode (defaults to ``solver``).
-        backward: a :class:`BackwardStrategy` or its name (``implicit``, ``phantom``,
-            ``jacobian_free``).
+        backward: a :class:`BackwardStrategy`, a registered name (``implicit``, ``phantom``,
+            ``jacobian_free`` or one added with ``register_backward``) or
+            ``{"name": ..., **options}``.
         max_iter, tol: defaults for solvers given by name.
 
     ``forward(x, z0=None)`` returns ``(z, info)``: ``z`` of the shape of ``z0`` (zeros shaped by

@@ -14,6 +14,7 @@ from .anderson import Anderson, AndersonOptions
 from .base import (
     SOLVERS,
     FixedPointFn,
+    NonFiniteError,
     Solver,
     SolverOptions,
     SolverResult,
@@ -30,6 +31,7 @@ __all__ = [
     "Broyden",
     "BroydenOptions",
     "FixedPointFn",
+    "NonFiniteError",
     "Picard",
     "PicardOptions",
     "Solver",

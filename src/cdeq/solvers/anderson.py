@@ -92,8 +92,6 @@ class Anderson(Solver):
         nxt = torch.bmm(alpha, F[:, :h]).squeeze(1)
         if opts.mixing != 1.0:  # sum alpha_i z_i + beta sum alpha_i g_i
             nxt = nxt - (1 - opts.mixing) * torch.bmm(alpha, Gh).squeeze(1)
-        ok = ok.reshape(-1)
-        if bool((ok | ~active).all()):  # stopped samples: their next iterate is ignored
-            return nxt
         # A degenerate system (all residuals zero or non-finite) falls back to a Picard step.
-        return torch.where(ok[:, None], nxt, fz)
+        # (Always through ``where``: testing whether any row needs it would synchronise the host.)
+        return torch.where(ok.reshape(-1, 1), nxt, fz)

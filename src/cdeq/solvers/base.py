@@ -5,7 +5,9 @@ stops on its own: once its residual is under the tolerance (or its iterate is no
 frozen, ``f`` is no longer evaluated on it and it stops counting function evaluations (NFE).
 
 Subclasses implement only the update rule (:meth:`Solver.init_state`, :meth:`Solver.step`);
-the loop, stopping, best-iterate tracking and trajectory recording live here.
+the loop, stopping, best-iterate tracking and trajectory recording live in :mod:`.loop`. An update
+rule should not synchronise with the host (no ``bool(tensor)``, ``.item()`` or ``nonzero``), so
+that with ``check_every > 1`` a GPU can run ahead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from torch import Tensor
 
 from ..config import Config, ConfigError, check_choice, check_int, check_positive
+from . import loop
+from .loop import NonFiniteError, take_rows  # noqa: F401  (re-exported: older import path)
 
 FixedPointFn = Callable[..., Tensor]
 """``f(z, x) -> z'`` with ``z`` of shape ``(B, ...)``; ``x`` may be omitted (``None``)."""
@@ -35,12 +39,21 @@ class SolverOptions(Config):
         stop_mode: ``"rel"`` (``|f(z)-z| / |f(z)|``) or ``"abs"`` (``|f(z)-z|``).
         compact: evaluate ``f`` only on the samples still running (saves time; needs a
             layer without cross-sample interaction, true of every per-sample layer).
+        check_every: look at which samples still run (a host synchronisation) only every this
+            many iterations. Results and NFE do not depend on it; a larger value lets a GPU run
+            ahead, at the cost of evaluating ``f`` on stopped samples until the next check
+            (those evaluations are not counted) and up to ``check_every - 1`` extra iterations.
+        on_nonfinite: when a sample's iterate or value becomes NaN/inf: ``"warn"`` (once per
+            solve, naming the samples), ``"raise"`` (:class:`NonFiniteError`) or ``"ignore"``.
+            The sample is flagged ``diverged`` in every case.
     """
 
     max_iter: int = 50
     tol: float = 1e-4
     stop_mode: str = "rel"
     compact: bool = True
+    check_every: int = 1
+    on_nonfinite: str = "warn"
 
     def validate(self) -> None:
         check_int("max_iter", self.max_iter, minimum=1)
@@ -48,6 +61,8 @@ class SolverOptions(Config):
         check_choice("stop_mode", self.stop_mode, ["rel", "abs"])
         if not isinstance(self.compact, bool):
             raise ConfigError(f"compact={self.compact!r} is not valid; it must be true or false")
+        check_int("check_every", self.check_every, minimum=1)
+        check_choice("on_nonfinite", self.on_nonfinite, ["warn", "raise", "ignore"])
 
 
 @dataclasses.dataclass
@@ -88,19 +103,6 @@ class SolverResult:
             "residual_max": float(finite.float().max()),
             "converged": float(self.converged.float().mean()),
         }
-
-
-def take_rows(x: Any, index: Tensor, batch: int) -> Any:
-    """Select rows ``index`` of every dense tensor in ``x`` whose leading dimension is ``batch``
-    (sparse tensors, such as a graph's adjacency, pass through whole)."""
-    if isinstance(x, Tensor):
-        dense = x.layout == torch.strided
-        return x[index] if dense and x.dim() > 0 and x.shape[0] == batch else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(take_rows(item, index, batch) for item in x)
-    if isinstance(x, dict):
-        return {key: take_rows(item, index, batch) for key, item in x.items()}
-    return x
 
 
 def _record_indices(record: Record, max_iter: int) -> list[int] | None:
@@ -180,145 +182,31 @@ class Solver:
             f: the map; called as ``f(z, x)`` on the running samples only (rows of every
                 tensor in ``x`` with leading dimension ``B`` are selected to match). It must not
                 modify ``z`` in place, and must return a tensor it does not modify later.
-            z0: ``(B, ...)`` start.
+            z0: ``(B, ...)`` start; the result has its device and dtype (a half-precision
+                ``z0`` is solved in float32).
             x: the input the map is conditioned on (tensor, tuple, dict or ``None``).
             record: ``None``, ``"all"`` or iterate indices to keep (see :class:`SolverResult`).
             max_iter: override the NFE limit for this call.
+
+        Under autocast only ``f`` runs in low precision; the residuals and the update rule run
+        in float32. The loop itself is :func:`cdeq.solvers.loop.run`.
         """
-        opts = self.options
-        limit = opts.max_iter if max_iter is None else max_iter
+        limit = self.options.max_iter if max_iter is None else max_iter
         check_int("max_iter", limit, minimum=1)
-        if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
-            raise ValueError(
-                f"z0 must be a tensor of shape (B, ...) with B >= 1, got "
-                f"{tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__}"
-            )
-        if not (z0.is_floating_point() or z0.is_complex()):
-            raise ValueError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
-        wanted = _record_indices(record, limit)
-        wanted_set = set(wanted or ())
-        batch, shape = z0.shape[0], z0.shape[1:]
-        device = z0.device
-        rel_mode = opts.stop_mode == "rel"
-
-        # Invariant: the loop never modifies ``z`` or ``fz`` in place, so plain references to them
-        # (``prev_fz``, solver state) stay valid without copies.
-        z = z0.reshape(batch, -1).clone()
-        fz = z
-        best_z = z.clone()  # f(best iterate), materialised lazily (see ``pending``)
-        pending = torch.zeros(batch, dtype=torch.bool, device=device)  # best is f(z) of last step
-        best_res = torch.full((batch,), torch.inf, device=device, dtype=z.real.dtype)
-        best_abs = torch.full_like(best_res, torch.inf)
-        last_res = best_res
-        nfe = torch.zeros(batch, dtype=torch.long, device=device)
-        active = torch.ones(batch, dtype=torch.bool, device=device)
-        converged = torch.zeros_like(active)
-        diverged = torch.zeros_like(active)
-        all_active = True
-        rows = torch.arange(batch, device=device)
-        x_rows = x
-        trace: list[Tensor] = []
-        frames: dict[int, Tensor] = {}
-        state = self.init_state(z)
-
-        for it in range(limit):
-            if it in wanted_set:
-                frames[it] = z.reshape(batch, *shape).clone()
-            prev_fz = fz
-            if all_active:
-                out = f(z.reshape(batch, *shape), x)
-                _check_output(out, (batch, *shape))
-                fz = out.reshape(batch, -1).to(z.dtype)
-                nfe += 1
-            elif opts.compact:
-                out = f(z[rows].reshape(-1, *shape), x_rows)
-                _check_output(out, (rows.numel(), *shape))
-                fz = fz.index_copy(0, rows, out.reshape(rows.numel(), -1).to(z.dtype))
-                nfe[rows] += 1
-            else:
-                out = f(z.reshape(batch, *shape), x)
-                _check_output(out, (batch, *shape))
-                fz = torch.where(active[:, None], out.reshape(batch, -1).to(z.dtype), fz)
-                nfe[rows] += 1
-
-            g = fz - z
-            abs_res = torch.linalg.vector_norm(g, dim=1)
-            # A non-finite entry of z or f(z) makes that entry of g, hence |g|, inf or nan.
-            finite = torch.isfinite(abs_res)
-            if rel_mode:
-                res = abs_res / (torch.linalg.vector_norm(fz, dim=1) + 1e-12)
-                finite &= torch.isfinite(res)
-            else:
-                res = abs_res
-            res = torch.where(finite, res, torch.inf)
-            if not all_active:
-                res = torch.where(active, res, last_res)
-            last_res = res
-            trace.append(res)
-
-            better = active & (res < best_res)
-            best_res = torch.where(better, res, best_res)
-            best_abs = torch.where(better, abs_res, best_abs)
-            # ``pending`` samples have their best at ``prev_fz``; keep it if this step is worse.
-            lost = pending & ~better
-            if lost.any():
-                idx = lost.nonzero().squeeze(1)
-                best_z[idx] = prev_fz[idx]
-            pending = better
-
-            stop = active & (~finite | (res <= opts.tol))
-            if stop.any():
-                diverged |= stop & ~finite
-                converged |= stop & finite
-                keep = stop & better
-                if keep.any():
-                    idx = keep.nonzero().squeeze(1)
-                    best_z[idx] = fz[idx]
-                pending = pending & ~stop
-                active = active & ~stop
-                rows = active.nonzero().squeeze(1)
-                all_active = False
-                if rows.numel() == 0:
-                    break
-                if opts.compact:
-                    x_rows = take_rows(x, rows, batch)
-            if it == limit - 1:
-                break
-            state["g"] = g
-            z_next = self.step(state, it, z, fz, active)
-            z = z_next if all_active else torch.where(active[:, None], z_next, z)
-
-        if pending.any():
-            idx = pending.nonzero().squeeze(1)
-            best_z[idx] = fz[idx]
-        # A sample that never produced a finite value keeps its start (best_z began as z0).
-        trajectory = None
-        if wanted is not None:
-            solution = best_z.reshape(batch, *shape)
-            last = z.reshape(batch, *shape)
-            frames[limit] = solution
-            trajectory = torch.stack([frames.get(i, last) for i in wanted])
-        return SolverResult(
-            z=best_z.reshape(batch, *shape),
-            nfe=nfe,
-            residual=best_res,
-            abs_residual=best_abs,
-            converged=converged,
-            diverged=diverged,
-            trace=torch.stack(trace),
-            trajectory=trajectory,
-            trajectory_index=wanted,
-        )
+        _check_start(z0)
+        return loop.run(self, f, z0, x, _record_indices(record, limit), limit)
 
     __call__ = solve
 
 
-def _check_output(out: Any, expected: tuple[int, ...]) -> None:
-    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(expected):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+def _check_start(z0: Any) -> None:
+    if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(
-            f"the fixed-point map must return a tensor shaped like its input z {expected}, got {got}"
+            f"z0 must be a tensor of shape (B, ...) with B >= 1, got "
+            f"{tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__}"
         )
+    if not (z0.is_floating_point() or z0.is_complex()):
+        raise ValueError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
 
 
 # --- registry ----------------------------------------------------------------------------------

@@ -95,12 +95,11 @@ class Broyden(Solver):
             denom = torch.linalg.vecdot(dz, h_dg).unsqueeze(1)  # dz^T H dg
             ok = torch.isfinite(denom) & (denom.abs() > 1e-30) & torch.isfinite(v.sum(1, keepdim=True))
             u = (dz - h_dg) / denom
-            # A running sample with a degenerate or non-finite update skips it (zero term). The
-            # rows of stopped samples are left as they come: their next iterate is ignored.
-            if not bool((ok | ~active[:, None]).all()):
-                keep = ok & active[:, None]
-                u = torch.where(keep, u, 0.0)
-                v = torch.where(keep, v, 0.0)
+            # A running sample with a degenerate or non-finite update skips it (zero term); so
+            # do the rows of stopped samples, whose next iterate is ignored. No host sync here.
+            keep = ok & active[:, None]
+            u = torch.where(keep, u, 0.0)
+            v = torch.where(keep, v, 0.0)
             U[:, count] = u
             V[:, count] = v
             state["count"] = count + 1
@@ -109,7 +108,5 @@ class Broyden(Solver):
         state["prev_z"], state["prev_g"], state["prev_hg"] = z, g, hg
         nxt = z - hg
         # One reduction instead of an elementwise isfinite: inf or nan anywhere makes the sum so.
-        finite = torch.isfinite(nxt.sum(dim=1))
-        if bool((finite | ~active).all()):
-            return nxt
-        return torch.where(finite[:, None], nxt, fz)
+        finite = torch.isfinite(nxt.sum(dim=1, keepdim=True))
+        return torch.where(finite, nxt, fz)

@@ -3,12 +3,18 @@
 The pipeline (teacher training, trajectory recording, distillation, evaluation) is written
 against :class:`Task` only, so a new domain needs one subclass and nothing else.
 
+Every task has three disjoint splits: training (``train_batches``, ``record_batches``),
+validation (``validation_batches``; ``selection_batches`` defaults to it: every choice is made
+there) and test (``test_batches``, evaluated once at the end). ``split_sizes`` counts them.
+
 Batches are pairs ``(x, y)``: ``x`` is whatever the model's injection takes (a tensor, or a
 tuple such as ``(features, adjacency)``), ``y`` whatever the task's loss and metric take.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -17,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..config import Config
+from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
 
 Batch = tuple[Any, Any]
@@ -30,12 +37,15 @@ class Task:
         metric: the metric's name (``"accuracy"``, ``"nats_per_char"``).
         higher_is_better: direction of the metric.
         Config: the dataclass of the task's settings (model size, data, training).
+        presets: ``{"full": sections, "quick": sections}``, the task's run defaults as data
+            (kept in the domain's ``presets.py``).
     """
 
     name: ClassVar[str] = ""
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     Config: ClassVar[type[Config]] = Config
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -59,13 +69,23 @@ class Task:
         """
         return self.train_batches(batch_size, shuffle=False)
 
+    def validation_batches(self, batch_size: int) -> Iterable[Batch]:
+        """Held-out validation batches in a fixed order (disjoint from training and test)."""
+        raise NotImplementedError
+
     def test_batches(self, batch_size: int) -> Iterable[Batch]:
-        """Held-out batches for evaluation."""
+        """Held-out test batches in a fixed order: evaluated once, at the end, never used to
+        choose anything."""
         raise NotImplementedError
 
     def selection_batches(self, batch_size: int) -> Iterable[Batch]:
-        """Training-split batches used to choose inference schedules (never test data)."""
-        return self.train_batches(batch_size, shuffle=False)
+        """Batches every choice is made on (plan search, the exact-mode warm plan, a baseline's
+        solvers): the validation batches by default, never the test split."""
+        return self.validation_batches(batch_size)
+
+    def split_sizes(self) -> dict[str, int]:
+        """``{"train": n, "valid": n, "test": n}`` in the task's items (images, nodes, tokens)."""
+        raise NotImplementedError
 
     # --- loss and metric ----------------------------------------------------------------------
     def loss(self, logits: Tensor, y: Any) -> Tensor:
@@ -76,14 +96,45 @@ class Task:
         """``(sum of the metric over items, number of items)``; the pipeline averages."""
         raise NotImplementedError
 
+    # --- presets and the command line -------------------------------------------------------
     @classmethod
     def run_defaults(cls, quick: bool = False) -> dict[str, Any]:
-        """Overrides of the run configuration's sections for this task (``quick``: smoke size)."""
-        return {}
+        """Overrides of the run configuration's sections for this task (``quick``: smoke size):
+        a copy of ``presets["quick"]`` or ``presets["full"]``."""
+        return copy.deepcopy(cls.presets.get("quick" if quick else "full", {}))
+
+    @classmethod
+    def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
+        """The user's configuration sections completed with what this task infers from the data
+        path (``data``, from ``--data``); the default infers nothing. Returns a new dict."""
+        return copy.deepcopy(user)
+
+    @classmethod
+    def variants(cls, user: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+        """The sub-runs one ``cdeq run`` makes: ``(sub-directory name or None, user config)``.
+        The default is one run in the run directory itself."""
+        return [(None, user)]
+
+    def preset_solvers(self, quick: bool = False) -> dict[str, Any]:
+        """:class:`DEQModel` keyword arguments (``solver``, ``eval_solver``, ``backward``) from the
+        teacher section of this task's preset, so that a model built outside a run and a run's
+        model start from the same settings."""
+        teacher = self.run_defaults(quick).get("teacher", {})
+        out: dict[str, Any] = {}
+        for key, arg in (("train_solver", "solver"), ("eval_solver", "eval_solver")):
+            if key in teacher:
+                out[arg] = SolverSpec.from_dict(teacher[key])
+        if "backward" in teacher:
+            out["backward"] = teacher["backward"]
+        return out
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "metric": self.metric, "higher_is_better": self.higher_is_better,
-                "config": dataclasses.asdict(self.config)}
+        """The task's name, metric, settings and (where the task counts them) split sizes."""
+        out = {"task": self.name, "metric": self.metric, "higher_is_better": self.higher_is_better,
+               "config": dataclasses.asdict(self.config)}
+        with contextlib.suppress(NotImplementedError):
+            out["splits"] = self.split_sizes()
+        return out
 
 
 TASKS: dict[str, type[Task]] = {}

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,44 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...config import Config, ConfigError, check_choice, check_int, check_range
-from ...deq.layer import SolverSpec
 from ...deq.model import DEQModel
 from ..base import Batch, Task, register_task
-from .data import (
-    Graph,
-    default_data_dir,
-    graph_batch,
-    load_facebook,
-    load_planetoid,
-    load_saved_graph,
-    perturb_graph,
-)
+from ..datadir import data_dir
+from . import presets
+from .data import Graph, graph_batch, perturb_graph
 from .model import GraphInjection, IGNNCell, NodeHead
+from .readers import load_facebook, load_planetoid, load_saved_graph
 
 __all__ = ["CoraTask", "FacebookTask", "GraphConfig", "GraphTask", "PlanetoidTask"]
-
-# Run-configuration sections for graphs (docs/graphs.md has the measurements behind them). One
-# graph is one batch: every batch size is 1, and a teacher "epoch" is ``steps_per_epoch`` steps.
-DEFAULT_RUN: dict[str, Any] = {
-    "teacher": {"epochs": 10, "batch_size": 1, "lr": 0.01, "weight_decay": 0.1,
-                "train_solver": {"name": "anderson", "max_iter": 30, "tol": 1e-3},
-                "eval_solver": {"name": "anderson", "max_iter": 60, "tol": 1e-4}},
-    "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 40, "tol": 1e-5}},
-    "distill": {"batch_size": 1, "epochs": 30},
-    "plans": {"batches": 1},
-    "evaluate": {"batch_size": 1, "latency_batch": 1},
-}
-QUICK_RUN: dict[str, Any] = {
-    "task_config": {"hidden": 16, "steps_per_epoch": 10, "record_copies": 3},
-    "teacher": {"epochs": 4, "batch_size": 1, "lr": 0.05, "weight_decay": 0.1,
-                "train_solver": {"name": "anderson", "max_iter": 15, "tol": 1e-3}},
-    "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 16, "tol": 1e-5}},
-    "distill": {"batch_size": 1, "epochs": 2},
-    "plans": {"max_nfe": 4, "batches": 1},
-    "evaluate": {"budgets": [1, 2, 4], "batch_size": 1, "latency_batch": 1, "latency_repeats": 1,
-                 "reference": {"max_iter": 40}},
-}
-
 
 @dataclasses.dataclass
 class GraphConfig(Config):
@@ -78,7 +48,7 @@ class GraphConfig(Config):
 
     Attributes:
         data: the dataset's file or folder ("" = the shared data folder, see
-            :func:`~cdeq.tasks.graphs.data.default_data_dir`).
+            :func:`~cdeq.tasks.datadir.data_dir`).
         setting: ``"transductive"`` or ``"inductive"`` (module docstring).
         hidden: state width ``d``.
         kappa: bound on ``||W||_inf`` (the contraction rate), in (0, 1).
@@ -189,6 +159,7 @@ class GraphTask(Task):
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     Config: ClassVar[type[Config]] = GraphConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = presets.GRAPHS
 
     def __init__(self, config: GraphConfig | None = None) -> None:
         super().__init__(config if config is not None else self.Config())
@@ -197,9 +168,13 @@ class GraphTask(Task):
         self._cache: dict[str, Batch] = {}
 
     @classmethod
-    def run_defaults(cls, quick: bool = False) -> dict[str, Any]:
-        """Run-configuration sections for graph tasks (batch sizes 1, the measured teacher)."""
-        return copy.deepcopy(QUICK_RUN if quick else DEFAULT_RUN)
+    def variants(cls, user: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+        """Both settings, in sub-directories ``transductive/`` and ``inductive/``, unless
+        ``task_config.setting`` is given (then one run in the run directory)."""
+        if "setting" in user.get("task_config", {}):
+            return [(None, user)]
+        return [(setting, {**user, "task_config": {**user.get("task_config", {}), "setting": setting}})
+                for setting in ("transductive", "inductive")]
 
     # --- data ---------------------------------------------------------------------------------
     def load_graph(self) -> Graph:
@@ -259,6 +234,12 @@ class GraphTask(Task):
         """The full graph with its test mask."""
         yield self._batch("test")
 
+    def split_sizes(self) -> dict[str, int]:
+        """Labelled nodes per split (the masks' sizes)."""
+        g = self.graph
+        return {"train": int(g.train_mask.sum()), "valid": int(g.val_mask.sum()),
+                "test": int(g.test_mask.sum())}
+
     # --- model --------------------------------------------------------------------------------
     def build_model(self) -> DEQModel:
         cfg = self.config
@@ -266,10 +247,7 @@ class GraphTask(Task):
         injection = GraphInjection(g.num_features, cfg.hidden, cfg.input_dropout, cfg.inject_hops)
         cell = IGNNCell(cfg.hidden, cfg.kappa, cfg.w_constraint, cfg.activation, cfg.w_init)
         head = NodeHead(cfg.hidden, g.num_classes, cfg.head_hidden, cfg.head_dropout)
-        return DEQModel(injection, cell, head,
-                        solver=SolverSpec(name="anderson", max_iter=30, tol=1e-3),
-                        eval_solver=SolverSpec(name="anderson", max_iter=60, tol=1e-4),
-                        backward="implicit")
+        return DEQModel(injection, cell, head, **self.preset_solvers())  # presets.py's teacher
 
     # --- loss and metric ----------------------------------------------------------------------
     @staticmethod
@@ -311,7 +289,7 @@ class CoraTask(GraphTask):
     name: ClassVar[str] = "cora"
 
     def load_graph(self) -> Graph:
-        root = self.config.data or default_data_dir() / "planetoid"
+        root = self.config.data or data_dir() / "planetoid"
         return load_planetoid(root, "cora")
 
 
@@ -323,18 +301,11 @@ class FacebookTask(GraphTask):
     name: ClassVar[str] = "facebook"
     Config: ClassVar[type[Config]] = SplitConfig
 
-    @classmethod
-    def run_defaults(cls, quick: bool = False) -> dict[str, Any]:
-        """As for every graph, with 8 recorded copies: one trajectory of the full graph at
-        width 64 is about 70 MB in float32."""
-        out = super().run_defaults(quick)
-        if not quick:
-            out.setdefault("task_config", {})["record_copies"] = 8
-        return out
+    presets: ClassVar[dict[str, dict[str, Any]]] = presets.FACEBOOK
 
     def load_graph(self) -> Graph:
         cfg = self.config
-        folder = cfg.data or default_data_dir() / "facebook"
+        folder = cfg.data or data_dir() / "facebook"
         return load_facebook(folder, cfg.split_seed, cfg.train_frac, cfg.val_frac)
 
 

@@ -1,0 +1,213 @@
+"""The solve loop every solver shares, as small steps on one :class:`LoopState`.
+
+One iteration: :func:`evaluate` ``f`` on the running samples, :func:`residuals` of the new value,
+:func:`update` the best iterate and the per-sample stop masks, and every ``check_every``
+iterations :func:`check` which samples still run (the only host synchronisation of the loop;
+it also narrows the rows ``f`` is evaluated on). Then the solver's update rule gives the next
+iterate of the running samples.
+
+Everything that decides a sample's result (its stop, its NFE, its best iterate, its trace) is
+updated on the device at every iteration, whatever ``check_every`` is: a sample that stops
+between two checks is frozen at once and its result and NFE are those of ``check_every=1``. What
+a larger ``check_every`` changes is only the work done for it until the next check: ``f`` is
+still evaluated on its row (the value is discarded, and not counted in ``nfe``) and the loop
+runs at most ``check_every - 1`` iterations past the last sample's stop.
+
+All the loop's tensors are made from ``z0`` (its device; its dtype, or float32 for a half type),
+and its arithmetic runs outside autocast; only ``f`` runs under the caller's autocast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..precision import caller_autocast, full_precision, working_dtype
+
+
+class NonFiniteError(FloatingPointError):
+    """A sample's iterate or value became NaN or inf, and the solver was asked to raise."""
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Per-solve bookkeeping; ``(B, n)`` and ``(B,)`` tensors on the device of ``z0``.
+
+    ``best_z`` holds ``f(z_j)`` at the iterate ``z_j`` of lowest residual so far, ``fz`` the
+    latest value of ``f`` (stopped samples keep their last one), ``rows`` the rows ``f`` is
+    evaluated on (``None`` while every sample runs).
+    """
+
+    z: Tensor
+    fz: Tensor
+    best_z: Tensor
+    best_res: Tensor
+    best_abs: Tensor
+    last_res: Tensor
+    nfe: Tensor
+    active: Tensor
+    converged: Tensor
+    diverged: Tensor
+    rows: Tensor | None = None
+    x_rows: Any = None
+    trace: list[Tensor] = dataclasses.field(default_factory=list)
+    frames: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def start(cls, z: Tensor) -> LoopState:
+        batch = z.shape[0]
+        inf = torch.full((batch,), torch.inf, device=z.device, dtype=z.real.dtype)
+        active = torch.ones(batch, dtype=torch.bool, device=z.device)
+        return cls(z=z, fz=z, best_z=z.clone(), best_res=inf, best_abs=inf, last_res=inf,
+                   nfe=torch.zeros(batch, dtype=torch.long, device=z.device), active=active,
+                   converged=torch.zeros_like(active), diverged=torch.zeros_like(active))
+
+
+def evaluate(loop: LoopState, f: Any, x: Any, shape: tuple[int, ...], compact: bool,
+             call_context: Any) -> Tensor:
+    """``f`` at the current iterate ``(B, n)``: on ``loop.rows`` only when ``compact``; rows of
+    stopped samples keep their last value. Counts one NFE for every running sample."""
+    batch = loop.z.shape[0]
+    with call_context():
+        if loop.rows is None or not compact:
+            out = f(loop.z.reshape(batch, *shape), x)
+            _check_output(out, (batch, *shape))
+            new = out.reshape(batch, -1).to(loop.z.dtype)
+        else:
+            rows = loop.rows
+            out = f(loop.z[rows].reshape(-1, *shape), loop.x_rows)
+            _check_output(out, (rows.numel(), *shape))
+            new = loop.fz.index_copy(0, rows, out.reshape(rows.numel(), -1).to(loop.z.dtype))
+    loop.nfe += loop.active
+    return torch.where(loop.active[:, None], new, loop.fz)
+
+
+def residuals(fz: Tensor, z: Tensor, rel_mode: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(res, abs_res, finite)``, each ``(B,)``: the stopping residual (inf where not finite),
+    ``|f(z) - z|`` and whether every entry of ``z`` and ``f(z)`` is finite."""
+    abs_res = torch.linalg.vector_norm(fz - z, dim=1)
+    # A non-finite entry of z or f(z) makes that entry of g, hence |g|, inf or nan.
+    finite = torch.isfinite(abs_res)
+    if rel_mode:
+        res = abs_res / (torch.linalg.vector_norm(fz, dim=1) + 1e-12)
+        finite &= torch.isfinite(res)
+    else:
+        res = abs_res
+    return torch.where(finite, res, torch.inf), abs_res, finite
+
+
+def update(loop: LoopState, fz: Tensor, res: Tensor, abs_res: Tensor, finite: Tensor,
+           tol: float) -> None:
+    """Record the trace, keep the best iterate, and stop the samples that converged (residual at
+    most ``tol``) or met a non-finite value. Runs on the device, without synchronising."""
+    res = torch.where(loop.active, res, loop.last_res)  # stopped samples repeat their last value
+    loop.last_res = res
+    loop.trace.append(res)
+    better = loop.active & (res < loop.best_res)
+    loop.best_res = torch.where(better, res, loop.best_res)
+    loop.best_abs = torch.where(better, abs_res, loop.best_abs)
+    loop.best_z = torch.where(better[:, None], fz, loop.best_z)
+    stop = loop.active & (~finite | (res <= tol))
+    loop.diverged = loop.diverged | (stop & ~finite)
+    loop.converged = loop.converged | (stop & finite)
+    loop.active = loop.active & ~stop
+    loop.fz = fz
+
+
+def check(loop: LoopState, x: Any, compact: bool) -> bool:
+    """Whether any sample still runs (one host synchronisation); narrows ``loop.rows`` (and the
+    rows of ``x`` when ``compact``) to the running samples if some stopped since the last check."""
+    batch = loop.z.shape[0]
+    running = int(loop.active.sum())
+    if running == (batch if loop.rows is None else loop.rows.numel()):
+        return True
+    if running == 0:
+        return False
+    loop.rows = loop.active.nonzero().squeeze(1)
+    if compact:
+        loop.x_rows = take_rows(x, loop.rows, batch)
+    return True
+
+
+def run(solver: Any, f: Any, z0: Tensor, x: Any, wanted: list[int] | None, limit: int) -> Any:
+    """The loop of :meth:`Solver.solve` (arguments validated there); returns a ``SolverResult``."""
+    from .base import SolverResult
+
+    opts = solver.options
+    batch, shape = z0.shape[0], tuple(z0.shape[1:])
+    wanted_set = set(wanted or ())
+    call_context = caller_autocast(z0.device)  # taken before leaving autocast below
+    with full_precision(z0.device):
+        loop = LoopState.start(z0.reshape(batch, -1).to(working_dtype(z0.dtype)).clone())
+        state = solver.init_state(loop.z)
+        for it in range(limit):
+            if it in wanted_set:
+                loop.frames[it] = loop.z.reshape(batch, *shape).clone()
+            fz = evaluate(loop, f, x, shape, opts.compact, call_context)
+            g = fz - loop.z
+            update(loop, fz, *residuals(fz, loop.z, opts.stop_mode == "rel"), opts.tol)
+            if it == limit - 1:
+                break
+            if (it + 1) % opts.check_every == 0 and not check(loop, x, opts.compact):
+                break
+            state["g"] = g
+            z_next = solver.step(state, it, loop.z, fz, loop.active)
+            loop.z = torch.where(loop.active[:, None], z_next, loop.z)
+    trace = torch.stack(loop.trace)
+    if opts.check_every > 1:  # drop the iterations run after the last sample stopped
+        trace = trace[: int(loop.nfe.max())]
+    report_nonfinite(loop.diverged, opts.on_nonfinite)
+    # A sample that never produced a finite value keeps its start (best_z began as z0).
+    solution = loop.best_z.reshape(batch, *shape).to(z0.dtype)
+    trajectory = None
+    if wanted is not None:
+        last = loop.z.reshape(batch, *shape).to(z0.dtype)
+        frames = {k: v.to(z0.dtype) for k, v in loop.frames.items()}
+        frames[limit] = solution
+        trajectory = torch.stack([frames.get(i, last) for i in wanted])
+    return SolverResult(z=solution, nfe=loop.nfe, residual=loop.best_res, abs_residual=loop.best_abs,
+                        converged=loop.converged, diverged=loop.diverged, trace=trace,
+                        trajectory=trajectory, trajectory_index=wanted)
+
+
+def report_nonfinite(diverged: Tensor, mode: str) -> None:
+    """Warn (``"warn"``), raise :class:`NonFiniteError` (``"raise"``) or do nothing (``"ignore"``)
+    when a sample met a non-finite value; the message names how many and which."""
+    if mode == "ignore":
+        return
+    bad = diverged.nonzero().squeeze(1).tolist()
+    if not bad:
+        return
+    shown = bad if len(bad) <= 10 else [*bad[:10], "..."]
+    message = (f"{len(bad)} of {diverged.numel()} samples became non-finite (NaN or inf) in the "
+               f"fixed-point solve, at batch indices {shown}; each is returned as the value at "
+               "its best finite iterate (its start z0 if it had none) and flagged diverged. "
+               "Check those inputs for NaN/inf, or set the solver option on_nonfinite='raise' or 'ignore'.")
+    if mode == "raise":
+        raise NonFiniteError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=5)  # the caller of solve
+
+
+def take_rows(x: Any, index: Tensor, batch: int) -> Any:
+    """Select rows ``index`` of every dense tensor in ``x`` whose leading dimension is ``batch``
+    (sparse tensors, such as a graph's adjacency, pass through whole)."""
+    if isinstance(x, Tensor):
+        dense = x.layout == torch.strided
+        return x[index] if dense and x.dim() > 0 and x.shape[0] == batch else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(take_rows(item, index, batch) for item in x)
+    if isinstance(x, dict):
+        return {key: take_rows(item, index, batch) for key, item in x.items()}
+    return x
+
+
+def _check_output(out: Any, expected: tuple[int, ...]) -> None:
+    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(expected):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"the fixed-point map must return a tensor shaped like its input z {expected}, got {got}"
+        )

@@ -1,0 +1,48 @@
+"""Run defaults of the image tasks, as data: ``{"full": sections, "quick": sections}`` per task.
+
+Each is a set of overrides of the run configuration's sections (``task_config``, ``teacher``,
+``record``, ...); a user's ``--config`` and ``--set`` values override them in turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# A smoke-size run for any image task (seconds on a CPU).
+QUICK: dict[str, Any] = {
+    "task_config": {"channels": 8, "hidden_mult": 1, "train_subset": 256, "test_subset": 128},
+    "teacher": {"epochs": 1, "batch_size": 64,
+                "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3}},
+    "record": {"batch_size": 128, "solver": {"name": "anderson", "max_iter": 12}},
+    "distill": {"epochs": 2, "batch_size": 64},
+    "baselines": {"init_max_epochs": 20, "init_select_batches": 1, "unrolled_epochs": 1},
+    "plans": {"max_nfe": 4, "batches": 1},
+    "evaluate": {"budgets": [1, 2, 4], "latency_repeats": 1, "batch_size": 128,
+                 "latency_batch": 64, "reference": {"max_iter": 30}},
+}
+
+IMAGES: dict[str, dict[str, Any]] = {"full": {}, "quick": QUICK}
+DIGITS: dict[str, dict[str, Any]] = {"full": {}, "quick": QUICK}
+
+# Sized for 2 CPU cores (docs/results.md).
+MNIST: dict[str, dict[str, Any]] = {
+    "full": {
+        "task_config": {"stride": 4, "channels": 32, "train_subset": 20000},
+        "teacher": {"epochs": 3, "batch_size": 32},
+        "record": {"max_samples": 10000},
+        "distill": {"epochs": 10},
+    },
+    "quick": QUICK,
+}
+
+# About an hour on 2 CPU cores (docs/results.md); baselines would add 4x the distillation.
+CIFAR10: dict[str, dict[str, Any]] = {
+    "full": {
+        "task_config": {"stride": 2, "channels": 32, "augment": True},
+        "teacher": {"epochs": 5, "batch_size": 128, "train_solver": {"max_iter": 10, "tol": 1e-4}},
+        "record": {"max_samples": 10000, "dtype": "float16"},
+        "distill": {"epochs": 8},
+        "baselines": {"enabled": False},
+    },
+    "quick": QUICK,
+}

@@ -1,0 +1,241 @@
+"""Image classification tasks: ``digits`` (the default demo), ``mnist``, ``cifar10`` and ``images``
+(a user's ``.npz`` or IDX folder).
+
+Splits: the test split is the data's own; a seeded ``valid_fraction`` of the training split
+(after ``train_subset``) is held out for validation, the rest trains. Images are standardised per
+channel with the training split's mean and standard deviation.
+
+Example:
+    >>> task = DigitsTask(ImageConfig())                     # doctest: +SKIP
+    >>> task.split_sizes()                                   # doctest: +SKIP
+    {'train': 1260, 'valid': 140, 'test': 397}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...config import Config, ConfigError, check_choice, check_int, check_range
+from ...deq.model import DEQModel
+from ..base import Task, register_task
+from ..datadir import data_dir
+from . import presets
+from .data import DataError, load_cifar10_archive, load_digits_split, load_idx_folder, load_npz, to_nchw
+from .model import ConvDEQCell, ConvInjection, PoolHead
+
+__all__ = ["Cifar10Task", "DigitsTask", "ImageConfig", "ImageTask", "MnistTask", "load_arrays"]
+
+
+@dataclasses.dataclass
+class ImageConfig(Config):
+    """Attributes:
+        dataset: ``digits``, ``mnist``, ``cifar10``, or ``npz``/``idx`` with ``data``.
+        data: path of a user's ``.npz`` / IDX folder (or overrides a built-in file).
+        channels, stride: width of the state and the injection's downsampling.
+        train_subset, test_subset: use only the first this many images of a split (0: all).
+        valid_fraction: the share of the (subset) training split held out for validation,
+            drawn with ``seed``.
+        augment: random crops (and flips for CIFAR-10) in training.
+        seed: seeds the digits split, the validation share and the model's initialisation.
+    """
+
+    dataset: str = "digits"
+    data: str = ""
+    channels: int = 32
+    stride: int = 1
+    hidden_mult: int = 2
+    residual: bool = True
+    train_subset: int = 0
+    test_subset: int = 0
+    valid_fraction: float = 0.1
+    augment: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_choice("dataset", self.dataset, ["digits", "mnist", "cifar10", "npz", "idx"])
+        if self.dataset in ("npz", "idx") and not self.data:
+            raise ConfigError(f"dataset={self.dataset!r} needs data=PATH")
+        check_int("channels", self.channels, minimum=4)
+        check_choice("stride", self.stride, [1, 2, 4])
+        check_int("hidden_mult", self.hidden_mult, minimum=1)
+        check_int("train_subset", self.train_subset, minimum=0)
+        check_int("test_subset", self.test_subset, minimum=0)
+        if self.train_subset == 1:
+            raise ConfigError("train_subset=1 is not valid; it must be 0 (all) or >= 2 (a training "
+                              "and a validation image at least)")
+        check_range("valid_fraction", self.valid_fraction, 0.001, 0.5)
+        check_int("seed", self.seed, minimum=0)
+
+
+def load_arrays(cfg: ImageConfig) -> tuple[np.ndarray, ...]:
+    """``(x_train, y_train, x_test, y_test)`` of the configured data set."""
+    if cfg.dataset == "digits":
+        return load_digits_split(cfg.seed)
+    if cfg.dataset == "mnist":
+        return load_npz(cfg.data or data_dir() / "mnist" / "mnist.npz")
+    if cfg.dataset == "cifar10":
+        return load_cifar10_archive(cfg.data or data_dir() / "cifar10" / "cifar10_jpg.tar.xz")
+    if cfg.dataset == "npz":
+        return load_npz(cfg.data)
+    return load_idx_folder(cfg.data)
+
+
+def validation_share(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_ids, valid_ids)``: a seeded ``fraction`` of ``range(n)`` (at least one, at most
+    ``n - 1``) for validation, the rest for training, each in increasing order."""
+    n_valid = min(n - 1, max(1, round(fraction * n)))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+class ImageTask(Task):
+    """Image classification; metric: accuracy."""
+
+    name = "images"
+    metric = "accuracy"
+    higher_is_better = True
+    Config = ImageConfig
+    presets = presets.IMAGES
+    dataset: ClassVar[str | None] = None  # a built-in dataset this task always uses
+
+    def __init__(self, config: ImageConfig) -> None:
+        if self.dataset is not None and config.dataset != self.dataset:
+            config = config.replace(dataset=self.dataset)
+        super().__init__(config)
+        x_tr, y_tr, x_te, y_te = load_arrays(config)
+        x_tr, x_te = to_nchw(x_tr), to_nchw(x_te)
+        if config.train_subset:
+            x_tr, y_tr = x_tr[: config.train_subset], y_tr[: config.train_subset]
+        if config.test_subset:
+            x_te, y_te = x_te[: config.test_subset], y_te[: config.test_subset]
+        if len(x_tr) < 2:
+            raise DataError(f"the training split has {len(x_tr)} image(s); at least 2 are needed "
+                            "(one is held out for validation)")
+        train_ids, valid_ids = validation_share(len(x_tr), config.valid_fraction, config.seed)
+        x_va, y_va = x_tr[valid_ids], y_tr[valid_ids]
+        x_tr, y_tr = x_tr[train_ids], y_tr[train_ids]
+        mean = x_tr.mean(axis=(0, 2, 3), keepdims=True)
+        std = x_tr.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+        self.x_train, self.y_train = self._tensors(x_tr, y_tr, mean, std)
+        self.x_valid, self.y_valid = self._tensors(x_va, y_va, mean, std)
+        self.x_test, self.y_test = self._tensors(x_te, y_te, mean, std)
+        seen = set(self.y_train.tolist())
+        for split, y in (("validation", self.y_valid), ("test", self.y_test)):
+            unseen = sorted(set(y.tolist()) - seen)
+            if unseen:
+                raise DataError(f"{split} labels {unseen} never occur in the training split; labels "
+                                "must be class indices 0..C-1 shared by all splits")
+        self.num_classes = int(self.y_train.max()) + 1
+        self.in_channels = self.x_train.shape[1]
+
+    @staticmethod
+    def _tensors(x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray
+                 ) -> tuple[Tensor, Tensor]:
+        return torch.from_numpy((x - mean) / std), torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+    @classmethod
+    def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
+        """``images`` with ``--data``: the npz or IDX reader, chosen from the path (a folder is
+        IDX), unless ``task_config.dataset`` is given."""
+        out = super().resolve_user_config(user, data)
+        if cls.dataset is None and data:
+            out.setdefault("task_config", {}).setdefault("dataset", "idx" if Path(data).is_dir() else "npz")
+        return out
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split."""
+        return {"train": len(self.y_train), "valid": len(self.y_valid), "test": len(self.y_test)}
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["task"] = self.config.dataset if self.config.dataset in ("digits", "mnist", "cifar10") \
+            else f"images:{self.config.data}"
+        sizes = self.split_sizes()
+        out["train_size"], out["valid_size"], out["test_size"] = sizes["train"], sizes["valid"], sizes["test"]
+        return out
+
+    def build_model(self) -> DEQModel:
+        c = self.config
+        torch.manual_seed(c.seed)
+        return DEQModel(ConvInjection(self.in_channels, c.channels, c.stride),
+                        ConvDEQCell(c.channels, hidden_mult=c.hidden_mult, residual=c.residual),
+                        PoolHead(c.channels, self.num_classes))
+
+    def _augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        pad = 2 if x.shape[-1] <= 16 else 4
+        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+        h, w = x.shape[-2:]
+        i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
+        out = padded[..., i : i + h, j : j + w]
+        if self.config.dataset == "cifar10" and bool(torch.rand((), generator=gen) < 0.5):
+            out = out.flip(-1)
+        return out
+
+    def train_batches(self, batch_size: int, shuffle: bool = True,
+                      generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(x (B, C, H, W), y (B,))`` of the training split (augmented when shuffled)."""
+        n = len(self.y_train)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for s in range(0, n, batch_size):
+            idx = order[s : s + batch_size]
+            x = self.x_train[idx]
+            if shuffle and self.config.augment:
+                x = self._augment(x, generator or torch.Generator())
+            yield x, self.y_train[idx]
+
+    @staticmethod
+    def _in_order(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for s in range(0, len(y), batch_size):
+            yield x[s : s + batch_size], y[s : s + batch_size]
+
+    def validation_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The validation share, in a fixed order."""
+        return self._in_order(self.x_valid, self.y_valid, batch_size)
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test split, in a fixed order."""
+        return self._in_order(self.x_test, self.y_test, batch_size)
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y)
+
+    def metric_sum(self, logits: Tensor, y: Tensor) -> tuple[float, int]:
+        return float((logits.argmax(-1) == y).sum()), int(y.numel())
+
+
+register_task(ImageTask)
+
+
+@register_task
+class DigitsTask(ImageTask):
+    """8x8 handwritten digits (1,400 train, 140 of them validation, / 397 test): the default demo."""
+
+    name = "digits"
+    dataset = "digits"
+    presets = presets.DIGITS
+
+
+@register_task
+class MnistTask(ImageTask):
+    """MNIST from <data>/mnist/mnist.npz (or --data)."""
+
+    name = "mnist"
+    dataset = "mnist"
+    presets = presets.MNIST
+
+
+@register_task
+class Cifar10Task(ImageTask):
+    """CIFAR-10 from the JPEG archive in <data>/cifar10 (or --data)."""
+
+    name = "cifar10"
+    dataset = "cifar10"
+    presets = presets.CIFAR10

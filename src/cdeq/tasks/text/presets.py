@@ -1,0 +1,46 @@
+"""Presets of the text tasks, as data.
+
+- ``QUICK_TASK``: the ``task_config`` values ``quick=True`` puts in place of fields left at
+  their defaults (a few thousand characters, a 32-wide block).
+- ``TEXT``: the run defaults ``{"full": sections, "quick": sections}``: the teacher settings
+  that reach the documented accuracy (docs/text.md), and the later stages sized for text windows
+  (B windows x seq_len positions x d_model per state). The teacher's solvers here are also the
+  ones :meth:`TextTask.build_model` gives the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUICK_TASK: dict[str, Any] = {
+    "d_model": 32, "n_heads": 2, "mlp_ratio": 2.0, "seq_len": 32,
+    "max_train_tokens": 4000, "max_eval_tokens": 800, "eval_windows": 8, "record_windows": 16,
+    "epoch_windows": 64,
+}
+
+FULL_RUN: dict[str, Any] = {
+    "teacher": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 100,
+                "backward": "jacobian_free",
+                "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3},
+                "eval_solver": {"name": "anderson", "max_iter": 40, "tol": 1e-4}},
+    "record": {"batch_size": 64, "dtype": "float16",
+               "solver": {"name": "anderson", "max_iter": 40, "tol": 1e-4}},
+    "distill": {"batch_size": 32, "max_residual": 1e-2},
+    "evaluate": {"batch_size": 64, "latency_batch": 32,
+                 "reference": {"name": "anderson", "max_iter": 60, "tol": 1e-5}},
+}
+
+QUICK_RUN: dict[str, Any] = {
+    "threads": 1,  # a tiny model gains nothing from more threads, and they slow it on busy cores
+    "task_config": {"quick": True},
+    "teacher": {"epochs": 4, "batch_size": 8, "lr": 1e-2, "backward": "jacobian_free",
+                "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3},
+                "eval_solver": {"name": "anderson", "max_iter": 20, "tol": 1e-4}},
+    "record": {"batch_size": 16, "solver": {"name": "anderson", "max_iter": 12, "tol": 1e-4}},
+    "distill": {"epochs": 2, "batch_size": 8},
+    "plans": {"max_nfe": 4, "batches": 1},
+    "evaluate": {"budgets": [1, 2, 4], "latency_repeats": 1, "batch_size": 8, "latency_batch": 8,
+                 "reference": {"max_iter": 30}},
+}
+
+TEXT: dict[str, dict[str, Any]] = {"full": FULL_RUN, "quick": QUICK_RUN}
