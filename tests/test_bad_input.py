@@ -3,6 +3,8 @@ of range, a teacher that does not converge, trajectories that do not match the m
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 import cdeq
+from cdeq.cli import main
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
 from cdeq.consistency.trajectory import UnconvergedWarning, residual_summary, warn_unconverged
 from cdeq.deq.layer import SolverSpec
@@ -171,6 +174,94 @@ def test_record_stage_warns_when_the_teacher_did_not_converge(monkeypatch, tmp_p
     cfg = RunConfig.from_dict({"task": ToyTask.name,
                                "record": {"solver": {"name": "picard", "max_iter": 3, "tol": 1e-9}}})
     run = Run(tmp_path, cfg, log=lambda m: None)
-    run._save_module("teacher", run.task.build_model(), {})
+    run.save_module("teacher", run.task.build_model(), {})
     with pytest.warns(UnconvergedWarning, match="did not converge"):
         run.record()
+
+
+# --- the command line: bad configuration values, --out, a failed start, mismatched files ----------
+def _no_stages(monkeypatch) -> list:
+    """Replace the stages of `cdeq run` by a no-op (these tests check what happens before them)."""
+    calls: list = []
+    monkeypatch.setattr(Run, "run_all", lambda self: calls.append(self.dir) or {})
+    return calls
+
+
+@pytest.mark.parametrize("setting, key, form", [
+    ("teacher.train_solver=foo", r"teacher\.train_solver='foo'", "a mapping of SolverSpec settings"),
+    ("teacher=3", "teacher=3", "a mapping of TeacherConfig settings"),
+    ("teacher.eval_solver.max_iter=many", r"teacher\.eval_solver\.max_iter='many'", "an integer"),
+    ("baselines.enabled=1", r"baselines\.enabled=1", "true or false"),
+    ("evaluate.budgets=4", r"evaluate\.budgets=4", "a list"),
+    ("task_config=3", "task_config=3", "a mapping"),
+])
+def test_bad_configuration_values_give_rc_2_and_leave_nothing(tmp_path, capsys, monkeypatch, setting,
+                                                              key, form):
+    out = tmp_path / "x1"
+    calls = _no_stages(monkeypatch)
+    assert main(["run", "digits", "--quick", "--out", str(out), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cdeq: error: ") and "Traceback" not in err
+    assert re.search(key, err) and form in err
+    assert not (out / "config.json").exists()
+    # the corrected retry is not blocked by the failed start
+    assert main(["run", "digits", "--quick", "--out", str(out)]) == 0 and calls == [out]
+    assert (out / "config.json").exists()
+
+
+def test_set_conflicts_and_malformed_pairs_are_config_errors(capsys):
+    assert main(["run", "digits", "--set", "teacher=3", "teacher.epochs=2"]) == 2
+    assert "an earlier --set gave teacher the value 3" in capsys.readouterr().err
+    for pair in ("teacher.epochs", "=3", "teacher..epochs=3"):
+        assert main(["run", "digits", "--set", pair]) == 2
+        assert "write KEY=VALUE" in capsys.readouterr().err
+
+
+def test_data_that_fails_leaves_no_config_behind(tmp_path, capsys, monkeypatch):
+    _no_stages(monkeypatch)
+    out = tmp_path / "r"
+    assert main(["run", "images", "--data", str(tmp_path / "nope.npz"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+
+
+def test_a_start_that_left_no_output_does_not_block_another_configuration(tmp_path, capsys, monkeypatch):
+    calls = _no_stages(monkeypatch)
+    out = tmp_path / "r"
+    assert main(["run", "digits", "--quick", "--out", str(out), "--set", "seed=1"]) == 0
+    assert main(["run", "digits", "--quick", "--out", str(out), "--set", "seed=2"]) == 0
+    assert json.loads((out / "config.json").read_text())["seed"] == 2 and len(calls) == 2
+    assert "replacing the configuration of an earlier start" in (out / "log.txt").read_text()
+    (out / "teacher.ckpt").write_bytes(b"an epoch checkpoint")  # now a stage has left a file
+    assert main(["run", "digits", "--quick", "--out", str(out), "--set", "seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration (differing in seed: 2 -> 3" in err and "teacher.ckpt" in err
+
+
+@pytest.mark.parametrize("command", [["run", "digits", "--quick"], ["train", "digits", "--quick"]])
+def test_out_naming_an_existing_file_is_a_clear_error(tmp_path, capsys, command):
+    path = tmp_path / "f"
+    path.write_text("")
+    assert main([*command, "--out", str(path)]) == 2
+    assert f"--out {path} is an existing file, not a directory" in capsys.readouterr().err
+    assert main([*command, "--out", str(path / "sub")]) == 2
+    assert f"cannot create the run directory {path / 'sub'}" in capsys.readouterr().err
+
+
+def test_a_state_dict_mismatch_keeps_every_line_of_the_message(tmp_path):
+    from cdeq.io import save_tensors
+    from cdeq.pipeline import build_config
+
+    run = Run(tmp_path, build_config("digits", {}, quick=True), log=lambda m: None)
+    other = build_config("digits", {"task_config": {"channels": 16}}, quick=True)
+    state = TASKS["digits"](TASKS["digits"].Config.from_dict(other.task_config)).build_model().state_dict()
+    state.pop(sorted(state)[-1])  # a missing key, an unexpected key, and channels 16 for 8
+    state["stray.weight"] = torch.zeros(2)
+    save_tensors(tmp_path / "teacher.safetensors", state, kind="teacher")
+    with pytest.raises(cdeq.ConfigError) as err:
+        run.teacher()
+    message = str(err.value)
+    assert "teacher.safetensors does not match the model built from config.json" in message
+    assert "Missing key(s)" in message and "Unexpected key(s)" in message and '"stray.weight"' in message
+    assert "size mismatch for" in message and "torch.Size([16" in message
+    assert f"cdeq train --out {tmp_path}" in message  # how to recover

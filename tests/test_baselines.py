@@ -12,6 +12,7 @@ from cdeq.baselines import (
     BaselineConfig,
     LearnedInit,
     UnrolledNet,
+    anytime_method,
     learned_init_method,
     task_loss,
     train_learned_init,
@@ -88,10 +89,11 @@ def test_learned_init_fits_z_star_and_helps_the_truncated_solver():
     task, model = ToyTask(), _model()
     cfg = RecordConfig(solver=SolverSpec(name="anderson", max_iter=40, tol=1e-6), batch_size=128)
     trajectories = record(model, task.train_batches(128, shuffle=False), cfg)
-    bcfg = BaselineConfig(init_hidden=32, init_max_epochs=60, init_lr=1e-2)
+    bcfg = BaselineConfig.from_dict({"init_hidden": 32, "init_optim": {"lr": 1e-2}})
     init = LearnedInit.for_teacher(model, bcfg)
-    info = train_learned_init(init, model, trajectories, bcfg, time_s=0.0, log=lambda m: None)
-    assert info["epochs"] == 60
+    info = train_learned_init(init, model, trajectories, bcfg, samples=60 * 384, log=lambda m: None)
+    # 60 epochs of the 384 recorded samples in minibatches of 64: 6 steps each
+    assert info["work"] == {"steps": 360, "samples": 60 * 384, "epochs": 60, "layer_calls_per_sample": 0}
     assert info["losses"][-1] < 0.3 * info["losses"][0]
     x = task.x[384:]
     with torch.no_grad():
@@ -122,10 +124,10 @@ def test_unrolled_fine_tuning_lowers_the_task_loss():
     net = UnrolledNet(teacher, 2)
     before = task_loss(net, task, task.train_batches(128, shuffle=False))
     teacher_params = [p.clone() for p in teacher.parameters()]
-    cfg = BaselineConfig(unrolled_epochs=5, unrolled_lr=1e-2, unrolled_batch_size=32)
-    info = train_unrolled(net, task, cfg, time_s=0.0, log=lambda m: None)
+    cfg = BaselineConfig.from_dict({"unrolled_optim": {"lr": 1e-2}, "unrolled_batch_size": 32})
+    info = train_unrolled(net, task, cfg, samples=5 * 384, log=lambda m: None)
     after = task_loss(net, task, task.train_batches(128, shuffle=False))
-    assert info["epochs"] == 5 and after < 0.7 * before
+    assert info["work"]["epochs"] == 5 and after < 0.7 * before
     # the teacher itself is left untouched (the network trains copies)
     assert all(torch.equal(a, b) for a, b in zip(teacher_params, teacher.parameters(), strict=True))
 
@@ -135,8 +137,12 @@ def test_baseline_config_is_validated():
         BaselineConfig.from_dict({"unrolled_k": [1]})
     with pytest.raises(ConfigError, match="unrolled_ks"):
         BaselineConfig.from_dict({"unrolled_ks": [0, 2]})
-    with pytest.raises(ConfigError, match="init_time_s"):
-        BaselineConfig(init_time_s=-1.0)
+    with pytest.raises(ConfigError, match="samples"):
+        BaselineConfig(samples=-1)
+    with pytest.raises(ConfigError, match="unknown key 'init_time_s'"):
+        BaselineConfig.from_dict({"init_time_s": 10.0})
+    with pytest.raises(ConfigError, match="lr"):
+        BaselineConfig.from_dict({"unrolled_optim": {"lr": 0}})
     assert RunConfig.from_dict({"baselines": {"enabled": False}}).baselines.enabled is False
 
 
@@ -147,3 +153,42 @@ def test_runs_written_before_the_baselines_section_still_open(tmp_path):
     del old["baselines"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     Run(tmp_path, cfg, log=lambda m: None)  # same configuration: no "another configuration" error
+
+
+@pytest.mark.parametrize("samples, steps", [(1, 1), (32, 1), (33, 2), (1000, 32)])
+def test_the_budget_is_work_not_time(samples, steps):
+    """``samples`` training samples in batches of 32 over 12 steps per epoch: exact step counts, and
+    the samples seen are those steps' batches (every batch here is full)."""
+    task, teacher = ToyTask(), _model()
+    cfg = BaselineConfig(unrolled_batch_size=32)
+    info = train_unrolled(UnrolledNet(teacher, 1), task, cfg, samples=samples, log=lambda m: None)
+    assert info["work"]["steps"] == steps and info["work"]["samples"] == 32 * steps
+    assert info["work"]["epochs"] == -(-steps // 12)
+    again = train_unrolled(UnrolledNet(teacher, 1), task, cfg, samples=samples, log=lambda m: None)
+    assert again["losses"] == info["losses"]  # the same budget and seed: the same run, bit for bit
+
+
+def test_a_baseline_without_a_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="baselines.samples"):
+        train_unrolled(UnrolledNet(_model(), 1), ToyTask(), BaselineConfig(), samples=0)
+
+
+def test_anytime_network_is_supervised_at_every_step_and_serves_every_budget():
+    task, teacher = ToyTask(), _model()
+    net = UnrolledNet(teacher, 4, anytime=True)
+    x, y = task.x[:64], task.y[:64]
+    with torch.no_grad():  # the training loss is the mean of the task loss after each step
+        expected = sum(F.cross_entropy(net(x, k)[0], y) for k in range(1, 5)) / 4
+        assert torch.allclose(net.training_loss(task, x, y), expected)
+    fn = anytime_method(net)
+    for k in (1, 2, 3, 4):
+        net.cell.calls = 0
+        logits, z = fn(x, k)
+        assert net.cell.calls == k and logits.shape == (64, 4)
+    assert fn(x, 5) is None
+    batches = list(task.train_batches(128, shuffle=False))
+    before = [task_loss(lambda x, k=k: net(x, k), task, batches) for k in range(1, 5)]
+    cfg = BaselineConfig.from_dict({"unrolled_optim": {"lr": 1e-2}})
+    train_unrolled(net, task, cfg, samples=5 * 384, log=lambda m: None)
+    after = [task_loss(lambda x, k=k: net(x, k), task, batches) for k in range(1, 5)]
+    assert all(a < 0.8 * b for a, b in zip(after, before, strict=True)), (before, after)

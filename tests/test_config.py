@@ -68,7 +68,7 @@ def test_unknown_key_names_the_key_the_allowed_keys_and_a_suggestion():
 
 
 def test_unknown_key_in_a_nested_section_names_that_section():
-    with pytest.raises(ConfigError, match=r"unknown key 'lrr' in Optim.*did you mean 'lr'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' in Optim.*did you mean 'lr'"):
         Run.from_dict({"optim": {"lrr": 0.1}})
 
 
@@ -146,3 +146,85 @@ def test_solver_options_inherit_the_common_checks():
 def test_docstring_examples():
     result = doctest.testmod(cdeq.config)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- types: every field is checked against its type hint, errors name the full key path -------------
+@dataclasses.dataclass
+class Typed(Config):
+    n: int = 1
+    x: float = 0.5
+    flag: bool = False
+    name: str = "a"
+    items: tuple = ()
+    extra: dict = dataclasses.field(default_factory=dict)
+    maybe: int | None = None
+    run: Run = dataclasses.field(default_factory=Run)
+
+
+WRONG = {  # field -> values of another kind, as a JSON file or `--set` would give them
+    "n": ["3", 1.5, True, None, [1], {"a": 1}],
+    "x": ["fast", True, None, [1.0], {"a": 1}],
+    "flag": [1, 0, "yes", None, [True], {"a": 1}],
+    "name": [3, 1.5, True, None, ["a"], {"a": 1}],
+    "items": [3, "abc", True, None, {"a": 1}],
+    "extra": [3, "abc", True, None, [1]],
+    "maybe": ["3", 1.5, True, [1]],
+}
+
+
+@pytest.mark.parametrize("key, value", [(k, v) for k, vs in WRONG.items() for v in vs])
+def test_a_value_of_the_wrong_type_names_the_key_and_the_expected_form(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key}=.* is not valid; expected "):
+        Typed.from_dict({key: value})
+
+
+@pytest.mark.parametrize("value", [3, "foo", [1], True, None])
+def test_a_section_given_a_non_mapping_names_the_section(value):
+    with pytest.raises(ConfigError, match=r"^run=.* is not valid; expected a mapping of Run settings"):
+        Typed.from_dict({"run": value})
+    with pytest.raises(ConfigError, match=r"^run\.optim=.* expected a mapping of Optim settings "
+                                          r"\(keys: \['betas', 'kind', 'lr'\]\)"):
+        Typed.from_dict({"run": {"optim": value}})
+
+
+def test_nested_errors_name_the_full_key_path():
+    with pytest.raises(ConfigError, match=r"^run\.optim\.lr='x' is not valid; expected a number"):
+        Typed.from_dict({"run": {"optim": {"lr": "x"}}})
+    with pytest.raises(ConfigError, match=r"^run\.optim: lr=0 is not valid; it must be a number > 0"):
+        Typed.from_dict({"run": {"optim": {"lr": 0}}})  # a range check: prefixed once, not twice
+    with pytest.raises(ConfigError, match=r"^unknown key 'run\.optim\.lrr' in Optim"):
+        Typed.from_dict({"run": {"optim": {"lrr": 0.1}}})
+
+
+def test_values_of_the_right_type_are_kept():
+    t = Typed.from_dict({"n": 2, "x": 3, "flag": True, "name": "b", "items": [1, 2],
+                         "extra": {"k": [1]}, "maybe": 4, "run": Run(steps=3)})
+    assert (t.n, t.x, t.flag, t.name, t.items, t.extra, t.maybe) == (2, 3, True, "b", (1, 2),
+                                                                     {"k": [1]}, 4)
+    assert t.run == Run(steps=3)  # a section given as a Config instance
+    assert Typed.from_dict({"maybe": None}).maybe is None
+
+
+def test_the_run_configuration_rejects_the_issue_probes():
+    from cdeq.pipeline import build_config
+
+    with pytest.raises(ConfigError, match=r"teacher\.train_solver='foo' is not valid; expected a "
+                                          r"mapping of SolverSpec settings.*teacher\.train_solver\.name=foo"):
+        build_config("digits", {"teacher": {"train_solver": "foo"}}, quick=True)
+    with pytest.raises(ConfigError, match=r"^teacher=3 is not valid; expected a mapping of TeacherConfig"):
+        build_config("digits", {"teacher": 3}, quick=True)
+    with pytest.raises(ConfigError, match=r"^task_config\.channels='8' is not valid; expected an integer"):
+        build_config("digits", {"task_config": {"channels": "8"}}, quick=True)
+    with pytest.raises(ConfigError, match=r"^teacher\.eval_solver: solver name='fast' is not valid"):
+        build_config("digits", {"teacher": {"eval_solver": {"name": "fast"}}}, quick=True)
+
+
+def test_merged_merges_sections_and_replaces_solver_options():
+    from cdeq.config import merged
+
+    base = {"a": {"b": 1, "c": 2}, "solver": {"name": "anderson", "options": {"memory": 5}}}
+    out = merged(base, {"a": {"c": 3}, "solver": {"name": "picard", "options": {"damping": 0.5}}})
+    assert out == {"a": {"b": 1, "c": 3}, "solver": {"name": "picard", "options": {"damping": 0.5}}}
+    assert base["a"] == {"b": 1, "c": 2}  # the inputs are not changed
+    out["solver"]["options"]["damping"] = 1.0
+    assert merged(base, {})["solver"]["options"] == {"memory": 5}

@@ -115,7 +115,8 @@ def test_distilled_student_beats_truncated_teacher_at_one_nfe(tmp_path):
         assert torch.allclose(batch.iterates[:, 1], model.cell(torch.zeros(128, 16), u), atol=1e-6)
 
     student = ConsistencyStudent(model)
-    hist = distill(student, list(store), DistillConfig(epochs=40, batch_size=64, lr=3e-3),
+    hist = distill(student, list(store), DistillConfig.from_dict(
+        {"epochs": 40, "batch_size": 64, "optim": {"lr": 3e-3}}),
                    task_loss=nn.functional.cross_entropy, log=lambda s: None)
     assert hist["loss"][-1] < hist["loss"][0]
     search = select_plans(student, train, _score, True, last=40, config=PlanSearchConfig(max_nfe=3))
@@ -212,7 +213,7 @@ def test_distill_leaves_the_teacher_weights_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trajs = record(model, [(x, y)], RecordConfig.from_dict({"solver": {"max_iter": 20}}))
     student = ConsistencyStudent(model)
-    distill(student, trajs, DistillConfig(epochs=2, batch_size=64, lr=1e-2),
+    distill(student, trajs, DistillConfig.from_dict({"epochs": 2, "batch_size": 64, "optim": {"lr": 1e-2}}),
             task_loss=nn.functional.cross_entropy, log=lambda s: None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

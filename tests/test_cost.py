@@ -103,7 +103,8 @@ def test_student_count_includes_time_embedding_and_correction():
     assert extra >= time_mlp + correction
     assert full["flops"]["cdeq"]["1"] - bare["flops"]["cdeq"]["1"] == pytest.approx(correction + c * hw)
     assert full["layer_calls"]["cdeq"]["1"] > 1.0 + correction / full["layer_call_flops"]
-    assert full["layer_calls"]["picard"]["1"] == pytest.approx(1.0, abs=0.05)
+    # one layer call plus the loop's own residual and best-iterate arithmetic, large beside a 4-channel cell
+    assert 1.0 < full["layer_calls"]["picard"]["1"] < 1.1
     assert b == full["batch_size"]
 
 

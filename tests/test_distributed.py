@@ -1,5 +1,6 @@
-"""Two processes (torchrun, gloo on CPU) train the same teacher, and distil the same student, as one
-process with the same global batch and seed: weights equal within 1e-5 (max abs difference).
+"""Two processes (torchrun, gloo on CPU, DistributedDataParallel) train the same teacher, and distil the
+same student, as one process with the same global batch and seed: weights equal within 1e-5 (max abs
+difference).
 
 Run as a script under torchrun, this file trains a toy DEQ teacher, records its trajectories, distils a
 student with each rank computing its half of every minibatch, and (rank 0) saves both.
@@ -53,6 +54,9 @@ def _toy_task():
             for s in range(0, 48, batch_size):
                 yield self.x[order[s:s + batch_size]], self.y[order[s:s + batch_size]]
 
+        def validation_batches(self, batch_size):
+            yield self.x[:16], self.y[:16]
+
         def loss(self, logits, y):
             return nn.functional.cross_entropy(logits, y)
 
@@ -60,24 +64,44 @@ def _toy_task():
 
 
 def train(out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
     from cdeq import distributed
-    from cdeq.training import TeacherConfig, train_teacher
 
     distributed.init()
+    wrapped = []  # the modules DistributedDataParallel was built for (none in one process)
+    real_init = DistributedDataParallel.__init__
+
+    def spy(self, module, *args, **kwargs):
+        wrapped.append(type(module.model).__name__)
+        real_init(self, module, *args, **kwargs)
+
+    DistributedDataParallel.__init__ = spy
+    try:
+        model, student = _train_both()
+    finally:
+        DistributedDataParallel.__init__ = real_init
+    if distributed.is_main():
+        torch.save({"teacher": model.state_dict(), "student": student.state_dict(), "ddp": wrapped}, out)
+    distributed.barrier()
+
+
+def _train_both():
+    from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
+    from cdeq.training import TeacherConfig, train_teacher
+
     torch.set_num_threads(1)
     task = _toy_task()
     model = task.build_model()
-    train_teacher(task, model, TeacherConfig(epochs=2, batch_size=16, lr=1e-2), seed=0, log=lambda m: None)
-    from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
-
+    train_teacher(task, model, TeacherConfig.from_dict(
+        {"epochs": 2, "batch_size": 16, "optim": {"lr": 1e-2}}), seed=0, log=lambda m: None)
     trajectories = record(model, task.train_batches(24, shuffle=False),
                           RecordConfig.from_dict({"solver": {"max_iter": 12}}))
     student = ConsistencyStudent(model)
-    distill(student, trajectories, DistillConfig(epochs=2, batch_size=12, lr=3e-3), task_loss=task.loss,
+    distill(student, trajectories, DistillConfig.from_dict(
+        {"epochs": 2, "batch_size": 12, "optim": {"lr": 3e-3}}), task_loss=task.loss,
             seed=0, log=lambda m: None)
-    if distributed.is_main():
-        torch.save({"teacher": model.state_dict(), "student": student.state_dict()}, out)
-    distributed.barrier()
+    return model, student
 
 
 def test_two_processes_match_one(tmp_path):
@@ -94,7 +118,9 @@ def test_two_processes_match_one(tmp_path):
     finally:
         torch.set_num_threads(before)
     both_one, both_two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    for part in ("teacher", "student"):
+    # teacher training and distillation ran under DistributedDataParallel in the two processes
+    assert both_two["ddp"] == ["DEQModel", "ConsistencyStudent"] and both_one["ddp"] == []
+    for part in ("teacher", "student"):  # the same weights as one process
         one, two = both_one[part], both_two[part]
         assert one.keys() == two.keys()
         diff = max(float((one[k] - two[k]).abs().max()) for k in one)

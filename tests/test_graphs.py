@@ -377,8 +377,8 @@ def test_a_few_steps_raise_cora_training_accuracy(cora, one_thread):
         return correct / count
 
     before = train_accuracy()
-    config = TeacherConfig(epochs=1, lr=0.02, weight_decay=0.0,
-                           train_solver=cdeq.SolverSpec(name="anderson", max_iter=15, tol=1e-3))
+    config = TeacherConfig.from_dict({"optim": {"lr": 0.02, "weight_decay": 0.0}}, epochs=1,
+                                     train_solver=cdeq.SolverSpec(name="anderson", max_iter=15, tol=1e-3))
     history = train_teacher(task, model, config, log=lambda _: None)
     after = train_accuracy()
     assert after > before + 0.3, (before, after)

@@ -1,11 +1,14 @@
 """The command line end to end at smoke size: report files, stage reuse, user errors."""
 
 import json
+import os
+import stat
 
 import pytest
 
+from cdeq import pipeline
 from cdeq.cli import main
-from cdeq.pipeline import RunConfig, build_config
+from cdeq.pipeline import Run, RunConfig, build_config
 
 TINY = ["teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=64",
         "distill.epochs=1", "evaluate.budgets=[1,2]", "plans.max_nfe=2"]
@@ -14,8 +17,21 @@ TINY = ["teacher.epochs=1", "task_config.train_subset=128", "task_config.test_su
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "digits"
-    assert main(["run", "digits", "--quick", "--out", str(out), "--set", *TINY]) == 0
+    before = os.umask(0o022)
+    try:
+        assert main(["run", "digits", "--quick", "--out", str(out), "--set", *TINY]) == 0
+    finally:
+        os.umask(before)
     return out
+
+
+def test_run_files_have_the_mode_the_umask_gives(quick_run):
+    files = [p for p in quick_run.rglob("*") if p.is_file()]
+    names = {str(p.relative_to(quick_run)) for p in files}
+    assert {"config.json", "report.json", "table.md", "plot.png", "teacher.safetensors", "student.ckpt",
+            "log.txt", "trajectories/manifest.json", "trajectories/shard_00000.safetensors"} <= names
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == \
+        {p.name: "0o644" for p in files}  # the run ran under umask 022
 
 
 def test_report_has_the_promised_fields(quick_run):
@@ -98,3 +114,35 @@ def test_repeated_set_flags_accumulate():
 
     args = build_parser().parse_args(["run", "digits", "--set", "seed=1", "--set", "teacher.epochs=2"])
     assert _overrides(args.set) == {"seed": 1, "teacher": {"epochs": 2}}
+
+
+def test_every_stage_loads_the_solvers_the_configuration_gives(tmp_path, monkeypatch):
+    """teacher.train_solver, teacher.eval_solver and record.solver reach the model of every stage."""
+    loaded, trained = [], []
+    real_teacher, real_train = Run.teacher, pipeline.train_teacher
+
+    def teacher(self):
+        loaded.append(real_teacher(self))
+        return loaded[-1]
+
+    def train(task, model, config, **kwargs):
+        history = real_train(task, model, config, **kwargs)
+        trained.append(model)
+        return history
+
+    monkeypatch.setattr(Run, "teacher", teacher)
+    monkeypatch.setattr(pipeline, "train_teacher", train)
+    solvers = ['teacher.train_solver={"name": "picard", "max_iter": 7, "tol": 0.001}',
+               "teacher.eval_solver.name=broyden", "teacher.eval_solver.max_iter=77",
+               "teacher.eval_solver.tol=1e-5", "record.solver.max_iter=13", "baselines.enabled=true",
+               "baselines.unrolled_ks=[1]", "baselines.samples=64"]
+    assert main(["run", "digits", "--quick", "--out", str(tmp_path), "--set", *TINY, *solvers]) == 0
+    assert len(trained) == 1 and len(loaded) >= 4  # record, distill, baselines, evaluate
+    for model in trained + loaded:
+        train_solver, eval_solver = model.deq.solver, model.deq.eval_solver
+        assert (train_solver.name, train_solver.options.max_iter, train_solver.options.tol) == \
+            ("picard", 7, 0.001)
+        assert (eval_solver.name, eval_solver.options.max_iter, eval_solver.options.tol) == \
+            ("broyden", 77, 1e-5)
+    manifest = json.loads((tmp_path / "trajectories" / "manifest.json").read_text())
+    assert manifest["last"] == 13 and max(manifest["indices"]) < 13

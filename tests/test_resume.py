@@ -101,16 +101,16 @@ def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed
     Run(tmp_path / "a", log=lambda m: None).distill()
 
     interrupted = Run(tmp_path / "b", log=lambda m: None)
-    real_save = Run._save_checkpoint
+    real_save = Run.write_checkpoint
 
     def save_then_die(self, name, payload):  # the process "dies" right after epoch 1's checkpoint
         real_save(self, name, payload)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Run, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(Run, "write_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         interrupted.distill()
-    monkeypatch.setattr(Run, "_save_checkpoint", real_save)
+    monkeypatch.setattr(Run, "write_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "b" / "student.ckpt")["epoch"] == 0
     logs = []
     Run(tmp_path / "b", log=logs.append).distill()
@@ -183,3 +183,93 @@ def test_pipeline_refuses_a_corrupt_checkpoint(tmp_path, capsys):
     assert main(["train", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "teacher.ckpt" in err and "checksum" in err
+
+
+# --- `cdeq run` repairs what it would skip: damaged outputs set aside, missing shards recorded ------
+QUICK = ["teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=32",
+         "record.batch_size=64", "distill.epochs=1", "plans.max_nfe=2", "evaluate.budgets=[1,2]",
+         "baselines.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["run", "digits", "--quick", "--out", str(out), "--set", *QUICK]) == 0
+    return out
+
+
+def _rerun(finished: Path, tmp_path: Path, damage) -> tuple[Path, str]:
+    """Copy the finished run, damage it, run `cdeq run` on it; returns the copy and its new log."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "log.txt").write_text("")
+    damage(run)
+    assert main(["run", "digits", "--quick", "--out", str(run), "--set", *QUICK]) == 0
+    return run, (run / "log.txt").read_text()
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name, stage", [("student", "distillation"), ("teacher", "training")])
+def test_a_damaged_stage_output_is_set_aside_and_its_stage_redone(finished, tmp_path, name, stage):
+    run, log = _rerun(finished, tmp_path, lambda d: _truncate(d / f"{name}.safetensors"))
+    aside = list(run.glob(f"{name}.safetensors.corrupt-*"))
+    size = (finished / f"{name}.safetensors").stat().st_size
+    assert len(aside) == 1 and aside[0].stat().st_size == size // 2  # kept for inspection
+    assert f"{name}.safetensors is damaged" in log
+    assert f"moved it to {aside[0].name} and redoing {stage}" in log
+    # redone from the last epoch's checkpoint: the same weights as before the damage
+    redone, _ = load_tensors(run / f"{name}.safetensors", kind=name)
+    original, _ = load_tensors(finished / f"{name}.safetensors", kind=name)
+    assert _max_diff(redone, original) == 0.0
+    assert (run / "report.json").exists()
+
+
+def test_a_damaged_output_names_the_stage_that_redoes_it(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    _truncate(run / "student.safetensors")
+    assert main(["evaluate", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "student.safetensors is not a readable safetensors file" in err
+    assert f"run `cdeq distill --out {run}` to redo its stage" in err
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_lost_shard_is_reported_and_recorded_again(finished, tmp_path, damage):
+    shard = Path("trajectories") / "shard_00001.safetensors"
+    run, log = _rerun(finished, tmp_path, lambda d: (d / shard).unlink() if damage == "delete"
+                      else _truncate(d / shard))
+    assert "trajectories/manifest.json lists 2 shards but 1 of them are missing or damaged " \
+           "(shard_00001.safetensors): recording those again" in log
+    if damage == "truncate":
+        assert "trajectory shard shard_00001.safetensors is damaged (" in log
+        assert len(list((run / "trajectories").glob("shard_00001.safetensors.corrupt-*"))) == 1
+    again, _ = load_tensors(run / shard, kind="trajectory")
+    assert _max_diff(again, load_tensors(finished / shard, kind="trajectory")[0]) == 0.0
+    assert "skipping distillation" in log  # the student is whole: not redone
+
+
+def test_a_missing_shard_read_by_a_stage_says_how_to_record_it(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "student.safetensors").unlink()
+    (run / "trajectories" / "shard_00000.safetensors").unlink()
+    assert main(["distill", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "shard_00000.safetensors is missing, though" in err and "lists 2 shards" in err
+    assert f"cdeq record --out {run}" in err
+
+
+def test_cdeq_run_sets_a_damaged_checkpoint_aside(finished, tmp_path):
+    def damage(d: Path) -> None:
+        (d / "student.safetensors").unlink()
+        _truncate(d / "student.ckpt")
+
+    run, log = _rerun(finished, tmp_path, damage)
+    assert "student.ckpt is damaged" in log and "the stage starts from its first epoch" in log
+    assert len(list(run.glob("student.ckpt.corrupt-*"))) == 1
+    redone, _ = load_tensors(run / "student.safetensors", kind="student")
+    assert _max_diff(redone, load_tensors(finished / "student.safetensors", kind="student")[0]) == 0.0

@@ -71,6 +71,12 @@ class _FakeRun:
         self.dir = out_dir
         _FakeRun.made.append((out_dir, config))
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
     def log(self, msg):
         pass
 

@@ -219,7 +219,8 @@ def test_training_reduces_loss(char_file):
         return sum(s for s, _ in sums) / sum(c for _, c in sums)
 
     before = valid_nll()
-    train_teacher(task, model, TeacherConfig(epochs=3, batch_size=16, lr=1e-2, backward="jacobian_free"),
+    train_teacher(task, model, TeacherConfig.from_dict(
+        {"epochs": 3, "batch_size": 16, "optim": {"lr": 1e-2}, "backward": "jacobian_free"}),
                   log=lambda s: None)
     after = valid_nll()
     assert after < before - 0.5

@@ -1,24 +1,29 @@
-"""Baselines a user would pick instead of C-DEQ, trained from the same teacher and data.
+"""Baselines a user would pick instead of C-DEQ, trained from the same teacher and data, each with
+the student's training work (the same optimiser samples, steps x batch, as its distillation):
 
 - **Learned initialiser** (as in HyperDEQ / Skip-DEQ): a small network ``h(u)`` predicts ``z*``
   from the input injection ``u`` (no layer call), trained on the recorded training trajectories'
-  ``z*`` with the relative squared error, for a wall-clock budget like the student's distillation.
-  At budget ``k`` the teacher solver runs ``k`` steps from ``h(u)``: ``k`` NFE. The solver (Picard
-  or Anderson) is chosen per budget on training batches, never on held-out data.
+  ``z*`` with the relative squared error. At budget ``k`` the teacher solver runs ``k`` steps from
+  ``h(u)``: ``k`` NFE. The solver (Picard or Anderson) is chosen per budget on training batches,
+  never on held-out data.
 - **Unrolled k-step network**: the teacher's layer applied ``k`` times from ``z_0`` with shared
   weights and the teacher's head, fine-tuned from the teacher on the task loss. Budget ``k`` uses
   the network trained for ``k`` (exactly ``k`` NFE); other budgets report nothing.
+- **Anytime unrolled network**: one such network trained for every ``k <= anytime_k`` together
+  (the task loss after each step, averaged); budget ``k`` stops after ``k`` steps. Like C-DEQ it
+  is one model for every budget.
 
-Both are wired into :func:`cdeq.evaluate.evaluate` through :func:`learned_init_method` and
-:func:`unrolled_method` (``extra_methods``); the pipeline's ``baselines`` stage trains them.
+All are wired into :func:`cdeq.evaluate.evaluate` through :func:`learned_init_method`,
+:func:`unrolled_method` and :func:`anytime_method` (``extra_methods``); the pipeline's
+``baselines`` stage trains them (:func:`train_baselines`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,9 +34,12 @@ from .config import Config, ConfigError, check_int, check_positive
 from .consistency.student import ChannelMLP
 from .consistency.trajectory import TrajectoryBatch
 from .deq.model import DEQModel
+from .fit import OptimConfig, fit
 from .solvers import get_solver
 from .solvers.base import take_rows
 from .tasks.base import Task
+
+logger = logging.getLogger(__name__)
 
 INIT_SOLVERS = ("picard", "anderson")
 
@@ -40,51 +48,63 @@ INIT_SOLVERS = ("picard", "anderson")
 class BaselineConfig(Config):
     """Attributes:
         enabled: train and evaluate the baselines in ``cdeq run``.
+        samples: training samples (optimiser steps x batch) of each baseline; 0: the student's
+            distillation samples, read from ``student.safetensors``.
         init_hidden: width of the learned initialiser's channel-wise MLP.
         init_conv: add a depthwise 3x3 convolution of ``u`` for image states ``(B, C, H, W)``.
-        init_time_s: wall-clock budget of the initialiser's training (0: the student's
-            distillation time, read from ``student.safetensors``).
-        init_max_epochs, init_batch_size, init_lr: its optimiser loop (AdamW, cosine over the
-            epochs that fit the budget).
+        init_batch_size, init_optim: the initialiser's minibatch and optimiser loop.
         init_select_batches: training batches used to pick Picard or Anderson per budget.
         unrolled_ks: the ``k`` of the directly trained ``k``-step networks.
-        unrolled_epochs, unrolled_batch_size, unrolled_lr: their fine-tuning loop (AdamW, cosine).
-        unrolled_time_s: wall-clock budget of each network (0: the student's distillation time).
+        anytime_k: the anytime network is trained for every ``k <= anytime_k`` (0: no anytime net).
+        unrolled_batch_size, unrolled_optim: the unrolled networks' minibatch and optimiser loop.
         max_residual: recorded samples whose ``z*`` residual is above this are left out.
     """
 
     enabled: bool = True
+    samples: int = 0
     init_hidden: int = 128
     init_conv: bool = True
-    init_time_s: float = 0.0
-    init_max_epochs: int = 2000
     init_batch_size: int = 64
-    init_lr: float = 2e-3
+    init_optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0))
     init_select_batches: int = 4
     unrolled_ks: tuple = (1, 2, 4)
-    unrolled_epochs: int = 100
+    anytime_k: int = 4
     unrolled_batch_size: int = 32
-    unrolled_lr: float = 1e-3
-    unrolled_time_s: float = 0.0
+    unrolled_optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1.0))
     max_residual: float = 1e-2
 
     def validate(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"enabled={self.enabled!r} is not valid; give true or false")
+        check_int("samples", self.samples, minimum=0)
         check_int("init_hidden", self.init_hidden, minimum=1)
-        check_positive("init_time_s", self.init_time_s, allow_zero=True)
-        check_int("init_max_epochs", self.init_max_epochs, minimum=1)
         check_int("init_batch_size", self.init_batch_size, minimum=1)
-        check_positive("init_lr", self.init_lr)
         check_int("init_select_batches", self.init_select_batches, minimum=1)
         if not self.unrolled_ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
                                        for k in self.unrolled_ks):
             raise ConfigError(f"unrolled_ks={self.unrolled_ks!r} is not valid; give positive integers")
-        check_int("unrolled_epochs", self.unrolled_epochs, minimum=1)
+        check_int("anytime_k", self.anytime_k, minimum=0)
         check_int("unrolled_batch_size", self.unrolled_batch_size, minimum=1)
-        check_positive("unrolled_lr", self.unrolled_lr)
-        check_positive("unrolled_time_s", self.unrolled_time_s, allow_zero=True)
         check_positive("max_residual", self.max_residual)
+
+
+def budget_steps(samples: int, batch_size: int, steps_per_epoch: int) -> tuple[int, int]:
+    """``(steps, epochs)`` for a budget of ``samples`` training samples in batches of ``batch_size``
+    over epochs of ``steps_per_epoch`` steps (at least one step)."""
+    if samples < 1:
+        raise ValueError("a baseline needs a training budget: give baselines.samples, or distil the "
+                         "student first (its distillation samples set the budget)")
+    steps = max(1, math.ceil(samples / batch_size))
+    return steps, math.ceil(steps / max(1, steps_per_epoch))
+
+
+def _work(history: dict[str, list], layer_calls: int) -> dict[str, Any]:
+    """A training run's work for the files' metadata: optimiser steps and samples, and the forward
+    layer calls per training sample."""
+    return {"steps": int(history["steps"][-1]), "samples": int(sum(history["samples"])),
+            "epochs": len(history["steps"]), "layer_calls_per_sample": layer_calls}
 
 
 # --- the learned initialiser -------------------------------------------------------------------
@@ -139,57 +159,58 @@ def _rel_sq(z: Tensor, ref: Tensor) -> Tensor:
     return (z - ref).reshape(b, -1).pow(2).sum(1) / (ref.reshape(b, -1).pow(2).sum(1) + 1e-12)
 
 
-def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Iterable[TrajectoryBatch],
-                       config: BaselineConfig, time_s: float, seed: int = 0,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fit ``init`` to the recorded ``z*`` (relative squared error) for ``time_s`` seconds of wall time
-    (or ``config.init_max_epochs``). Returns ``{"losses": per-epoch means, "epochs", "train_time_s"}``."""
-    t0 = time.perf_counter()
-    teacher.eval()
-    data: list[tuple[Any, Tensor, int]] = []
+def _init_data(teacher: DEQModel, trajectories: Iterable[TrajectoryBatch], max_residual: float
+               ) -> list[tuple[Any, Tensor, int]]:
+    """``(u, z*, n)`` of each recorded batch's converged samples (residual <= ``max_residual``)."""
+    data = []
     with torch.no_grad():
         for batch in trajectories:
-            keep = batch.star_residual <= config.max_residual
+            keep = batch.star_residual <= max_residual
             if not bool(keep.any()):
                 continue
-            b = batch.batch_size
-            u = teacher.inject(batch.x)
             idx = keep.nonzero().flatten()
-            data.append((take_rows(u, idx, b), batch.z_star[idx].float(), int(idx.numel())))
+            u = teacher.inject(batch.x)
+            data.append((take_rows(u, idx, batch.batch_size), batch.z_star[idx].float(),
+                         int(idx.numel())))
     if not data:
         raise ValueError("no recorded sample converged below max_residual: nothing to fit the "
                          "learned initialiser to")
-    opt = torch.optim.AdamW(init.parameters(), lr=config.init_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    # the cosine schedule runs over the wall-clock budget (fraction of time used), not over epochs
-    budget = time_s if time_s > 0 else math.inf
-    losses: list[float] = []
-    epoch = 0
-    init.train()
-    while epoch < config.init_max_epochs:
-        total, count = 0.0, 0
+    return data
+
+
+def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Iterable[TrajectoryBatch],
+                       config: BaselineConfig, samples: int, seed: int = 0,
+                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fit ``init`` to the recorded ``z*`` (relative squared error) for ``samples`` training samples
+    (``ceil(samples / init_batch_size)`` optimiser steps). Returns ``{"losses": per-epoch means,
+    "work": steps/samples/epochs, "train_time_s"}``."""
+    teacher.eval()
+    data = _init_data(teacher, trajectories, config.max_residual)
+    size = config.init_batch_size
+    per_epoch = sum(math.ceil(n / size) for _, _, n in data)
+    steps, epochs = budget_steps(samples, size, per_epoch)
+
+    def batches(epoch: int, gen: torch.Generator):
         for i in torch.randperm(len(data), generator=gen).tolist():
             u, z_star, n = data[i]
-            for idx in torch.randperm(n, generator=gen).split(config.init_batch_size):
-                frac = max(epoch / config.init_max_epochs, (time.perf_counter() - t0) / budget)
-                for group in opt.param_groups:
-                    group["lr"] = config.init_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-                z = init.init_state(teacher, take_rows(u, idx, n))
-                loss = _rel_sq(z, z_star[idx]).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * idx.numel()
-                count += idx.numel()
-        losses.append(total / max(1, count))
-        epoch += 1
-        if time.perf_counter() - t0 >= budget:
-            break
-    init.eval()
-    elapsed = time.perf_counter() - t0
-    log(f"learned initialiser: {epoch} epochs in {elapsed:.0f}s, relative squared error "
-        f"{losses[0]:.4f} -> {losses[-1]:.4f} (relative error {math.sqrt(losses[-1]):.3f})")
-    return {"losses": losses, "epochs": epoch, "train_time_s": elapsed}
+            for idx in torch.randperm(n, generator=gen).split(size):
+                idx = idx.to(z_star.device)
+                yield take_rows(u, idx, n), z_star[idx]
+
+    def step(batch: tuple[Any, Tensor], progress_: float) -> tuple[Tensor, dict[str, Any]]:
+        u, z_star = batch
+        loss = _rel_sq(init.init_state(teacher, u), z_star).mean()
+        return loss, {"loss": loss.detach(), "samples": z_star.shape[0]}
+
+    history = fit(init, step, batches, config.init_optim, epochs=epochs, steps_per_epoch=per_epoch,
+                  max_steps=steps, seed=seed, name="learned initialiser", sync=False,
+                  log=logger.debug,
+                  hint="lower baselines.init_optim.lr")
+    losses = history["loss"]
+    (log or logger.info)(f"learned initialiser: {steps} steps ({len(losses)} epochs) in "
+              f"{sum(history['epoch_time']):.0f}s, relative squared error {losses[0]:.4f} -> "
+              f"{losses[-1]:.4f} (relative error {math.sqrt(losses[-1]):.3f})")
+    return {"losses": losses, "work": _work(history, 0), "train_time_s": sum(history["epoch_time"])}
 
 
 @torch.no_grad()
@@ -226,14 +247,15 @@ def learned_init_method(init: LearnedInit, teacher: DEQModel, solvers: dict[int,
     return fn
 
 
-# --- the directly trained k-step network --------------------------------------------------------
+# --- the directly trained k-step networks -------------------------------------------------------
 class UnrolledNet(nn.Module):
     """The teacher's injection, layer (applied ``k`` times from ``z_0``, shared weights) and head,
-    as trainable copies; one forward costs exactly ``k`` layer calls."""
+    as trainable copies; one forward costs exactly ``k`` layer calls. With ``anytime`` it is trained
+    on the task loss after every step ``1..k`` and evaluated at any ``k' <= k``."""
 
-    def __init__(self, teacher: DEQModel, k: int) -> None:
+    def __init__(self, teacher: DEQModel, k: int, anytime: bool = False) -> None:
         super().__init__()
-        self.k = int(k)
+        self.k, self.anytime = int(k), bool(anytime)
         self.injection = copy.deepcopy(teacher.injection)
         self.cell = copy.deepcopy(teacher.cell)
         self.head = copy.deepcopy(teacher.head)
@@ -241,56 +263,56 @@ class UnrolledNet(nn.Module):
         for p in self.parameters():
             p.requires_grad_(True)
 
-    def forward(self, x: Any) -> tuple[Tensor, Tensor]:
+    def states(self, x: Any, k: int | None = None) -> list[Tensor]:
+        """The states after each of the first ``k`` (default ``self.k``) layer calls."""
         u = self.injection(x)
         z = self._initial_state(u)
-        for _ in range(self.k):
+        out = []
+        for _ in range(self.k if k is None else k):
             z = self.cell(z, u)
+            out.append(z)
+        return out
+
+    def forward(self, x: Any, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(logits, z)`` after ``k`` layer calls (default ``self.k``)."""
+        z = self.states(x, k)[-1]
         return self.head(z), z
 
+    def training_loss(self, task: Task, x: Any, y: Any) -> Tensor:
+        """The task loss at ``k`` steps, or (anytime) its mean over steps ``1..k``."""
+        if not self.anytime:
+            return task.loss(self(x)[0], y)
+        losses = [task.loss(self.head(z), y) for z in self.states(x)]
+        return torch.stack(losses).mean()
 
-def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, time_s: float, seed: int = 0,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune ``net`` on the task loss (training split) for ``config.unrolled_epochs`` epochs or
-    ``time_s`` seconds of wall time, whichever ends first."""
-    t0 = time.perf_counter()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.unrolled_lr, weight_decay=0.0)
-    steps_per_epoch = max(1, sum(1 for _ in task.train_batches(config.unrolled_batch_size, shuffle=False)))
-    total = steps_per_epoch * config.unrolled_epochs
-    budget = time_s if time_s > 0 else math.inf
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    step, epoch, done = 0, 0, False
-    net.train()
-    while epoch < config.unrolled_epochs and not done:
-        gen.manual_seed(seed * 1000 + epoch)
-        acc, n = 0.0, 0
-        for x, y in task.train_batches(config.unrolled_batch_size, shuffle=True, generator=gen):
-            frac = max(step / total, (time.perf_counter() - t0) / budget)
-            for group in opt.param_groups:
-                group["lr"] = config.unrolled_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-            logits, _ = net(x)
-            loss = task.loss(logits, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"unrolled k={net.k} loss became {loss.item()}; lower unrolled_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            acc += loss.item()
-            n += 1
-            if time.perf_counter() - t0 >= budget:
-                done = True
-                break
-        losses.append(acc / max(1, n))
-        epoch += 1
-    net.eval()
-    elapsed = time.perf_counter() - t0
-    log(f"unrolled k={net.k}: {step} steps ({epoch} epochs) in {elapsed:.0f}s, task loss "
-        f"{losses[0]:.4f} -> {losses[-1]:.4f}")
-    return {"losses": losses, "steps": step, "epochs": epoch, "train_time_s": elapsed}
+
+def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, samples: int, seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fine-tune ``net`` on the task loss (training split) for ``samples`` training samples
+    (``ceil(samples / unrolled_batch_size)`` optimiser steps). Returns ``{"losses": per-epoch
+    means, "work": steps/samples/epochs, "train_time_s"}``."""
+    from .training import batch_rows
+
+    size = config.unrolled_batch_size
+    per_epoch = max(1, sum(1 for _ in task.train_batches(size, shuffle=False)))
+    steps, epochs = budget_steps(samples, size, per_epoch)
+
+    def step(batch: tuple[Any, Any], progress_: float) -> tuple[Tensor, dict[str, Any]]:
+        x, y = batch
+        loss = net.training_loss(task, x, y)
+        return loss, {"loss": loss.detach(), "samples": batch_rows(y)}
+
+    name = f"unrolled {'anytime k<=' if net.anytime else 'k='}{net.k}"
+    history = fit(net, step, lambda epoch, gen: task.train_batches(size, shuffle=True, generator=gen),
+                  config.unrolled_optim, epochs=epochs, steps_per_epoch=per_epoch, max_steps=steps,
+                  seed=seed, name=name, sync=False, log=logger.debug,
+                  hint="lower baselines.unrolled_optim.lr")
+    losses = history["loss"]
+    (log or logger.info)(f"{name}: {steps} steps ({len(losses)} epochs) in "
+                         f"{sum(history['epoch_time']):.0f}s, task loss {losses[0]:.4f} -> "
+                         f"{losses[-1]:.4f}")
+    return {"losses": losses, "work": _work(history, net.k),
+            "train_time_s": sum(history["epoch_time"])}
 
 
 @torch.no_grad()
@@ -319,5 +341,17 @@ def unrolled_method(nets: dict[int, UnrolledNet]) -> Callable[[Any, int], tuple[
     return fn
 
 
-__all__ = ["BaselineConfig", "LearnedInit", "UnrolledNet", "injection_tensor", "learned_init_method",
-           "select_init_solvers", "task_loss", "train_learned_init", "train_unrolled", "unrolled_method"]
+def anytime_method(net: UnrolledNet) -> Callable[[Any, int], tuple[Tensor, Tensor] | None]:
+    """``(x, k) -> (logits, z)`` after ``k`` steps of the anytime network; ``None`` beyond its ``k``."""
+    net.eval()
+
+    @torch.no_grad()
+    def fn(x: Any, k: int) -> tuple[Tensor, Tensor] | None:
+        return net(x, k) if 1 <= k <= net.k else None
+
+    return fn
+
+
+__all__ = ["BaselineConfig", "LearnedInit", "UnrolledNet", "anytime_method", "budget_steps",
+           "injection_tensor", "learned_init_method", "select_init_solvers", "task_loss",
+           "train_learned_init", "train_unrolled", "unrolled_method"]

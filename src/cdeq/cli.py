@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, merged
+from .io import BusyError
 
 
 def _parse_value(text: str) -> Any:
@@ -30,16 +31,21 @@ def _parse_value(text: str) -> Any:
 
 
 def _overrides(pairs: list[str]) -> dict:
-    """``["teacher.epochs=3", "task_config.channels=16"]`` -> nested dict."""
+    """``["teacher.epochs=3", "task_config.channels=16"]`` -> nested dict (a later pair wins)."""
     out: dict = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set {pair!r} is not valid; write KEY=VALUE, e.g. teacher.epochs=3")
-        key, value = pair.split("=", 1)
+        key, eq, value = pair.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts):
+            raise ConfigError(f"--set {pair!r} is not valid; write KEY=VALUE with a dotted KEY, "
+                              "e.g. teacher.epochs=3")
         node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {pair!r} is not valid: an earlier --set gave {where} the "
+                                  f"value {node!r}, so it has no key {parts[i + 1]!r}")
         node[parts[-1]] = _parse_value(value)
     return out
 
@@ -60,8 +66,7 @@ def _load_config_file(path: str | None) -> dict:
 
 
 def _user_config(args: argparse.Namespace) -> dict:
-    from .pipeline import _merge
-
+    """The user's configuration: ``--config`` file, then ``--data``/``--name``, then ``--set``."""
     user = _load_config_file(getattr(args, "config", None))
     task_cfg: dict = {}
     if getattr(args, "data", None):
@@ -69,8 +74,12 @@ def _user_config(args: argparse.Namespace) -> dict:
     if getattr(args, "name", None):
         task_cfg["name"] = args.name
     if task_cfg:
-        user = _merge(user, {"task_config": task_cfg})
-    return _merge(user, _overrides(getattr(args, "set", None) or []))
+        user = merged(user, {"task_config": task_cfg})
+    user = merged(user, _overrides(getattr(args, "set", None) or []))
+    if not isinstance(user.get("task_config", {}), dict):
+        raise ConfigError(f"task_config={user['task_config']!r} is not valid; expected a mapping "
+                          "(a JSON object) of the task's settings")
+    return user
 
 
 def _resolve_task(task: str, args: argparse.Namespace, user: dict) -> str:
@@ -100,9 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_seeds(task, cfg_user, args.seeds, out if sub is None else out / sub, args.quick)
             continue
         config = build_config(task, cfg_user, quick=args.quick)
-        run = Run(out if sub is None else out / sub, config)
-        run.log(f"run {task}{'' if sub is None else ' (' + sub + ')'} in {run.dir}")
-        run.run_all()
+        with Run(out if sub is None else out / sub, config) as run:
+            run.log(f"run {task}{'' if sub is None else ' (' + sub + ')'} in {run.dir}")
+            run.run_all()
     return 0
 
 
@@ -131,8 +140,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise ConfigError("`cdeq train` on a new --out directory needs a TASK")
         user = _user_config(args)
         config = build_config(_resolve_task(args.task, args, user), user, quick=args.quick)
-    run = Run(out, config)
-    getattr(run, args.stage)()
+    with Run(out, config) as run:
+        getattr(run, args.stage)()
     return 0
 
 
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
             distributed.init()  # under torchrun: join the process group (a no-op otherwise)
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, BusyError, OSError, ValueError) as err:  # the user's to fix: no traceback
         print(f"cdeq: error: {err}", file=sys.stderr)
         return 2
 

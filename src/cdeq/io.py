@@ -1,18 +1,22 @@
 """Safe files: atomic writes, versioned and checksummed safetensors, nested tensor structures.
 
 Every file cdeq writes goes to a temporary file in the same folder and is renamed into place, so
-an interrupted run leaves either the old file or the new one, never half of one. Tensor files
-carry a format version and a SHA-256 of their tensors in the safetensors metadata; loading checks
-both and names the file when something is wrong.
+an interrupted run leaves either the old file or the new one, never half of one; its mode is the
+one the umask gives a new file (0644 under umask 022). Tensor files carry a format version and a
+SHA-256 of their tensors in the safetensors metadata; loading checks both and names the file when
+something is wrong. :func:`hold_lock` is the OS lock that keeps two processes from writing one run
+directory at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: run directories are not locked
+    fcntl = None
+
 FORMAT_VERSION = 1
 
 
@@ -29,12 +38,27 @@ class CorruptFileError(ValueError):
     """A file cdeq wrote is truncated, corrupted, or of another format or kind."""
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read by setting and restoring
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename; the file gets the
+    mode a plain ``open(path, "w")`` would give it (``0666`` less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -111,6 +135,108 @@ def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor],
     if metadata.get("sha256") != _digest(tensors):
         raise CorruptFileError(f"{path} failed its checksum: the file is corrupted")
     return tensors, json.loads(metadata.get("meta", "{}"))
+
+
+def safetensors_damage(path: str | os.PathLike) -> str | None:
+    """Why the safetensors file ``path`` is structurally damaged (truncated, bad header), or
+    ``None`` when its size matches its header. Reads the header only (no checksum)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                return f"truncated: {size} bytes, shorter than its header"
+            header = json.loads(fh.read(header_len))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"unreadable header ({err})"
+    if size != 8 + header_len + end:
+        return f"{size} bytes where its header describes {8 + header_len + end}: truncated or padded"
+    return None
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged file to ``NAME.corrupt-YYYYmmdd-HHMMSS`` (kept for inspection); returns
+    the new path."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.replace(path, target)
+    return target
+
+
+# --- one writer per run directory ------------------------------------------------------------------
+class BusyError(RuntimeError):
+    """Another process holds the lock of a run directory."""
+
+
+_HELD: dict[str, list] = {}  # lock path -> [fd, count]: one OS lock per process, counted
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"PID {text}" if text.isdigit() else "PID unknown"
+
+
+def acquire_lock(path: str | os.PathLike) -> None:
+    """Take the exclusive OS lock (``flock``) on the file ``path`` without waiting, and write this
+    process's PID into it. Raises :class:`BusyError` naming the holder's PID when another process
+    holds it. The OS drops the lock when the process exits, however it exits (SIGKILL included).
+    Within one process the lock is counted: every :func:`acquire_lock` needs a :func:`release_lock`.
+    """
+    path = Path(path)
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    if fcntl is None:
+        _HELD[key] = [None, 1]
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise BusyError(
+            f"{path.parent} is in use by another cdeq process ({holder}, which holds {path}); wait "
+            "for it to finish or stop it (the lock goes with the process), or use another --out "
+            "directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = [fd, 1]
+
+
+def release_lock(path: str | os.PathLike) -> None:
+    """Undo one :func:`acquire_lock`; the last one drops the OS lock (the file stays)."""
+    key = os.path.realpath(path)
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[key]
+        if held[0] is not None:
+            os.ftruncate(held[0], 0)
+            os.close(held[0])  # closing the descriptor drops the flock
+
+
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike) -> Iterator[None]:
+    """``with hold_lock(DIR / ".lock"):`` the body runs holding :func:`acquire_lock`."""
+    acquire_lock(path)
+    try:
+        yield
+    finally:
+        release_lock(path)
 
 
 # --- checkpoints (torch.save payloads with a version and a checksum) ------------------------------

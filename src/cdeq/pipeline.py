@@ -9,13 +9,20 @@
     DIR/report.json, table.md, plot.png stage ``evaluate``
 
 Each stage reads the files of the one before, so a user can rerun one stage alone. A stage whose
-output exists is skipped by :func:`run` (delete the file to redo it); a stage interrupted after an
-epoch resumes from its checkpoint.
+output exists is skipped by :meth:`Run.run_all` (delete the file to redo it); a stage interrupted
+after an epoch resumes from its checkpoint. ``run_all`` checks what it skips: a damaged output or
+checkpoint is renamed ``NAME.corrupt-<time>`` and its stage redone, and shards missing from the
+trajectories are recorded again.
+
+One process writes a run directory at a time: writing a configuration and every stage hold the OS
+lock ``DIR/.lock`` (a second process gets :class:`cdeq.io.BusyError` naming the holder's PID; see
+:mod:`cdeq.rundir`). Loading a finished run (:meth:`Run.teacher`, :meth:`Run.student`, ``cdeq
+export``, ``cdeq generate``) takes no lock: every file is replaced atomically, so a reader sees
+whole files.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time
@@ -27,7 +34,7 @@ import torch
 
 from . import distributed
 from .baselines import BaselineConfig
-from .config import Config, ConfigError, check_int
+from .config import Config, ConfigError, check_int, merged
 from .consistency.distill import DistillConfig, distill
 from .consistency.inference import PlanSearchConfig, plan_from_json, plan_to_json, select_plans
 from .consistency.schedule import ScheduleConfig, TimeSchedule
@@ -41,11 +48,13 @@ from .consistency.trajectory import (
 )
 from .deq.model import DEQModel
 from .evaluate import EvalConfig, evaluate
-from .io import load_checkpoint, load_tensors, read_json, save_checkpoint, save_tensors, write_json
+from .fit import LayerCalls
+from .io import read_json, write_json
 from .report import markdown_table, write_report
+from .rundir import RunDirectory, writes
 from .tasks import TASKS, Task
 from .threads import apply_thread_policy
-from .training import TeacherConfig, evaluate_model, train_teacher
+from .training import TeacherConfig, configure_teacher, evaluate_model, train_teacher
 
 
 @dataclasses.dataclass
@@ -73,144 +82,111 @@ class RunConfig(Config):
             raise ConfigError(f"task={self.task!r} is not valid; choose from {sorted(TASKS)}")
         check_int("seed", self.seed, minimum=0)
         check_int("threads", self.threads, minimum=0)
-        self.task_cls().Config.from_dict(self.task_config)  # validates the task's keys
+        self.task_cls().Config.from_dict(self.task_config, key_path="task_config")
 
     def task_cls(self) -> type[Task]:
         return TASKS[self.task]
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def build_config(task: str, user: dict | None = None, quick: bool = False) -> RunConfig:
     """The task's defaults (its quick preset with ``quick``), overridden by ``user``."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    defaults = TASKS[task].run_defaults(quick)
-    merged = _merge(defaults, dict(user or {}))
-    merged["task"] = task
-    return RunConfig.from_dict(merged)
+    user = dict(user or {})
+    if user.get("task", task) != task:
+        raise ConfigError(f"task={user['task']!r} is not valid here: the run's task is {task!r} (the "
+                          "TASK of `cdeq run TASK`); leave task out of --set and --config")
+    data = merged(TASKS[task].run_defaults(quick), user)
+    data["task"] = task
+    return RunConfig.from_dict(data)
 
 
-class Run:
-    """A run directory and the stages that fill it."""
+class Run(RunDirectory):
+    """A run directory and the stages that fill it (the directory's mechanics: :class:`RunDirectory`).
+
+    With a ``config`` the task is built first (its data read and checked), then the directory is
+    locked and ``config.json`` written: a configuration or data set that fails leaves nothing
+    behind. The lock is held until :meth:`close` (use ``with Run(...) as run:``). Without a
+    ``config`` the directory's own ``config.json`` is read and nothing is written until a stage runs.
+    """
 
     def __init__(self, out_dir: str | Path, config: RunConfig | None = None,
                  log: Callable[[str], None] | None = None) -> None:
-        self.dir = Path(out_dir)
+        super().__init__(out_dir, log)
+        self._task: Task | None = None
         cfg_path = self.dir / "config.json"
         if config is None:
             if not cfg_path.exists():
                 raise FileNotFoundError(f"{cfg_path} does not exist: start the run with `cdeq run` "
                                         "or `cdeq train`, which write it")
-            config = RunConfig.from_dict(read_json(cfg_path))
-        elif cfg_path.exists():
-            old = _with_defaults(read_json(cfg_path))  # sections added since are at their defaults
-            if old != json.loads(json.dumps(config.to_dict())):
-                raise ConfigError(
-                    f"{self.dir} already holds a run with another configuration; use a new --out "
-                    "directory, or delete the old run to start over")
-        self.config = config
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if distributed.is_main():  # under torchrun only rank 0 writes run files
-            write_json(cfg_path, config.to_dict())
-        self._log = log or print
-        self._task: Task | None = None
-        self._solo = False
-        self.threads = apply_thread_policy(config.threads)  # 0: a fair share of the free cores
-
-    def log(self, msg: str) -> None:
-        if not distributed.is_main():
-            return
-        self._log(msg)
-        with open(self.dir / "log.txt", "a") as fh:
-            fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            self.config = RunConfig.from_dict(read_json(cfg_path))
+        else:
+            self.config = config
+            _ = self.task  # builds the task: its data are read and checked before anything is written
+            self.hold()
+            try:
+                self.adopt_config(json.loads(json.dumps(config.to_dict())), _with_defaults)
+            except BaseException:
+                self.close()
+                raise
+        self.threads = apply_thread_policy(self.config.threads)  # 0: a fair share of the free cores
 
     @property
     def task(self) -> Task:
         if self._task is None:
             cls = self.config.task_cls()
-            self._task = cls(cls.Config.from_dict(self.config.task_config))
+            self._task = cls(cls.Config.from_dict(self.config.task_config, key_path="task_config"))
         return self._task
 
-    # --- files ------------------------------------------------------------------------------
-    def _save_module(self, name: str, module: torch.nn.Module, meta: dict) -> None:
-        if distributed.is_main():
-            save_tensors(self.dir / f"{name}.safetensors", module.state_dict(), kind=name, meta=meta)
-        if not self._solo:
-            distributed.barrier()  # the other ranks read it next
-
-    def _load_module(self, name: str, module: torch.nn.Module) -> dict:
-        tensors, meta = load_tensors(self.dir / f"{name}.safetensors", kind=name)
-        try:
-            module.load_state_dict(tensors)
-        except RuntimeError as err:
-            raise ConfigError(f"{self.dir / (name + '.safetensors')} does not match the model built "
-                              f"from config.json: {str(err).splitlines()[0]}") from err
-        return meta
-
-    def _save_checkpoint(self, name: str, payload: dict) -> None:
-        if distributed.is_main():
-            save_checkpoint(self.dir / f"{name}.ckpt", payload)  # versioned + checksummed, atomic
-
-    def _load_checkpoint(self, name: str) -> dict | None:
-        path = self.dir / f"{name}.ckpt"
-        if not path.exists():
-            return None
-        return load_checkpoint(path)  # CorruptFileError naming the file when it is damaged
-
     def teacher(self) -> DEQModel:
+        """The trained teacher with the configuration's solvers and backward (eval mode)."""
         model = self.task.build_model()
-        self._load_module("teacher", model)
+        configure_teacher(model, self.config.teacher)
+        self.load_module("teacher", model)
         model.eval()
         return model
 
     def student(self, teacher: DEQModel | None = None) -> ConsistencyStudent:
         teacher = teacher or self.teacher()
         student = ConsistencyStudent(teacher, TimeSchedule(self.config.schedule), self.config.student)
-        meta = self._load_module("student", student)
+        meta = self.load_module("student", student)
         student.plans = {int(k): plan_from_json(v) for k, v in meta["plans"].items()}
         student.eval()
         return student
 
     # --- stages -------------------------------------------------------------------------------
+    @writes
     def train(self) -> dict[str, Any]:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         model = self.task.build_model()
-        start, state = 0, None
-        ckpt = self._load_checkpoint("teacher")
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            start, state = ckpt["epoch"] + 1, ckpt["state"]
-            self.log(f"resuming teacher training after epoch {start}")
-
-        def save(epoch: int, st: dict) -> None:
-            self._save_checkpoint("teacher", {"epoch": epoch, "model": model.state_dict(), "state": st})
-
-        history = train_teacher(self.task, model, cfg.teacher, seed=cfg.seed, log=self.log,
-                                on_epoch_end=save, start_epoch=start, optimizer_state=state)
-        elapsed = sum(history["epoch_time"])  # every epoch's, a resumed run's earlier ones too
+        history = self.resumed("teacher", model, "teacher training", lambda start, state, save: (
+            train_teacher(self.task, model, cfg.teacher, seed=cfg.seed, log=self.log,
+                          on_epoch_end=save, start_epoch=start, optimizer_state=state)))
+        elapsed = sum(history["epoch_time"])  # every epoch's, those before a resume included
         model.eval()
         result = evaluate_model(self.task, model, cfg.evaluate.batch_size)
+        best = history.get("best_epoch", [len(history["steps"]) - 1])[-1]  # no validation: the last
         self.log(f"teacher: held-out {self.task.metric} {result['metric']:.4f} at "
-                 f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training)")
-        self._save_module("teacher", model, {"task": cfg.task, "train_time_s": elapsed, **result})
+                 f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; the weights of epoch "
+                 f"{best + 1}, the best on validation)")
+        work = {"steps": history["steps"][-1], "samples": sum(history["samples"]),
+                "epochs": len(history["steps"]), "best_epoch": best}
+        self.save_module("teacher", model, {"task": cfg.task, "train_time_s": elapsed, "work": work,
+                                             **result})
         return result
 
+    @writes
     def record(self) -> TrajectoryStore:
         cfg = self.config
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
         t0 = time.perf_counter()
-        record(teacher, self.task.record_batches(cfg.record.batch_size), cfg.record, store=store)
+        with LayerCalls(teacher.cell) as calls:  # the recording's work, part of the student's cost
+            record(teacher, self.task.record_batches(cfg.record.batch_size), cfg.record, store=store)
+        if distributed.is_main():
+            write_json(store.root / "work.json", {"samples": store.manifest()["samples"],
+                                                  **calls.as_dict()})
         summary = residual_summary(store, cfg.distill.max_residual)
         self.log(f"recorded {store.manifest()['samples']} training samples in {len(store)} shards "
                  f"({time.perf_counter() - t0:.0f}s); unconverged (residual > "
@@ -222,6 +198,7 @@ class Run:
             warn_unconverged(summary, cfg.distill.max_residual, 0.05)  # a real warning, too
         return store
 
+    @writes
     def distill(self) -> ConsistencyStudent:
         cfg = self.config
         teacher = self.teacher()
@@ -229,128 +206,138 @@ class Run:
         trajectories = list(store) if _fits_in_memory(store) else store
         torch.manual_seed(cfg.seed)
         student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student)
-        start, state = 0, None
-        ckpt = self._load_checkpoint("student")
-        if ckpt is not None:
-            student.load_state_dict(ckpt["model"])
-            start, state = ckpt["epoch"] + 1, ckpt["state"]
-            self.log(f"resuming distillation after epoch {start}")
-
-        def save(epoch: int, st: dict) -> None:
-            self._save_checkpoint("student", {"epoch": epoch, "model": student.state_dict(), "state": st})
-
-        history = distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
-                          log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)
-        elapsed = sum(history["epoch_time"])  # every epoch's, a resumed run's earlier ones too
+        history = self.resumed("student", student, "distillation", lambda start, state, save: (
+            distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
+                    log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)))
+        elapsed = sum(history["epoch_time"])
         last = int(store.manifest()["last"])
         t1 = time.perf_counter()
-        search = select_plans(student, self.task.selection_batches(cfg.evaluate.batch_size),
-                              self._score, self.task.higher_is_better, last, cfg.plans)
+        with LayerCalls(student.cell, teacher.cell) as calls:  # plan search: part of the cost
+            search = select_plans(student, self.task.selection_batches(cfg.evaluate.batch_size),
+                                  self._score, self.task.higher_is_better, last, cfg.plans)
         self.log(f"distilled in {elapsed:.0f}s; plan search on training data "
                  f"{time.perf_counter() - t1:.0f}s")
+        work_file = store.root / "work.json"
+        work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
+                            "epochs": len(history["steps"])},
+                "record": read_json(work_file) if work_file.exists() else {},
+                "plan_search": calls.as_dict()}
         meta = {"plans": {str(k): plan_to_json(p) for k, p in student.plans.items()},
-                "search": search, "train_time_s": elapsed}
-        self._save_module("student", student, meta)
+                "search": search, "train_time_s": elapsed, "work": work}
+        self.save_module("student", student, meta)
         return student
 
     def _score(self, logits: torch.Tensor, y: Any) -> tuple[float, int, float]:
         m, c = self.task.metric_sum(logits, y)
         return m, c, float(self.task.loss(logits, y)) * c
 
+    @writes
     def baselines(self, redo: bool = True) -> None:
-        """Stage ``baselines``: the learned initialiser and the unrolled k-step networks
-        (see :mod:`cdeq.baselines`), trained from the teacher with the student's wall-clock budget."""
+        """Stage ``baselines``: the learned initialiser, the unrolled k-step networks and the anytime
+        unrolled network (see :mod:`cdeq.baselines`), trained from the teacher, each for the
+        student's distillation samples (or ``baselines.samples``)."""
         from . import baselines as bl
 
         cfg, bcfg = self.config, self.config.baselines
         teacher = self.teacher()
-        student_path = self.dir / "student.safetensors"
-        student_s = load_tensors(student_path, kind="student")[1].get("train_time_s", 0.0) \
-            if student_path.exists() else 0.0
-        if redo or not (self.dir / "learned_init.safetensors").exists():
+        samples = bcfg.samples
+        if not samples and (self.dir / "student.safetensors").exists():
+            samples = int(self.read_meta("student").get("work", {}).get("distill", {}).get("samples", 0))
+        if redo or not self.done("learned_init", "the learned initialiser"):
             torch.manual_seed(cfg.seed)
             init = bl.LearnedInit.for_teacher(teacher, bcfg)
             store = TrajectoryStore(self.dir / "trajectories")
             trajectories = list(store) if _fits_in_memory(store) else store
-            info = bl.train_learned_init(init, teacher, trajectories, bcfg, bcfg.init_time_s or student_s,
-                                         seed=cfg.seed, log=self.log)
+            info = bl.train_learned_init(init, teacher, trajectories, bcfg, samples, seed=cfg.seed,
+                                         log=self.log)
             solvers = bl.select_init_solvers(init, teacher, self.task, self.task.selection_batches(
                 cfg.evaluate.batch_size), sorted(set(cfg.evaluate.budgets)), bcfg.init_select_batches)
             self.log(f"learned initialiser: solver per budget (chosen on training data) {solvers}")
-            self._save_module("learned_init", init, {
-                "train_time_s": info["train_time_s"], "epochs": info["epochs"],
+            self.save_module("learned_init", init, {
+                "train_time_s": info["train_time_s"], "work": info["work"],
                 "loss_first": info["losses"][0], "loss_last": info["losses"][-1],
                 "solvers": {str(k): s for k, s in solvers.items()}})
-        for k in bcfg.unrolled_ks:
-            if not redo and (self.dir / f"unrolled_k{k}.safetensors").exists():
+        nets = [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks]
+        nets += [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []
+        for name, k, anytime in nets:
+            if not redo and self.done(name, f"the {name} network"):
                 continue
             torch.manual_seed(cfg.seed)
-            net = bl.UnrolledNet(teacher, k)
-            info = bl.train_unrolled(net, self.task, bcfg, bcfg.unrolled_time_s or student_s,
-                                     seed=cfg.seed, log=self.log)
-            self._save_module(f"unrolled_k{k}", net, {"k": k, "train_time_s": info["train_time_s"],
-                                                      "steps": info["steps"], "losses": info["losses"]})
+            net = bl.UnrolledNet(teacher, k, anytime=anytime)
+            info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed, log=self.log)
+            self.save_module(name, net, {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
+                                         "work": info["work"], "losses": info["losses"]})
 
-    def _baseline_methods(self, teacher: DEQModel) -> tuple[dict, dict[str, float]]:
-        """The trained baselines as ``evaluate``'s ``extra_methods``, and their training wall times."""
+    def _baseline_methods(self, teacher: DEQModel) -> tuple[dict, dict[str, float], dict[str, dict]]:
+        """The trained baselines as ``evaluate``'s ``extra_methods``, their training wall times and
+        their training work (steps, samples)."""
         from . import baselines as bl
 
         methods: dict = {}
         costs: dict[str, float] = {}
+        work: dict[str, dict] = {}
         if (self.dir / "learned_init.safetensors").exists():
             init = bl.LearnedInit.for_teacher(teacher, self.config.baselines)
-            meta = self._load_module("learned_init", init)
+            meta = self.load_module("learned_init", init)
             methods["learned_init"] = bl.learned_init_method(
                 init, teacher, {int(k): s for k, s in meta["solvers"].items()})
-            costs["learned_init"] = meta.get("train_time_s", 0.0)
+            costs["learned_init"], work["learned_init"] = meta.get("train_time_s", 0.0), meta.get("work")
         nets = {}
-        for k in self.config.baselines.unrolled_ks:
-            if (self.dir / f"unrolled_k{k}.safetensors").exists():
-                nets[k] = bl.UnrolledNet(teacher, k)
-                meta = self._load_module(f"unrolled_k{k}", nets[k])
-                costs[f"unrolled_k{k}"] = meta.get("train_time_s", 0.0)
+        bcfg = self.config.baselines
+        for name, k, anytime in [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks] + (
+                [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []):
+            if (self.dir / f"{name}.safetensors").exists():
+                net = bl.UnrolledNet(teacher, k, anytime=anytime)
+                meta = self.load_module(name, net)
+                costs[name], work[name] = meta.get("train_time_s", 0.0), meta.get("work")
+                if anytime:
+                    methods["unrolled_any_k"] = bl.anytime_method(net)
+                else:
+                    nets[k] = net
         if nets:
             methods["unrolled"] = bl.unrolled_method(nets)
-        return methods, costs
+        return methods, costs, work
 
+    @writes
     def evaluate(self) -> dict[str, Any]:
         teacher = self.teacher()
         student = self.student(teacher)
-        extra, extra_costs = self._baseline_methods(teacher)
+        extra, extra_costs, extra_work = self._baseline_methods(teacher)
         report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra,
                           seed=self.config.seed)
-        costs = {}
+        costs, work = {}, {}
         for name in ("teacher", "student"):
-            _, meta = load_tensors(self.dir / f"{name}.safetensors", kind=name)
-            costs[{"teacher": "teacher", "student": "cdeq"}[name]] = meta.get("train_time_s", 0.0)
+            meta = self.read_meta(name)
+            key = {"teacher": "teacher", "student": "cdeq"}[name]
+            costs[key], work[key] = meta.get("train_time_s", 0.0), meta.get("work")
         costs.update(extra_costs)
+        work.update(extra_work)
         report["train_time_s"] = costs
+        report["train_work"] = work  # optimiser steps and samples; the student's recording + search
         files = write_report(report, self.dir)
         self.log("\n" + markdown_table(report))
         self.log("wrote " + ", ".join(str(p) for p in files.values()))
         return report
 
+    @writes
     def run_all(self) -> dict[str, Any]:
-        """Every stage whose output is missing, in order; returns the report."""
-        if not (self.dir / "teacher.safetensors").exists():
-            self.train()
-        else:
-            self.log("teacher.safetensors exists: skipping training")
-        manifest = self.dir / "trajectories" / TrajectoryStore.MANIFEST
-        if not manifest.exists():
-            self.record()
-        else:
-            self.log("trajectories exist: skipping recording")
-        if not (self.dir / "student.safetensors").exists():
-            self.distill()
-        else:
-            self.log("student.safetensors exists: skipping distillation")
-        if not distributed.is_main():  # under torchrun: rank 0 alone evaluates and reports
-            return {}
-        self._solo = True  # from here on no other rank takes part: no barriers
-        if self.config.baselines.enabled:
-            self.baselines(redo=False)
-        return self.evaluate()
+        """Every stage whose output is missing or damaged, in order; returns the report."""
+        self._repair = True  # damaged checkpoints too are set aside rather than refused
+        try:
+            if not self.done("teacher", "training"):
+                self.train()
+            if not self.recorded():
+                self.record()
+            if not self.done("student", "distillation"):
+                self.distill()
+            if not distributed.is_main():  # under torchrun: rank 0 alone evaluates and reports
+                return {}
+            self._solo = True  # from here on no other rank takes part: no barriers
+            if self.config.baselines.enabled:
+                self.baselines(redo=False)
+            return self.evaluate()
+        finally:
+            self._repair = False
 
 
 def _with_defaults(old: dict) -> dict:

@@ -17,7 +17,8 @@ from typing import Any
 from .io import atomic_write_bytes, atomic_write_text, write_json
 
 LABELS = {"picard": "Picard", "anderson": "Anderson", "broyden": "Broyden", "cdeq": "C-DEQ",
-          "learned_init": "learned init", "unrolled": "unrolled k-step"}
+          "learned_init": "learned init", "unrolled": "unrolled k-step",
+          "unrolled_any_k": "anytime unrolled"}
 EQUAL_COSTS = (1, 2, 4)
 TRUNCATED_LABEL = "best truncated"
 COST_SLACK = 1.05

@@ -107,8 +107,8 @@ def run_seeds(task: str, user: dict[str, Any], seeds: int, out: str | Path, quic
               ) -> dict[str, Any]:
     """Run ``seeds`` whole pipelines into ``out/seed_<seed>/`` and write their aggregate into
     ``out``; returns the aggregate report."""
-    from .config import ConfigError
-    from .pipeline import Run, _merge, build_config
+    from .config import ConfigError, merged
+    from .pipeline import Run, build_config
 
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds {seeds!r} is not valid; give a positive number of seeds")
@@ -116,7 +116,7 @@ def run_seeds(task: str, user: dict[str, Any], seeds: int, out: str | Path, quic
     base = int(user.get("seed", 0))
     reports, runs, tolerance = [], [], None
     for seed in range(base, base + seeds):
-        config = build_config(task, _merge(user, {"seed": seed}), quick=quick)
+        config = build_config(task, merged(user, {"seed": seed}), quick=quick)
         run = Run(out / f"seed_{seed}", config)
         run.log(f"run {task} seed {seed} of {base}..{base + seeds - 1} in {run.dir}")
         report = run.run_all()

@@ -14,20 +14,108 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import Config, check_choice, check_int, check_positive, check_range
-from ..progress import progress
+from ..config import Config, ConfigError, check_choice, check_int, check_positive, check_range
+from ..fit import Hooks, OptimConfig, fit
 from .ema import EMA
 from .student import ConsistencyStudent
 from .trajectory import TrajectoryBatch, check_labels
+
+
+# --- pair sampling strategies (registered; each one's options are its dataclass fields) -----------
+@dataclasses.dataclass
+class PairSampler(Config):
+    """Draws ``(n, m)`` recorded-point indices with ``n < m <= L``; ``m = L`` is ``z*``.
+
+    The draws use the loop's CPU generator (the same on every rank and after a resume); the caller
+    moves the indices to the data's device.
+    """
+
+    name: ClassVar[str] = ""
+
+    def sample(self, batch: int, num_points: int, progress: float, gen: torch.Generator
+               ) -> tuple[Tensor, Tensor]:
+        """``(n, m)``, each of shape ``(batch,)``; ``progress`` in [0, 1] is the training fraction."""
+        raise NotImplementedError
+
+
+PAIR_SAMPLERS: dict[str, type[PairSampler]] = {}
+
+
+def register_pair_sampler(name: str) -> Callable[[type[PairSampler]], type[PairSampler]]:
+    """Class decorator: make a :class:`PairSampler` dataclass available as ``distill.pairs``."""
+    def add(cls: type[PairSampler]) -> type[PairSampler]:
+        cls.name = name
+        PAIR_SAMPLERS[name] = cls
+        return cls
+
+    return add
+
+
+def get_pair_sampler(spec: str | Mapping[str, Any] | PairSampler) -> PairSampler:
+    """A sampler from an instance, a name, or ``{"name": ..., **options}`` (options checked)."""
+    if isinstance(spec, PairSampler):
+        return spec
+    options = dict(spec) if isinstance(spec, Mapping) else {}
+    name = options.pop("name", None) if isinstance(spec, Mapping) else spec
+    if name not in PAIR_SAMPLERS:
+        raise ConfigError(f"pairs={name!r} is not valid; choose from {sorted(PAIR_SAMPLERS)} (a name, "
+                          "or a mapping with 'name' and the sampler's options)")
+    return PAIR_SAMPLERS[name].from_dict(options)
+
+
+@register_pair_sampler("uniform")
+@dataclasses.dataclass
+class UniformPairs(PairSampler):
+    """``n`` uniform over the recorded points, ``m = min(n + gap, L)``."""
+
+    gap: int = 1
+
+    def validate(self) -> None:
+        check_int("gap", self.gap, minimum=1)
+
+    def sample(self, batch, num_points, progress, gen):
+        n = torch.randint(0, num_points, (batch,), generator=gen)
+        return n, torch.clamp(n + self.gap, max=num_points)
+
+
+@register_pair_sampler("early")
+@dataclasses.dataclass
+class EarlyPairs(PairSampler):
+    """Favour early points (the ones inference starts from): ``P(n) ~ (n + 1)^-power``, ``m = n + 1``."""
+
+    power: float = 1.0
+
+    def validate(self) -> None:
+        check_positive("power", self.power, allow_zero=True)
+
+    def sample(self, batch, num_points, progress, gen):
+        w = torch.arange(1, num_points + 1, dtype=torch.float).pow(-self.power)
+        n = torch.multinomial(w, batch, replacement=True, generator=gen)
+        return n, n + 1
+
+
+@register_pair_sampler("curriculum")
+@dataclasses.dataclass
+class CurriculumPairs(PairSampler):
+    """Start with long jumps (``m`` at the end) and shrink the gap to ``final_gap`` over training."""
+
+    final_gap: int = 1
+
+    def validate(self) -> None:
+        check_int("final_gap", self.final_gap, minimum=1)
+
+    def sample(self, batch, num_points, progress, gen):
+        n = torch.randint(0, num_points, (batch,), generator=gen)
+        gap = torch.clamp(((num_points - n) * (1 - progress)).round().long(), min=self.final_gap)
+        return n, torch.minimum(n + gap, torch.full_like(n, num_points))
 
 
 @dataclasses.dataclass
@@ -35,28 +123,29 @@ class DistillConfig(Config):
     """Distillation settings (the OPEN choices of the method are all here).
 
     Attributes:
-        epochs, batch_size, lr, weight_decay, grad_clip: the optimiser loop (AdamW, cosine).
+        epochs, batch_size: the loop's length and minibatch (of recorded samples).
+        optim: the optimiser loop (:class:`cdeq.fit.OptimConfig`).
         global_weight, local_weight, task_weight, kl_weight: the loss weights.
         ema_decay: decay of the target network for the local term.
         distance: ``mse`` (relative squared error) or ``huber`` (pseudo-Huber of it).
-        pairs: ``uniform`` over recorded points, ``early`` (weights ``1/(n+1)``) or
-            ``curriculum`` (target ``m`` moves from the end of the path to ``n+1`` over training).
+        pairs: a registered pair sampler, by name or ``{"name": ..., **options}``: ``uniform``
+            (option ``gap``), ``early`` (weights ``(n+1)^-power``) or ``curriculum`` (target ``m``
+            moves from the end of the path to ``n + final_gap`` over training).
         max_residual: drop samples whose recorded solution residual is above this.
         train_cell, train_head: fine-tune the copied layer / head, or freeze them.
     """
 
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1.0))
     global_weight: float = 0.9
     local_weight: float = 0.1
     task_weight: float = 0.1
     kl_weight: float = 0.0
     ema_decay: float = 0.98
     distance: str = "mse"
-    pairs: str = "uniform"
+    pairs: str | dict = "uniform"
     max_residual: float = 1e-2
     train_cell: bool = True
     train_head: bool = True
@@ -64,53 +153,12 @@ class DistillConfig(Config):
     def validate(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
-        check_positive("lr", self.lr)
-        check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        check_positive("grad_clip", self.grad_clip, allow_zero=True)
         for name in ("global_weight", "local_weight", "task_weight", "kl_weight"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_range("ema_decay", self.ema_decay, 0.0, 1.0)
         check_choice("distance", self.distance, ["mse", "huber"])
-        check_choice("pairs", self.pairs, list(PAIR_SAMPLERS))
+        get_pair_sampler(self.pairs)
         check_positive("max_residual", self.max_residual)
-
-
-# --- pair sampling strategies -------------------------------------------------------------------
-class PairSampler:
-    """Draws ``(n, m)`` recorded-point indices with ``n < m <= L``; ``m = L`` is ``z*``."""
-
-    def sample(self, batch: int, num_points: int, progress: float, gen: torch.Generator
-               ) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-
-class UniformPairs(PairSampler):
-    def sample(self, batch, num_points, progress, gen):
-        n = torch.randint(0, num_points, (batch,), generator=gen)
-        return n, n + 1
-
-
-class EarlyPairs(PairSampler):
-    """Favour early points (the ones inference starts from): ``P(n) ~ 1 / (n + 1)``."""
-
-    def sample(self, batch, num_points, progress, gen):
-        w = 1.0 / torch.arange(1, num_points + 1, dtype=torch.float)
-        n = torch.multinomial(w, batch, replacement=True, generator=gen)
-        return n, n + 1
-
-
-class CurriculumPairs(PairSampler):
-    """Start with long jumps (``m`` at the end) and shrink the gap to one point."""
-
-    def sample(self, batch, num_points, progress, gen):
-        n = torch.randint(0, num_points, (batch,), generator=gen)
-        gap = torch.clamp(((num_points - n) * (1 - progress)).round().long(), min=1)
-        return n, torch.minimum(n + gap, torch.full_like(n, num_points))
-
-
-PAIR_SAMPLERS: dict[str, type[PairSampler]] = {
-    "uniform": UniformPairs, "early": EarlyPairs, "curriculum": CurriculumPairs,
-}
 
 
 # --- losses ---------------------------------------------------------------------------------------
@@ -127,13 +175,13 @@ def relative_distance(a: Tensor, b: Tensor, ref: Tensor, kind: str = "mse") -> T
 def _select(points: Tensor, z_star: Tensor, idx: Tensor) -> Tensor:
     """``points (B, L, ...)`` with ``z*`` appended as point ``L``; pick ``idx (B,)``."""
     full = torch.cat([points, z_star[:, None]], dim=1)
-    return full[torch.arange(full.shape[0]), idx]
+    return full[torch.arange(full.shape[0], device=full.device), idx]
 
 
 def _times(student: ConsistencyStudent, batch: TrajectoryBatch, idx: Tensor) -> Tensor:
-    index = torch.tensor(batch.index + [batch.last])[idx]
+    index = torch.tensor(batch.index + [batch.last], device=idx.device)[idx]
     res = torch.cat([batch.residual, batch.star_residual[:, None]], dim=1)
-    res = res[torch.arange(res.shape[0]), idx]
+    res = res[torch.arange(res.shape[0], device=res.device), idx.to(res.device)]
     return student.schedule.times(index, batch.last, res)
 
 
@@ -141,7 +189,7 @@ def _take(batch: TrajectoryBatch, rows: Tensor) -> TrajectoryBatch:
     """Rows ``rows`` of a recorded batch."""
     from ..solvers.base import take_rows
 
-    n = batch.batch_size
+    n, rows = batch.batch_size, rows.to(batch.z_star.device)
     return TrajectoryBatch(
         x=take_rows(batch.x, rows, n), y=take_rows(batch.y, rows, n), iterates=batch.iterates[rows],
         z_star=batch.z_star[rows], residual=batch.residual[rows],
@@ -154,9 +202,25 @@ def _minibatches(batch: TrajectoryBatch, size: int, gen: torch.Generator):
     if n <= size:
         yield batch
         return
-    perm = torch.randperm(n, generator=gen)
+    perm = torch.randperm(n, generator=gen)  # the loop's CPU generator: the same order on every rank
     for start in range(0, n, size):
         yield _take(batch, perm[start : start + size])
+
+
+def trainable_parameters(student: nn.Module) -> list[nn.Parameter]:
+    """The student's own parameters that require gradients: ``student.trainable_parameters()``
+    when the student has it (the teacher left out), otherwise every parameter with requires_grad."""
+    own = student.trainable_parameters() if hasattr(student, "trainable_parameters") \
+        else student.parameters()
+    return [p for p in own if p.requires_grad]
+
+
+def _inject(student: ConsistencyStudent, x: Any) -> Any:
+    """The student's injection of ``x``; the teacher's own (shared) injection runs without grad."""
+    if getattr(student, "injection", None) is None:
+        with torch.no_grad():
+            return student.inject(x)
+    return student.inject(x)
 
 
 def distill(
@@ -165,18 +229,21 @@ def distill(
     config: DistillConfig,
     task_loss: Callable[[Tensor, Any], Tensor] | None = None,
     seed: int = 0,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     start_epoch: int = 0,
     resume_state: dict | None = None,
 ) -> dict[str, list]:
-    """Train ``student`` in place on recorded ``trajectories``; returns a loss history.
+    """Train ``student`` in place on recorded ``trajectories`` with :func:`cdeq.fit.fit`; returns the
+    history (per epoch: ``loss``, ``global``, ``local``, ``task``, ``samples``, cumulative ``steps``,
+    ``epoch_time``).
 
     Args:
         trajectories: a sequence of :class:`TrajectoryBatch` or a :class:`TrajectoryStore`
             (streamed shard by shard, in a random order each epoch).
         task_loss: ``(logits, y) -> loss``; required when ``task_weight > 0``.
-        on_epoch_end: called with ``(epoch, state)`` after each epoch (checkpointing).
+        on_epoch_end: called with ``(epoch, state)`` after each epoch (checkpointing); ``start_epoch``
+            and ``resume_state`` (that state) resume a run.
     """
     if config.task_weight > 0 and task_loss is None:
         raise ValueError("task_weight > 0 needs task_loss=(logits, y) -> loss")
@@ -184,72 +251,42 @@ def distill(
         p.requires_grad_(config.train_cell)
     for p in student.head.parameters():
         p.requires_grad_(config.train_head)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     n_batches = len(trajectories)
     if n_batches == 0:
         raise ValueError("no trajectories to distil from: the record stage produced no batch")
     check_trajectory_shapes(student, trajectories[0])
-    per_epoch = _steps_per_epoch(trajectories, config.batch_size)
-    total = max(1, per_epoch * config.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(1.0, s / total))).item()))
     ema = EMA(student, decay=config.ema_decay)
     if resume_state is not None:
-        opt.load_state_dict(resume_state["optimizer"])
-        sched.load_state_dict(resume_state["scheduler"])
         ema.target.load_state_dict(resume_state["ema"])
         ema.steps = resume_state["ema_steps"]
-    sampler = PAIR_SAMPLERS[config.pairs]()
-    gen = torch.Generator().manual_seed(seed)
-    history: dict[str, list] = {"loss": [], "global": [], "local": [], "task": [], "epoch_time": []}
-    if resume_state is not None and "history" in resume_state:  # resumed: keep earlier epochs
-        history = {k: list(v) for k, v in resume_state["history"].items()}
-    step = start_epoch * per_epoch
-    for epoch in range(start_epoch, config.epochs):
-        gen.manual_seed(seed * 1000 + epoch)
-        torch.manual_seed(seed * 1000 + epoch)  # global RNG too: a resumed epoch = a fresh one
-        student.train()
-        student.teacher.eval()  # the frozen teacher (and a shared injection) runs without dropout
-        t0 = time.perf_counter()
-        sums = {"loss": 0.0, "global": 0.0, "local": 0.0, "task": 0.0}
-        count = 0
+    sampler = get_pair_sampler(config.pairs)
+
+    def batches(epoch: int, gen: torch.Generator):
         order = list(range(n_batches))
         random.Random(seed * 1000 + epoch).shuffle(order)
-        bar = progress(order, desc=f"distill epoch {epoch + 1}/{config.epochs}")
-        for i in bar:
+        for i in order:
             for mb in _minibatches(trajectories[i], config.batch_size, gen):
-                # Under torchrun every rank draws the same pairs for the global minibatch and computes
-                # its own rows; the parts are scaled so that their sum over ranks is the global loss.
-                parts = _loss(student, ema, mb, config, sampler, min(1.0, step / total), gen, task_loss)
-                if not torch.isfinite(parts["loss"]):
-                    raise FloatingPointError(
-                        f"distillation loss became {float(parts['loss'].detach())} in epoch {epoch + 1} on "
-                        f"trajectory batch {i}; check the recorded trajectories for NaN/inf or lower lr")
-                opt.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                distributed.all_reduce_grads(params)
-                if config.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, config.grad_clip)
-                opt.step()
-                sched.step()
-                ema.update(student)
-                step += 1
-                count += 1
-                logged = distributed.all_reduce_sum(torch.stack([parts[k].detach() for k in sums]))
-                for k, v in zip(sums, logged.tolist(), strict=True):
-                    sums[k] += v
-                bar.set_postfix(loss=f"{logged[0].item():.4f}")
-        for k in sums:
-            history[k].append(sums[k] / max(1, count))
-        history["epoch_time"].append(time.perf_counter() - t0)
-        log(f"distill epoch {epoch + 1}: loss {history['loss'][-1]:.4f} (global "
-            f"{history['global'][-1]:.4f}, local {history['local'][-1]:.4f}, task "
-            f"{history['task'][-1]:.4f}), {history['epoch_time'][-1]:.1f}s")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                 "ema": ema.target.state_dict(), "ema_steps": ema.steps,
-                                 "history": history})
+                yield mb, gen  # the pair draws use the loop's per-epoch generator too
+
+    def step(batch: tuple[TrajectoryBatch, torch.Generator], progress_: float
+             ) -> tuple[Tensor, dict[str, Any]]:
+        # Under torchrun every rank draws the same pairs for the global minibatch and computes its
+        # own rows; the parts are scaled so that their sum over ranks is the global loss.
+        mb, gen = batch
+        parts = _loss(student, ema, mb, config, sampler, progress_, gen, task_loss)
+        stats = {k: v.detach() for k, v in parts.items()}
+        return parts["loss"], {**stats, "samples": mb.batch_size / distributed.world_size()}
+
+    def start(epoch: int) -> None:
+        student.teacher.eval()  # the frozen teacher (and a shared injection) runs without dropout
+
+    hooks = Hooks(on_epoch_start=start, on_epoch_end=on_epoch_end, after_step=lambda: ema.update(student),
+                  extra_state=lambda: {"ema": ema.target.state_dict(), "ema_steps": ema.steps})
+    history = fit(student, step, batches, config.optim, epochs=config.epochs,
+                  steps_per_epoch=_steps_per_epoch(trajectories, config.batch_size),
+                  params=trainable_parameters(student), seed=seed, name="distillation", hooks=hooks,
+                  hint="check the recorded trajectories for NaN/inf or lower distill.optim.lr",
+                  start_epoch=start_epoch, state=resume_state, log=log)
     student.eval()
     return history
 
@@ -278,12 +315,13 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
           task_loss: Callable | None) -> dict[str, Tensor]:
     bsz, num_points = mb.batch_size, mb.iterates.shape[1]
     n, m = sampler.sample(bsz, num_points, progress_, gen)  # the same draws on every rank
+    n, m = n.to(mb.z_star.device), m.to(mb.z_star.device)
     keep = (mb.star_residual <= config.max_residual).to(mb.z_star.dtype)
     weight = keep / keep.sum().clamp_min(1.0)  # normalised over the global minibatch
     lo, hi, share = distributed.split_range(bsz, isinstance(mb.x, Tensor) and isinstance(mb.y, Tensor))
     whole = (lo, hi) == (0, bsz)
     if not whole:  # this rank's rows
-        rows = torch.arange(lo, hi)
+        rows = torch.arange(lo, hi, device=mb.z_star.device)
         mb = _take(mb, rows)
         n, m, weight = n[rows], m[rows], weight[rows]
     # consistency terms are sums of globally weighted rows; a batch computed whole on every rank
@@ -291,7 +329,7 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
     weight = weight * (share if whole else 1.0)
     z_n = _select(mb.iterates, mb.z_star, n)
     t_n = _times(student, mb, n).to(z_n.dtype)
-    u = student.inject(mb.x)
+    u = _inject(student, mb.x)
     out = student.F(z_n, t_n, u)
     zero = out.new_zeros(())
     parts = {"global": zero, "local": zero, "task": zero}

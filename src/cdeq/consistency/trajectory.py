@@ -29,7 +29,16 @@ from ..checks import check_finite_inputs, check_labels  # noqa: F401 (check_labe
 from ..config import Config, ConfigError, check_choice, check_int
 from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
-from ..io import CorruptFileError, flatten, load_tensors, read_json, save_tensors, unflatten, write_json
+from ..io import (
+    CorruptFileError,
+    flatten,
+    load_tensors,
+    read_json,
+    safetensors_damage,
+    save_tensors,
+    unflatten,
+    write_json,
+)
 from ..progress import progress
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -143,6 +152,11 @@ class TrajectoryStore:
 
     def read(self, i: int, dtype: torch.dtype = torch.float32) -> TrajectoryBatch:
         path = self.shard_path(i)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing, though {self.root / self.MANIFEST} lists {len(self)} shards: "
+                f"`cdeq run` on {self.root.parent} (or `cdeq record --out {self.root.parent}`) "
+                "records it again")
         tensors, meta = load_tensors(path, kind="trajectory")
         try:
             return TrajectoryBatch(
@@ -158,10 +172,30 @@ class TrajectoryStore:
         if not path.exists():
             raise FileNotFoundError(f"no trajectories at {self.root} (missing {self.MANIFEST}); "
                                     "run the record stage first")
-        return read_json(path)
+        manifest = read_json(path)
+        if not isinstance(manifest, dict):
+            raise CorruptFileError(f"{path} is not a trajectory manifest (a JSON object)")
+        return manifest
 
     def __len__(self) -> int:
         return int(self.manifest()["shards"])
+
+    def check(self) -> tuple[list[Path], list[tuple[Path, str]]]:
+        """``(missing, damaged)``: the shards the manifest lists that are not on disk, and those
+        whose size does not match their header (truncated), with the reason. Reads headers only;
+        a flipped bit inside a shard is found by its checksum when it is read."""
+        shards = self.manifest().get("shards")
+        if not isinstance(shards, int) or shards < 0:
+            raise CorruptFileError(f"{self.root / self.MANIFEST} does not say how many shards "
+                                   f"there are (shards={shards!r})")
+        missing, damaged = [], []
+        for i in range(shards):
+            path = self.shard_path(i)
+            if not path.exists():
+                missing.append(path)
+            elif (why := safetensors_damage(path)) is not None:
+                damaged.append((path, why))
+        return missing, damaged
 
     def __getitem__(self, i: int) -> TrajectoryBatch:
         if not 0 <= i < len(self):

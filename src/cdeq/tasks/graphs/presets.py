@@ -11,7 +11,8 @@ import copy
 from typing import Any
 
 FULL_RUN: dict[str, Any] = {
-    "teacher": {"epochs": 10, "batch_size": 1, "lr": 0.01, "weight_decay": 0.1, "backward": "implicit",
+    "teacher": {"epochs": 10, "batch_size": 1, "optim": {"lr": 0.01, "weight_decay": 0.1},
+                "backward": "implicit",
                 "train_solver": {"name": "anderson", "max_iter": 30, "tol": 1e-3},
                 "eval_solver": {"name": "anderson", "max_iter": 60, "tol": 1e-4}},
     "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 40, "tol": 1e-5}},
@@ -22,7 +23,7 @@ FULL_RUN: dict[str, Any] = {
 
 QUICK_RUN: dict[str, Any] = {
     "task_config": {"hidden": 16, "steps_per_epoch": 10, "record_copies": 3},
-    "teacher": {"epochs": 4, "batch_size": 1, "lr": 0.05, "weight_decay": 0.1,
+    "teacher": {"epochs": 4, "batch_size": 1, "optim": {"lr": 0.05, "weight_decay": 0.1},
                 "train_solver": {"name": "anderson", "max_iter": 15, "tol": 1e-3}},
     "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 16, "tol": 1e-5}},
     "distill": {"batch_size": 1, "epochs": 2},

@@ -15,7 +15,7 @@ QUICK: dict[str, Any] = {
                 "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3}},
     "record": {"batch_size": 128, "solver": {"name": "anderson", "max_iter": 12}},
     "distill": {"epochs": 2, "batch_size": 64},
-    "baselines": {"init_max_epochs": 20, "init_select_batches": 1, "unrolled_epochs": 1},
+    "baselines": {"init_select_batches": 1},
     "plans": {"max_nfe": 4, "batches": 1},
     "evaluate": {"budgets": [1, 2, 4], "latency_repeats": 1, "batch_size": 128,
                  "latency_batch": 64, "reference": {"max_iter": 30}},

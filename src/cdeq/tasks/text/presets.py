@@ -19,7 +19,8 @@ QUICK_TASK: dict[str, Any] = {
 }
 
 FULL_RUN: dict[str, Any] = {
-    "teacher": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 100,
+    "teacher": {"epochs": 4, "batch_size": 32,
+                "optim": {"lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 100},
                 "backward": "jacobian_free",
                 "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3},
                 "eval_solver": {"name": "anderson", "max_iter": 40, "tol": 1e-4}},
@@ -33,7 +34,7 @@ FULL_RUN: dict[str, Any] = {
 QUICK_RUN: dict[str, Any] = {
     "threads": 1,  # a tiny model gains nothing from more threads, and they slow it on busy cores
     "task_config": {"quick": True},
-    "teacher": {"epochs": 4, "batch_size": 8, "lr": 1e-2, "backward": "jacobian_free",
+    "teacher": {"epochs": 4, "batch_size": 8, "optim": {"lr": 1e-2}, "backward": "jacobian_free",
                 "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3},
                 "eval_solver": {"name": "anderson", "max_iter": 20, "tol": 1e-4}},
     "record": {"batch_size": 16, "solver": {"name": "anderson", "max_iter": 12, "tol": 1e-4}},

@@ -1,0 +1,280 @@
+"""A run directory: its lock, its ``config.json``, its log and the files its stages leave.
+
+:class:`RunDirectory` holds what every stage of :class:`cdeq.pipeline.Run` needs around the
+stage itself:
+
+- one writer at a time: :meth:`RunDirectory.locked` holds the OS lock ``DIR/.lock`` (see
+  :func:`cdeq.io.acquire_lock`); a second process gets :class:`cdeq.io.BusyError` naming the PID
+  that holds it;
+- ``config.json`` is written once the configuration and the data are known to be good, and an
+  existing one must hold the same configuration (:meth:`RunDirectory.adopt_config`), unless no
+  stage has left a file yet: a start that failed never blocks the corrected retry;
+- stage outputs and epoch checkpoints are saved and loaded with errors that say how to recover;
+  :meth:`RunDirectory.done` and :meth:`RunDirectory.recorded` check what ``cdeq run`` would skip,
+  rename a damaged file ``NAME.corrupt-<time>`` and let its stage run again;
+- :meth:`RunDirectory.resumed` is the stage runner of the trained stages: resume from the
+  checkpoint, run the loop, checkpoint after each epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed
+from .config import ConfigError
+from .consistency.trajectory import TrajectoryStore
+from .io import (
+    CorruptFileError,
+    acquire_lock,
+    load_checkpoint,
+    load_tensors,
+    read_json,
+    release_lock,
+    save_checkpoint,
+    save_tensors,
+    set_aside,
+    write_json,
+)
+
+LOCK = ".lock"
+#: the command whose stage writes each output (unrolled_k* and learned_init: ``baselines``)
+MAKER = {"teacher": "train", "student": "distill"}
+#: the files stages leave; a directory holding none of them has no run worth protecting
+STAGE_FILES = ("*.safetensors", "*.ckpt", "trajectories/*.safetensors", "trajectories/manifest.json",
+               "report.json")
+
+
+def writes(method: Callable) -> Callable:
+    """Mark a stage method: it runs holding the run directory's lock."""
+    @functools.wraps(method)
+    def stage(self: RunDirectory, *args: Any, **kwargs: Any) -> Any:
+        with self.locked():
+            return method(self, *args, **kwargs)
+    return stage
+
+
+class RunDirectory:
+    """The files of a run in ``path``; ``log`` receives every log line (also in ``log.txt``)."""
+
+    def __init__(self, path: str | Path, log: Callable[[str], None] | None = None) -> None:
+        self.dir = Path(path)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"--out {self.dir} is an existing file, not a directory; name a new "
+                              "directory or an existing run directory")
+        self._log = log or print
+        self._held = False  # the lock taken by hold(), dropped by close()
+        self._solo = False  # True once no other torchrun rank takes part: no barriers
+        self._repair = False  # True in `cdeq run`: damaged checkpoints are set aside, not refused
+
+    # --- the lock -------------------------------------------------------------------------------
+    def _acquire(self) -> bool:
+        """Take the lock (rank 0 only: the ranks of one torchrun share the directory)."""
+        if not distributed.is_main():
+            return False
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the run directory {self.dir}: {err.strerror or err}; "
+                              "choose another --out") from err
+        acquire_lock(self.dir / LOCK)
+        return True
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory's lock for the body (counted: nested use is fine in one process)."""
+        held = self._acquire()
+        try:
+            yield
+        finally:
+            if held:
+                release_lock(self.dir / LOCK)
+
+    def hold(self) -> None:
+        """Take the lock until :meth:`close` (or the end of a ``with`` block)."""
+        if not self._held:
+            self._held = self._acquire()
+
+    def close(self) -> None:
+        if self._held:
+            self._held = False
+            release_lock(self.dir / LOCK)
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a dropped Run does not keep its directory locked
+        with contextlib.suppress(Exception):  # at interpreter shutdown the OS drops it anyway
+            self.close()
+
+    # --- configuration and log --------------------------------------------------------------------
+    def adopt_config(self, new: dict, normalise: Callable[[dict], dict]) -> None:
+        """Write ``new`` to ``config.json`` (call it holding the lock). An existing file must hold
+        the same configuration once ``normalise`` fills the keys added since, unless no stage
+        has left a file yet: then the new configuration replaces it (logged)."""
+        path = self.dir / "config.json"
+        if path.exists():
+            written = read_json(path)
+            old = normalise(written)
+            if old == new:
+                if written != new and distributed.is_main():
+                    write_json(path, new)  # the same run, written out with the keys added since
+                return
+            outputs = self.stage_files()
+            if outputs:
+                raise ConfigError(
+                    f"{self.dir} already holds a run with another configuration (differing in "
+                    f"{differences(old, new)}; outputs: {', '.join(outputs[:3])}); use a new --out "
+                    "directory, or delete the old run to start over")
+            self.log("replacing the configuration of an earlier start that left no stage output "
+                     f"(differing in {differences(old, new)})")
+        if distributed.is_main():  # under torchrun only rank 0 writes run files
+            write_json(path, new)
+
+    def stage_files(self) -> list[str]:
+        """The files stages have left (names relative to the directory)."""
+        return [str(p.relative_to(self.dir)) for pattern in STAGE_FILES
+                for p in sorted(self.dir.glob(pattern))]
+
+    def log(self, msg: str) -> None:
+        if not distributed.is_main():
+            return
+        self._log(msg)
+        with open(self.dir / "log.txt", "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+    # --- stage outputs ----------------------------------------------------------------------------
+    def _redo(self, name: str) -> str:
+        return f"`cdeq {MAKER.get(name, 'baselines')} --out {self.dir}`"
+
+    def save_module(self, name: str, module: torch.nn.Module, meta: dict) -> None:
+        if distributed.is_main():
+            save_tensors(self.dir / f"{name}.safetensors", module.state_dict(), kind=name, meta=meta)
+        if not self._solo:
+            distributed.barrier()  # the other ranks read it next
+
+    def _read(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        path = self.dir / f"{name}.safetensors"
+        try:
+            return load_tensors(path, kind=name)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}: run {self._redo(name)} first (or `cdeq run`)") from err
+        except CorruptFileError as err:
+            raise CorruptFileError(f"{err}. Move it away and run {self._redo(name)} to redo its stage "
+                                   "(`cdeq run` with the run's settings does both by itself)") from err
+
+    def read_meta(self, name: str) -> dict:
+        """The JSON metadata of ``DIR/NAME.safetensors`` (checked like :meth:`load_module`)."""
+        return self._read(name)[1]
+
+    def load_module(self, name: str, module: torch.nn.Module) -> dict:
+        """Load ``DIR/NAME.safetensors`` into ``module``; returns its metadata."""
+        tensors, meta = self._read(name)
+        try:
+            module.load_state_dict(tensors)
+        except RuntimeError as err:  # the whole message: missing, unexpected and mis-shaped keys
+            raise ConfigError(
+                f"{self.dir / name}.safetensors does not match the model built from config.json "
+                f"(written by another configuration or version of the task):\n{err}\nMove it away "
+                f"and run {self._redo(name)} to redo its stage") from err
+        return meta
+
+    def done(self, name: str, what: str) -> bool:
+        """Whether ``DIR/NAME.safetensors`` exists and is whole (logged as skipping ``what``); a
+        damaged one is renamed ``NAME.safetensors.corrupt-<time>`` so that its stage runs again."""
+        path = self.dir / f"{name}.safetensors"
+        if not path.exists():
+            return False
+        try:
+            load_tensors(path, kind=name)
+        except CorruptFileError as err:
+            self.log(f"{path.name} is damaged ({err}); moved it to {set_aside(path).name} and "
+                     f"redoing {what}")
+            return False
+        self.log(f"{path.name} exists: skipping {what}")
+        return True
+
+    def recorded(self) -> bool:
+        """Whether the trajectories are complete. Damaged shards are set aside; missing or damaged
+        ones are logged and make recording run again (it keeps the whole shards)."""
+        store = TrajectoryStore(self.dir / "trajectories")
+        manifest = store.root / store.MANIFEST
+        if not manifest.exists():
+            return False
+        try:
+            missing, damaged = store.check()
+        except CorruptFileError as err:
+            self.log(f"{err}; moved it to {set_aside(manifest).name} and recording again")
+            return False
+        for path, why in damaged:
+            self.log(f"trajectory shard {path.name} is damaged ({why}); moved it to "
+                     f"{set_aside(path).name}")
+        lost = sorted(p.name for p in missing + [p for p, _ in damaged])
+        if lost:
+            names = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
+            self.log(f"trajectories/{store.MANIFEST} lists {len(store)} shards but {len(lost)} of "
+                     f"them are missing or damaged ({names}): recording those again")
+            return False
+        self.log("trajectories exist: skipping recording")
+        return True
+
+    # --- epoch checkpoints and the stage runner -----------------------------------------------------
+    def write_checkpoint(self, name: str, payload: dict) -> None:
+        if distributed.is_main():
+            save_checkpoint(self.dir / f"{name}.ckpt", payload)  # versioned + checksummed, atomic
+
+    def read_checkpoint(self, name: str) -> dict | None:
+        path = self.dir / f"{name}.ckpt"
+        if not path.exists():
+            return None
+        try:
+            return load_checkpoint(path)  # CorruptFileError naming the file when it is damaged
+        except CorruptFileError as err:
+            if not self._repair:
+                raise
+            self.log(f"{path.name} is damaged ({err}); moved it to {set_aside(path).name}: the stage "
+                     "starts from its first epoch")
+            return None
+
+    def resumed(self, name: str, module: torch.nn.Module, what: str,
+                loop: Callable[[int, dict | None, Callable[[int, dict], None]], dict]) -> dict:
+        """Run a trained stage: resume ``module`` from ``DIR/NAME.ckpt`` when there is one, run
+        ``loop(start_epoch, state, on_epoch_end)`` (``on_epoch_end(epoch, state)`` writes the
+        checkpoint) and return the loop's history (a resumed loop's holds the earlier epochs too)."""
+        start, state = 0, None
+        ckpt = self.read_checkpoint(name)
+        if ckpt is not None:
+            module.load_state_dict(ckpt["model"])
+            start, state = ckpt["epoch"] + 1, ckpt["state"]
+            self.log(f"resuming {what} after epoch {start}")
+
+        def save(epoch: int, st: dict) -> None:
+            self.write_checkpoint(name, {"epoch": epoch, "model": module.state_dict(), "state": st})
+
+        return loop(start, state, save)
+
+
+def differences(old: dict, new: dict) -> str:
+    """The dotted keys whose values differ between two configurations (the first five)."""
+    found: list[str] = []
+
+    def walk(a: dict, b: dict, prefix: str) -> None:
+        for key in sorted(set(a) | set(b)):
+            x, y = a.get(key), b.get(key)
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y, f"{prefix}{key}.")
+            elif x != y:
+                found.append(f"{prefix}{key}: {json.dumps(x)} -> {json.dumps(y)}")
+
+    walk(old, new, "")
+    return ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")

@@ -1,0 +1,48 @@
+"""The same configuration and seed give the same report, bit for bit, apart from timing fields: the
+baselines are budgeted by training work (samples), not wall time, and every loop is seeded."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cdeq.cli import main
+
+
+def _timing(key: str) -> bool:
+    key = key.lower()
+    return (any(word in key for word in ("time", "latency", "timing"))
+            or key.endswith("_ms") or key.endswith("_s"))
+
+
+def without_timing(value: Any) -> Any:
+    """``value`` with every mapping entry whose key names a timing removed, recursively."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if not _timing(str(k))}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def test_timing_keys_are_recognised():
+    report = {"latency_ms": {"cdeq": 1.0}, "train_time_s": 3, "timing": {}, "median_ms": 2,
+              "methods": {"cdeq": {"1": 0.5}}, "train_work": {"cdeq": {"steps": 8}}}
+    assert without_timing(report) == {"methods": {"cdeq": {"1": 0.5}},
+                                      "train_work": {"cdeq": {"steps": 8}}}
+
+
+@pytest.mark.slow
+def test_two_identical_quick_runs_give_the_same_report(tmp_path, capsys):
+    reports = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["run", "digits", "--quick", "--out", str(out), "--set", "threads=1"]) == 0
+        reports.append(json.loads((out / "report.json").read_text()))
+    capsys.readouterr()
+    a, b = (without_timing(r) for r in reports)
+    assert "learned_init" in a["methods"] and "unrolled_any_k" in a["methods"]
+    assert a["train_work"]["learned_init"]["samples"] == a["train_work"]["cdeq"]["distill"]["samples"]
+    assert a == b
+    assert a["train_work"]["unrolled_any_k"]["samples"] == a["train_work"]["unrolled_k1"]["samples"]
