@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, check_int
+from ..config import Config, ConfigError, check_int
 from ..deq.model import DEQModel
 from .schedule import ScheduleConfig, TimeSchedule
 
@@ -64,20 +64,29 @@ class StudentConfig(Config):
     Attributes:
         time_features: size of the Fourier embedding of ``log t``.
         time_hidden: width of the time MLP.
-        correction_hidden: width of the channel-wise correction MLP (0 disables it).
+        correction_hidden: width of the channel-wise correction MLP (0, the default, disables
+            it: on cheap cells it costs several layer calls).
+        input_mix: the layer's input gets a per-channel, time-dependent share of the injection,
+            ``z_in = scale_in(t) z + shift_in(t) + mix(t) u``, where ``u`` is (or holds) a tensor
+            of the state's shape (the built-in cells: images, text, graphs); one multiply-add per
+            state element. From the zero start it is what lets the layer's own weights act on
+            the input at all.
         train_injection: give the student its own trainable copy of the input injection
             (otherwise it shares the teacher's, frozen).
     """
 
     time_features: int = 16
     time_hidden: int = 64
-    correction_hidden: int = 64
+    correction_hidden: int = 0
+    input_mix: bool = True
     train_injection: bool = False
 
     def validate(self) -> None:
         check_int("time_features", self.time_features, minimum=2)
         check_int("time_hidden", self.time_hidden, minimum=1)
         check_int("correction_hidden", self.correction_hidden, minimum=0)
+        if not isinstance(self.input_mix, bool):
+            raise ConfigError(f"input_mix={self.input_mix!r} is not valid; it must be true or false")
 
 
 def _per_sample(v: Tensor, like: Tensor) -> Tensor:
@@ -91,6 +100,14 @@ def _broadcast(v: Tensor, like: Tensor, channel_dim: int) -> Tensor:
     shape[0] = v.shape[0]
     shape[channel_dim] = v.shape[1]
     return v.reshape(shape)
+
+
+def _injected_state(u: Any, z: Tensor) -> Tensor | None:
+    """The injection ``u`` itself, or its first tensor, when it has the state's shape; else ``None``."""
+    for v in (u,) if isinstance(u, Tensor) else (u if isinstance(u, (tuple, list)) else ()):
+        if isinstance(v, Tensor) and v.layout == torch.strided and v.shape == z.shape:
+            return v
+    return None
 
 
 class ChannelMLP(nn.Module):
@@ -159,7 +176,8 @@ class ConsistencyStudent(nn.Module):
                 p.requires_grad_(True)
         c, self.channel_dim = teacher.state_layout(example)
         self.channels = c
-        self.time_embed = TimeEmbedding(self.config.time_features, self.config.time_hidden, 4 * c)
+        parts = 5 if self.config.input_mix else 4
+        self.time_embed = TimeEmbedding(self.config.time_features, self.config.time_hidden, parts * c)
         hidden = self.config.correction_hidden
         self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
         self._plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
@@ -200,30 +218,112 @@ class ConsistencyStudent(nn.Module):
         """The student's injection: its own copy, or the teacher's (without a parameter graph)."""
         return frozen_call(self.teacher.injection, x) if self.injection is None else self.injection(x)
 
-    def G(self, z: Tensor, t: Tensor, u: Any) -> Tensor:
-        """One conditioned layer call (1 NFE). ``z``: state ``(B, ...)``, ``t``: ``(B,)``."""
-        gamma_in, beta_in, gamma_out, beta_out = self.time_embed(t).chunk(4, dim=1)
+    def _layer(self, z: Tensor, film: tuple, u: Any, zero_state: bool) -> Tensor:
+        """The layer on ``z * scale_in + shift_in [+ mix * u]`` (1 NFE); ``film``: the first
+        three of :meth:`film` ``(scale_in, shift_in, mix)``. From a zero state the ``z`` term
+        costs nothing."""
+        scale_in, shift_in, mix = film[:3]
         cd = self.channel_dim
-        z_in = z * (1 + _broadcast(gamma_in, z, cd)) + _broadcast(beta_in, z, cd)
-        h = self.cell(z_in, u)
-        h = h * (1 + _broadcast(gamma_out, h, cd)) + _broadcast(beta_out, h, cd)
+        z_in = _broadcast(shift_in, z, cd)
+        if not zero_state:
+            z_in = torch.addcmul(z_in, z, _broadcast(scale_in, z, cd))
+        injected = _injected_state(u, z) if mix is not None else None
+        if injected is not None:
+            z_in = torch.addcmul(z_in, injected, _broadcast(mix, z, cd))
+        return self.cell(z_in.expand_as(z), u)
+
+    def film(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """FiLM parameters ``(scale_in, shift_in, mix, scale_out, shift_out)`` of times ``t``
+        ``(n,)``, each ``(n, C)`` (``mix`` ``None`` without ``input_mix``): one row per time, so
+        a batch sharing one time needs one row."""
+        parts = self.time_embed(t).chunk(5 if self.config.input_mix else 4, dim=1)
+        mix = parts[4] if self.config.input_mix else None
+        return 1 + parts[0], parts[1], mix, 1 + parts[2], parts[3]
+
+    def G(self, z: Tensor, t: Tensor, u: Any) -> Tensor:
+        """One conditioned layer call (1 NFE), before the scalings: ``FiLM_out(f(FiLM_in(z)))``
+        [+ the correction]. ``z``: state ``(B, ...)``, ``t``: ``(B,)``."""
+        film = self.film(t)
+        h = self._layer(z, film, u, zero_state=False)
+        cd = self.channel_dim
+        h = torch.addcmul(_broadcast(film[4], h, cd), h, _broadcast(film[3], h, cd))
         if self.correction is not None:
             h = h + self.correction(torch.cat([h, z], dim=cd))
         return h
 
-    def F(self, z: Tensor, t: Tensor | float, u: Any) -> Tensor:
+    def F(self, z: Tensor, t: Tensor | float, u: Any, zero_state: bool = False) -> Tensor:
         """``c_skip(t) z + c_out(t) G(z, t, u)``: the estimate of ``z*`` from ``z`` at time ``t``.
 
-        At ``t = T`` this returns ``z`` itself without calling the layer (0 NFE)."""
+        ``t``: a float or a 0-dim tensor (one time for the whole batch, as in a plan's jump) or
+        per-sample times ``(B,)`` (training, ``jump_auto``). Without the correction, ``c_out``
+        folds into the output FiLM: one per-channel affine of the layer's output (one fused
+        multiply-add per element), plus one for the skip term; ``zero_state`` (``z`` is known to
+        be zeros, a plan's start) drops the ``z`` terms. For one time without gradients the
+        folded per-channel coefficients come from a table keyed on the time and the time
+        embedding's weights, so the time embedding costs nothing per call. At ``t = T`` this
+        returns ``z`` itself without calling the layer (0 NFE): the boundary condition is exact.
+        """
+        if self.correction is not None:
+            return self._corrected(z, t, u)
+        if not isinstance(t, Tensor) or t.dim() == 0:  # one time for the batch
+            c_skip, c_out = self.schedule.scalar_scalings(float(t))
+            if c_out == 0.0:
+                return z
+            coef = self._coefficients(float(t), c_out, z)
+            skip: Tensor | float = c_skip
+            boundary = None
+        else:
+            times = t.to(z.dtype)
+            c_skip, c_out = self.schedule.scalings(times)
+            boundary = c_out == 0
+            if bool(boundary.all()):
+                return z
+            coef = self._fold(self.film(times), c_out[:, None])
+            skip = _per_sample(c_skip, z)
+        h = self._layer(z, coef, u, zero_state)
+        cd = self.channel_dim
+        out = torch.addcmul(_broadcast(coef[4], h, cd), h, _broadcast(coef[3], h, cd))
+        if not zero_state:
+            out = out.add(z, alpha=skip) if boundary is None else torch.addcmul(out, z, skip)
+        if boundary is not None and bool(boundary.any()):
+            out = torch.where(_per_sample(boundary, z), z, out)
+        return out
+
+    @staticmethod
+    def _fold(film: tuple, c_out: Tensor | float) -> tuple:
+        """``film`` with ``c_out`` multiplied into the output scale and shift."""
+        return (*film[:3], c_out * film[3], c_out * film[4])
+
+    def _coefficients(self, t: float, c_out: float, z: Tensor) -> tuple:
+        """The folded FiLM coefficients of one time ``t`` (rows ``(1, C)``), from the table when
+        gradients are off (keyed on ``t`` and the time embedding's weights and their versions,
+        so a training step or a loaded state invalidates it)."""
+        def compute() -> tuple:
+            times = torch.full((1,), t, dtype=z.dtype, device=z.device)
+            return self._fold(self.film(times), c_out)
+
+        if torch.is_grad_enabled():
+            return compute()
+        key = (t, c_out, z.dtype, z.device,
+               tuple((p.data_ptr(), p._version) for p in self.time_embed.parameters()))
+        table = self.__dict__.setdefault("_film_table", {})
+        if key not in table:
+            if len(table) >= 64:
+                table.clear()
+            table[key] = compute()
+        return table[key]
+
+    def _corrected(self, z: Tensor, t: Tensor | float, u: Any) -> Tensor:
+        """``F`` with the correction MLP (``correction_hidden > 0``): per-sample times, unfolded."""
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
         if t.dim() == 0:
             t = t.expand(z.shape[0])
         c_skip, c_out = self.schedule.scalings(t)
-        at_boundary = c_out == 0
-        if bool(at_boundary.all()):
+        boundary = c_out == 0
+        if bool(boundary.all()):
             return z
         out = _per_sample(c_skip, z) * z + _per_sample(c_out, z) * self.G(z, t, u)
-        return torch.where(_per_sample(at_boundary, z), z, out)
+        return torch.where(_per_sample(boundary, z), z, out)
 
     forward = F
 
@@ -237,13 +337,15 @@ class ConsistencyStudent(nn.Module):
         return (u_t if self.injection is None else self.injection(x)), u_t
 
     def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Tensor | None = None) -> Tensor:
-        """Run ``plan`` from ``z0`` (zeros by default); returns the state ``(B, ...)``."""
+        """Run ``plan`` from ``z0`` (by default the teacher's initial state, zeros, which a first
+        jump uses without arithmetic on it); returns the state ``(B, ...)``."""
         u_teacher = u if u_teacher is None else u_teacher
+        zero_state = z0 is None  # DEQModel.initial_state is zeros
         z = self.initial_state(u) if z0 is None else z0
         last_residual = None
         for op in plan:
             if op[0] == "jump":
-                z = self.F(z, op[1], u)
+                z = self.F(z, op[1], u, zero_state=zero_state)
             elif op[0] == "step":
                 fz = frozen_call(self.teacher.cell, z, u_teacher)
                 b = z.shape[0]
@@ -255,6 +357,7 @@ class ConsistencyStudent(nn.Module):
                 z = self.F(z, self.schedule.residual_time(last_residual).to(z.dtype), u)
             else:
                 raise ValueError(f"unknown plan operation {op!r}; use 'jump', 'step' or 'jump_auto'")
+            zero_state = False
         return z
 
     def plan_for(self, nfe: int) -> Plan:
@@ -279,8 +382,12 @@ class ConsistencyStudent(nn.Module):
     @torch.no_grad()
     def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
         """``(logits, z)`` using at most ``nfe`` layer calls."""
-        u, u_t = self.teacher_inputs(x)
-        z = self.run_plan(u, self.plan_for(nfe), u_t)
+        plan = self.plan_for(nfe)
+        if any(op[0] == "step" for op in plan):
+            u, u_t = self.teacher_inputs(x)
+        else:  # no teacher step: the teacher's injection is not needed (when the student has its own)
+            u, u_t = self.inject(x), None
+        z = self.run_plan(u, plan, u_t)
         return self.head(z), z
 
     @torch.no_grad()
