@@ -68,3 +68,16 @@ def test_new_and_legacy_arithmetic_agree_without_the_correction(folder):
         z0 = new.initial_state(u)
         torch.testing.assert_close(new.run_plan(u, new.plans[1]), old.F(z0, new.schedule.t_min, u),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_student_saved_without_the_input_mix_loads_as_the_same_function(folder):
+    teacher, x = _cell("digits", True, folder)
+    torch.manual_seed(1)
+    before = ConsistencyStudent(teacher, config=StudentConfig(input_mix=False))
+    with torch.no_grad():
+        for p in before.time_embed.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    after = ConsistencyStudent(teacher)  # input_mix on: the saved state lacks the mix rows
+    after.load_state_dict(before.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(after.predict(x)[0], before.predict(x)[0])

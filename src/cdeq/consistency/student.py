@@ -178,10 +178,21 @@ class ConsistencyStudent(nn.Module):
         self.channels = c
         parts = 5 if self.config.input_mix else 4
         self.time_embed = TimeEmbedding(self.config.time_features, self.config.time_hidden, parts * c)
+        self._register_load_state_dict_pre_hook(self._without_mix_rows)
         hidden = self.config.correction_hidden
         self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
         self._plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
         self.plans_selected = False  # True once plans come from a search or from the caller
+
+    def _without_mix_rows(self, state: dict, prefix: str, *args: Any) -> None:
+        """Load a state saved before ``input_mix`` existed (time embedding with 4C outputs): its
+        mix rows start at zero, which is the saved student's function exactly."""
+        c = self.channels
+        for name in ("weight", "bias"):
+            key = f"{prefix}time_embed.net.2.{name}"
+            if self.config.input_mix and key in state and state[key].shape[0] == 4 * c:
+                v = state[key]
+                state[key] = torch.cat([v, v.new_zeros((c, *v.shape[1:]))])
 
     @property
     def plans(self) -> dict[int, Plan]:
