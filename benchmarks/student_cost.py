@@ -20,6 +20,12 @@ Two students: ``old`` (the previous design, reproduced here verbatim as :class:`
 a per-sample time MLP, separate FiLM, skip and scaling ops, the 64-wide correction MLP) and
 ``new`` (the library's default :class:`~cdeq.consistency.student.ConsistencyStudent`). The
 machine may be shared: only the ratios, measured side by side in one process, mean anything.
+With ``--compare RUN [RUN ...]`` it instead reads finished runs (the same teacher, different
+students) and writes each student's **validation** metric and relative error to ``z*`` at 1, 2
+and 4 NFE (selection never looks at the test split)::
+
+    python benchmarks/student_cost.py --compare runs/old runs/new --out benchmarks/results/student_digits.json
+
 MNIST and CIFAR-10 are built on random stand-in images of their shape (the data do not enter
 the cost); digits, Tiny Shakespeare, Cora and Facebook read their data from the shared folder.
 """
@@ -27,6 +33,7 @@ the cost); digits, Tiny Shakespeare, Cora and Facebook read their data from the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -37,7 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cdeq.consistency.student import ConsistencyStudent, StudentConfig, _broadcast, _per_sample
+from cdeq.consistency.conditioning import _broadcast, _per_sample
+from cdeq.consistency.student import ConsistencyStudent, StudentConfig
 from cdeq.cost import time_methods
 from cdeq.deq.model import DEQModel
 from cdeq.evaluate import EvalConfig, measure_flops, predictors
@@ -141,6 +149,32 @@ def measure(name: str, quick: bool, batch: int, repeats: int, folder: Path) -> d
     }
 
 
+def compare(runs: list[str], budgets: tuple[int, ...] = (1, 2, 4)) -> list[dict[str, Any]]:
+    """Validation metric and error to ``z*`` of each finished run's student at ``budgets``."""
+    from cdeq.evaluate import _sweep
+    from cdeq.pipeline import Run
+
+    rows = []
+    for path in runs:
+        run = Run(path)
+        teacher = run.teacher()
+        student = run.student(teacher)
+        config = EvalConfig(budgets=budgets, solvers=("picard",))
+        with torch.no_grad():
+            got = _sweep(run.task, teacher, student, config, run.task.validation_batches(256),
+                         None, "valid")
+        rows.append({"run": str(path), "student": dataclasses.asdict(run.config.student),
+                     "teacher_valid": got["teacher"]["metric"],
+                     "cdeq": got["methods"]["cdeq"], "cdeq_rel_error": got["relative_error"]["cdeq"],
+                     "picard": got["methods"]["picard"],
+                     "picard_rel_error": got["relative_error"]["picard"],
+                     "plans": {str(k): [list(op) for op in student.plan_for(k)] for k in budgets}})
+        r = rows[-1]
+        print(f"{path}: " + "  ".join(f"{k} NFE acc {r['cdeq'][str(k)]:.4f} err "
+                                      f"{r['cdeq_rel_error'][str(k)]:.3f}" for k in budgets), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/student_cost.json")
@@ -148,8 +182,16 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(TASK_NAMES))
     parser.add_argument("--batch", type=int, default=256, help="images and text windows per batch")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--compare", nargs="*", default=None, help="finished run directories")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.compare:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"split": "valid", "seeds": 1, "runs": compare(args.compare)}
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.tasks:
