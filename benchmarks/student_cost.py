@@ -13,8 +13,9 @@ is its whole graph):
   ``cost.layer_calls["cdeq"]["1"]``): a 1-call student prediction less the shared injection and
   head, divided by one teacher layer call;
 - **time** (:func:`cdeq.cost.time_methods`: one thread, warm-up, methods interleaved, ``--repeats``
-  rounds; median and interquartile range): the student's 1-call plan from ``z_0`` against one
-  teacher layer call, the injection and head left out of both. The ratio is of the medians.
+  rounds; median and interquartile range): the student's 1-call plan's jump from ``z_0`` against
+  one teacher layer call from the same ``z_0``, the injection and head left out of both. The
+  ratio is of the medians.
 
 Two students: ``old`` (the previous design, reproduced here verbatim as :class:`LegacyStudent`:
 a per-sample time MLP, separate FiLM, skip and scaling ops, the 64-wide correction MLP) and
@@ -136,9 +137,9 @@ def measure(name: str, quick: bool, batch: int, repeats: int, folder: Path) -> d
         z0 = teacher.initial_state(u)
         flops = {k: layer_calls(teacher, s, x) for k, s in pair.items()}
         fns = {"layer": lambda: teacher.cell(z0, u)}
-        for k, s in pair.items():
-            plan = s.plans[1]
-            fns[k] = lambda s=s, plan=plan: s.run_plan(u, plan)
+        for k, s in pair.items():  # the 1-call plan's jump from the given z_0, as the layer's call
+            t = s.plans[1][0][1]
+            fns[k] = lambda s=s, t=t: s.F(z0, t, u, zero_state=True)
         timing = time_methods(fns, repeats=repeats, warmup=3, threads=1)
     layer_ms = timing["layer"]["median_ms"]
     return {

@@ -179,18 +179,19 @@ class ConsistencyStudent(nn.Module):
         return frozen_call(self.teacher.injection, x) if self.injection is None else self.injection(x)
 
     def _layer(self, z: Tensor, film: tuple, u: Any, zero_state: bool) -> Tensor:
-        """The layer on ``z * scale_in + shift_in [+ mix * u]`` (1 NFE); ``film``: the first
-        three of :meth:`film` ``(scale_in, shift_in, mix)``. From a zero state the ``z`` term
+        """The layer on ``z * scale_in + shift_in [+ mix * u]`` (1 NFE); ``film``: :meth:`film`'s
+        coefficients shaped against ``z`` (:meth:`_shaped`). From a zero state the ``z`` term
         costs nothing."""
         scale_in, shift_in, mix = film[:3]
-        cd = self.channel_dim
-        z_in = _broadcast(shift_in, z, cd)
-        if not zero_state:
-            z_in = torch.addcmul(z_in, z, _broadcast(scale_in, z, cd))
+        z_in = shift_in if zero_state else torch.addcmul(shift_in, z, scale_in)
         injected = _injected_state(u, z) if mix is not None else None
         if injected is not None:
-            z_in = torch.addcmul(z_in, injected, _broadcast(mix, z, cd))
+            z_in = torch.addcmul(z_in, injected, mix)
         return self.cell(z_in.expand_as(z), u)
+
+    def _shaped(self, film: tuple, z: Tensor) -> tuple:
+        """Coefficients ``(n, C)`` reshaped to broadcast against the state ``z``."""
+        return tuple(None if v is None else _broadcast(v, z, self.channel_dim) for v in film)
 
     def film(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
         """FiLM parameters ``(scale_in, shift_in, mix, scale_out, shift_out)`` of times ``t``
@@ -203,12 +204,11 @@ class ConsistencyStudent(nn.Module):
     def G(self, z: Tensor, t: Tensor, u: Any) -> Tensor:
         """One conditioned layer call (1 NFE), before the scalings: ``FiLM_out(f(FiLM_in(z)))``
         [+ the correction]. ``z``: state ``(B, ...)``, ``t``: ``(B,)``."""
-        film = self.film(t)
+        film = self._shaped(self.film(t), z)
         h = self._layer(z, film, u, zero_state=False)
-        cd = self.channel_dim
-        h = torch.addcmul(_broadcast(film[4], h, cd), h, _broadcast(film[3], h, cd))
+        h = torch.addcmul(film[4], h, film[3])
         if self.correction is not None:
-            h = h + self.correction(torch.cat([h, z], dim=cd))
+            h = h + self.correction(torch.cat([h, z], dim=self.channel_dim))
         return h
 
     def F(self, z: Tensor, t: Tensor | float, u: Any, zero_state: bool = False) -> Tensor:
@@ -238,11 +238,10 @@ class ConsistencyStudent(nn.Module):
             boundary = c_out == 0
             if bool(boundary.all()):
                 return z
-            coef = self._fold(self.film(times), c_out[:, None])
+            coef = self._shaped(self._fold(self.film(times), c_out[:, None]), z)
             skip = _per_sample(c_skip, z)
         h = self._layer(z, coef, u, zero_state)
-        cd = self.channel_dim
-        out = torch.addcmul(_broadcast(coef[4], h, cd), h, _broadcast(coef[3], h, cd))
+        out = torch.addcmul(coef[4], h, coef[3])
         if not zero_state:
             out = out.add(z, alpha=skip) if boundary is None else torch.addcmul(out, z, skip)
         if boundary is not None and bool(boundary.any()):
@@ -255,16 +254,16 @@ class ConsistencyStudent(nn.Module):
         return (*film[:3], c_out * film[3], c_out * film[4])
 
     def _coefficients(self, t: float, c_out: float, z: Tensor) -> tuple:
-        """The folded FiLM coefficients of one time ``t`` (rows ``(1, C)``), from the table when
-        gradients are off (keyed on ``t`` and the time embedding's weights and their versions,
-        so a training step or a loaded state invalidates it)."""
+        """The folded FiLM coefficients of one time ``t`` (rows ``(1, C)`` shaped against ``z``),
+        from the table when gradients are off (keyed on ``t`` and the time embedding's weights
+        and their versions, so a training step or a loaded state invalidates it)."""
         def compute() -> tuple:
             times = torch.full((1,), t, dtype=z.dtype, device=z.device)
-            return self._fold(self.film(times), c_out)
+            return self._shaped(self._fold(self.film(times), c_out), z)
 
         if torch.is_grad_enabled():
             return compute()
-        key = (t, c_out, z.dtype, z.device,
+        key = (t, c_out, z.dtype, z.device, z.dim(),
                tuple((p.data_ptr(), p._version) for p in self.time_embed.parameters()))
         table = self.__dict__.setdefault("_film_table", {})
         if key not in table:
