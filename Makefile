@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install install-dev demo test lint bench
+.PHONY: install install-dev demo test lint bench bench-training bench-threads
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -24,3 +24,13 @@ test: install-dev lint
 bench: install-dev
 	$(PIP) install -q torchdeq
 	$(PYTHON) benchmarks/solvers.py
+
+# One teacher training step, cdeq against TorchDEQ (benchmarks/results/training.json).
+bench-training: install-dev
+	$(PIP) install -q torchdeq
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/training.py
+
+# The demo's teacher training idle and beside busy processes, by thread setting
+# (benchmarks/results/threads.json); run it on an otherwise idle machine.
+bench-threads: install-dev
+	$(PYTHON) benchmarks/threads.py

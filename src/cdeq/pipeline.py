@@ -54,6 +54,7 @@ from .report import markdown_table, write_report
 from .rundir import RunDirectory, writes
 from .tasks import TASKS, Task
 from .tasks.base import on_device
+from .threads import apply_thread_policy
 from .training import TeacherConfig, configure_teacher, evaluate_model, train_teacher
 
 
@@ -160,8 +161,7 @@ class Run(RunDirectory):
             except BaseException:
                 self.close()
                 raise
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        self.threads = apply_thread_policy(self.config.threads)  # 0: a fair share of the free cores
 
     @property
     def device(self) -> torch.device:

@@ -95,3 +95,15 @@ class TimeSchedule:
         s = c.T - t
         sd2 = c.sigma_data**2
         return sd2 / (s**2 + sd2), c.sigma_data * s / torch.sqrt(s**2 + sd2)
+
+    def scalar_scalings(self, t: float) -> tuple[float, float]:
+        """``(c_skip, c_out)`` of one time ``t`` as floats (a plan step's jump: one time for the
+        whole batch; no tensor op); exactly ``(1.0, 0.0)`` at ``t = T``."""
+        c = self.config
+        t = min(float(t), c.T)
+        if c.scaling == "linear":
+            c_skip = t / c.T
+            return c_skip, 1 - c_skip
+        s = c.T - t
+        sd2 = c.sigma_data**2
+        return sd2 / (s**2 + sd2), c.sigma_data * s / math.sqrt(s**2 + sd2)

@@ -1,7 +1,12 @@
 """The consistency student ``F(z, t, x) = c_skip(t) z + c_out(t) G(z, t, x)``.
 
-``G`` is one call of ``f_phi`` (a copy of the teacher's layer) under a FiLM time conditioning,
-plus a light channel-wise correction, so one student call costs exactly 1 NFE. At ``t = T`` the
+``G`` is one call of ``f_phi`` (a copy of the teacher's layer) under a FiLM time conditioning:
+``G = scale_out(t) f_phi(scale_in(t) z + shift_in(t) + mix(t) u, u) + shift_out(t)``, all
+per-channel. A student call costs one layer call plus one fused multiply-add per state element
+(two away from the zero start): ``c_out`` folds into the output FiLM, and a plan's jump has one
+time for the whole batch, so its FiLM coefficients are computed once and then read from a table
+(``benchmarks/student_cost.py`` counts and times it on every task's cell). An optional
+channel-wise correction MLP (``correction_hidden``, off by default) adds to ``G``. At ``t = T`` the
 scalings are ``(1, 0)`` and ``F(z*, T, x) = z*`` holds exactly (the boundary condition).
 
 Inference runs a *plan*: a list of operations starting from ``z_0``, each costing 1 NFE:
@@ -27,18 +32,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, check_int
+from ..config import Config, ConfigError, check_int
 from ..deq.model import DEQModel
+from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _injected_state, _per_sample
 from .schedule import ScheduleConfig, TimeSchedule
+
+__all__ = ["ChannelMLP", "ConsistencyStudent", "StudentConfig", "TimeEmbedding", "frozen_call"]
 
 Plan = list[tuple]
 log = logging.getLogger(__name__)
@@ -64,69 +70,29 @@ class StudentConfig(Config):
     Attributes:
         time_features: size of the Fourier embedding of ``log t``.
         time_hidden: width of the time MLP.
-        correction_hidden: width of the channel-wise correction MLP (0 disables it).
+        correction_hidden: width of the channel-wise correction MLP (0, the default, disables
+            it: on cheap cells it costs several layer calls).
+        input_mix: the layer's input gets a per-channel, time-dependent share of the injection,
+            ``z_in = scale_in(t) z + shift_in(t) + mix(t) u``, where ``u`` is (or holds) a tensor
+            of the state's shape (the built-in cells: images, text, graphs); one multiply-add per
+            state element. From the zero start it is what lets the layer's own weights act on
+            the input at all.
         train_injection: give the student its own trainable copy of the input injection
             (otherwise it shares the teacher's, frozen).
     """
 
     time_features: int = 16
     time_hidden: int = 64
-    correction_hidden: int = 64
+    correction_hidden: int = 0
+    input_mix: bool = True
     train_injection: bool = False
 
     def validate(self) -> None:
         check_int("time_features", self.time_features, minimum=2)
         check_int("time_hidden", self.time_hidden, minimum=1)
         check_int("correction_hidden", self.correction_hidden, minimum=0)
-
-
-def _per_sample(v: Tensor, like: Tensor) -> Tensor:
-    """``(B,)`` -> ``(B, 1, ..., 1)`` broadcastable against ``like``."""
-    return v.reshape(v.shape[0], *[1] * (like.dim() - 1))
-
-
-def _broadcast(v: Tensor, like: Tensor, channel_dim: int) -> Tensor:
-    """``(B, C)`` -> shape broadcastable against ``like`` along ``channel_dim``."""
-    shape = [1] * like.dim()
-    shape[0] = v.shape[0]
-    shape[channel_dim] = v.shape[1]
-    return v.reshape(shape)
-
-
-class ChannelMLP(nn.Module):
-    """An MLP over the channel dimension, applied at every position (a 1x1 convolution)."""
-
-    def __init__(self, c_in: int, hidden: int, c_out: int, channel_dim: int) -> None:
-        super().__init__()
-        self.channel_dim = channel_dim
-        self.net = nn.Sequential(nn.Linear(c_in, hidden), nn.SiLU(), nn.Linear(hidden, c_out))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, h: Tensor) -> Tensor:
-        if self.channel_dim == 1 and h.dim() == 4:  # (B, C, H, W): 1x1 convolutions, no transposes
-            first, last = self.net[0], self.net[2]
-            h = F.conv2d(h, first.weight[:, :, None, None], first.bias)
-            return F.conv2d(F.silu(h), last.weight[:, :, None, None], last.bias)
-        moved = h.movedim(self.channel_dim, -1)
-        return self.net(moved).movedim(-1, self.channel_dim)
-
-
-class TimeEmbedding(nn.Module):
-    """``t (B,) -> (B, out)`` through Fourier features of ``log t`` and an MLP (last layer zero)."""
-
-    def __init__(self, features: int, hidden: int, out: int) -> None:
-        super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(32.0), features // 2)))
-        self.net = nn.Sequential(nn.Linear(2 * (features // 2) + 1, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, out))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, t: Tensor) -> Tensor:
-        s = torch.log(t.clamp_min(1e-6))[:, None] / 4
-        ang = s * self.freqs[None]
-        return self.net(torch.cat([torch.sin(ang), torch.cos(ang), s], dim=1))
+        if not isinstance(self.input_mix, bool):
+            raise ConfigError(f"input_mix={self.input_mix!r} is not valid; it must be true or false")
 
 
 class ConsistencyStudent(nn.Module):
@@ -159,11 +125,23 @@ class ConsistencyStudent(nn.Module):
                 p.requires_grad_(True)
         c, self.channel_dim = teacher.state_layout(example)
         self.channels = c
-        self.time_embed = TimeEmbedding(self.config.time_features, self.config.time_hidden, 4 * c)
+        parts = 5 if self.config.input_mix else 4
+        self.time_embed = TimeEmbedding(self.config.time_features, self.config.time_hidden, parts * c)
+        self._register_load_state_dict_pre_hook(self._without_mix_rows)
         hidden = self.config.correction_hidden
         self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
         self._plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
         self.plans_selected = False  # True once plans come from a search or from the caller
+
+    def _without_mix_rows(self, state: dict, prefix: str, *args: Any) -> None:
+        """Load a state saved before ``input_mix`` existed (time embedding with 4C outputs): its
+        mix rows start at zero, which is the saved student's function exactly."""
+        c = self.channels
+        for name in ("weight", "bias"):
+            key = f"{prefix}time_embed.net.2.{name}"
+            if self.config.input_mix and key in state and state[key].shape[0] == 4 * c:
+                v = state[key]
+                state[key] = torch.cat([v, v.new_zeros((c, *v.shape[1:]))])
 
     @property
     def plans(self) -> dict[int, Plan]:
@@ -200,30 +178,111 @@ class ConsistencyStudent(nn.Module):
         """The student's injection: its own copy, or the teacher's (without a parameter graph)."""
         return frozen_call(self.teacher.injection, x) if self.injection is None else self.injection(x)
 
+    def _layer(self, z: Tensor, film: tuple, u: Any, zero_state: bool) -> Tensor:
+        """The layer on ``z * scale_in + shift_in [+ mix * u]`` (1 NFE); ``film``: :meth:`film`'s
+        coefficients shaped against ``z`` (:meth:`_shaped`). From a zero state the ``z`` term
+        costs nothing."""
+        scale_in, shift_in, mix = film[:3]
+        z_in = shift_in if zero_state else torch.addcmul(shift_in, z, scale_in)
+        injected = _injected_state(u, z) if mix is not None else None
+        if injected is not None:
+            z_in = torch.addcmul(z_in, injected, mix)
+        return self.cell(z_in.expand_as(z), u)
+
+    def _shaped(self, film: tuple, z: Tensor) -> tuple:
+        """Coefficients ``(n, C)`` reshaped to broadcast against the state ``z``."""
+        return tuple(None if v is None else _broadcast(v, z, self.channel_dim) for v in film)
+
+    def film(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """FiLM parameters ``(scale_in, shift_in, mix, scale_out, shift_out)`` of times ``t``
+        ``(n,)``, each ``(n, C)`` (``mix`` ``None`` without ``input_mix``): one row per time, so
+        a batch sharing one time needs one row."""
+        parts = self.time_embed(t).chunk(5 if self.config.input_mix else 4, dim=1)
+        mix = parts[4] if self.config.input_mix else None
+        return 1 + parts[0], parts[1], mix, 1 + parts[2], parts[3]
+
     def G(self, z: Tensor, t: Tensor, u: Any) -> Tensor:
-        """One conditioned layer call (1 NFE). ``z``: state ``(B, ...)``, ``t``: ``(B,)``."""
-        gamma_in, beta_in, gamma_out, beta_out = self.time_embed(t).chunk(4, dim=1)
-        cd = self.channel_dim
-        z_in = z * (1 + _broadcast(gamma_in, z, cd)) + _broadcast(beta_in, z, cd)
-        h = self.cell(z_in, u)
-        h = h * (1 + _broadcast(gamma_out, h, cd)) + _broadcast(beta_out, h, cd)
+        """One conditioned layer call (1 NFE), before the scalings: ``FiLM_out(f(FiLM_in(z)))``
+        [+ the correction]. ``z``: state ``(B, ...)``, ``t``: ``(B,)``."""
+        film = self._shaped(self.film(t), z)
+        h = self._layer(z, film, u, zero_state=False)
+        h = torch.addcmul(film[4], h, film[3])
         if self.correction is not None:
-            h = h + self.correction(torch.cat([h, z], dim=cd))
+            h = h + self.correction(torch.cat([h, z], dim=self.channel_dim))
         return h
 
-    def F(self, z: Tensor, t: Tensor | float, u: Any) -> Tensor:
+    def F(self, z: Tensor, t: Tensor | float, u: Any, zero_state: bool = False) -> Tensor:
         """``c_skip(t) z + c_out(t) G(z, t, u)``: the estimate of ``z*`` from ``z`` at time ``t``.
 
-        At ``t = T`` this returns ``z`` itself without calling the layer (0 NFE)."""
+        ``t``: a float or a 0-dim tensor (one time for the whole batch, as in a plan's jump) or
+        per-sample times ``(B,)`` (training, ``jump_auto``). Without the correction, ``c_out``
+        folds into the output FiLM: one per-channel affine of the layer's output (one fused
+        multiply-add per element), plus one for the skip term; ``zero_state`` (``z`` is known to
+        be zeros, a plan's start) drops the ``z`` terms. For one time without gradients the
+        folded per-channel coefficients come from a table keyed on the time and the time
+        embedding's weights, so the time embedding costs nothing per call. At ``t = T`` this
+        returns ``z`` itself without calling the layer (0 NFE): the boundary condition is exact.
+        """
+        if self.correction is not None:
+            return self._corrected(z, t, u)
+        if not isinstance(t, Tensor) or t.dim() == 0:  # one time for the batch
+            c_skip, c_out = self.schedule.scalar_scalings(float(t))
+            if c_out == 0.0:
+                return z
+            coef = self._coefficients(float(t), c_out, z)
+            skip: Tensor | float = c_skip
+            boundary = None
+        else:
+            times = t.to(z.dtype)
+            c_skip, c_out = self.schedule.scalings(times)
+            boundary = c_out == 0
+            if bool(boundary.all()):
+                return z
+            coef = self._shaped(self._fold(self.film(times), c_out[:, None]), z)
+            skip = _per_sample(c_skip, z)
+        h = self._layer(z, coef, u, zero_state)
+        out = torch.addcmul(coef[4], h, coef[3])
+        if not zero_state:
+            out = out.add(z, alpha=skip) if boundary is None else torch.addcmul(out, z, skip)
+        if boundary is not None and bool(boundary.any()):
+            out = torch.where(_per_sample(boundary, z), z, out)
+        return out
+
+    @staticmethod
+    def _fold(film: tuple, c_out: Tensor | float) -> tuple:
+        """``film`` with ``c_out`` multiplied into the output scale and shift."""
+        return (*film[:3], c_out * film[3], c_out * film[4])
+
+    def _coefficients(self, t: float, c_out: float, z: Tensor) -> tuple:
+        """The folded FiLM coefficients of one time ``t`` (rows ``(1, C)`` shaped against ``z``),
+        from the table when gradients are off (keyed on ``t`` and the time embedding's weights
+        and their versions, so a training step or a loaded state invalidates it)."""
+        def compute() -> tuple:
+            times = torch.full((1,), t, dtype=z.dtype, device=z.device)
+            return self._shaped(self._fold(self.film(times), c_out), z)
+
+        if torch.is_grad_enabled():
+            return compute()
+        key = (t, c_out, z.dtype, z.device, z.dim(),
+               tuple((p.data_ptr(), p._version) for p in self.time_embed.parameters()))
+        table = self.__dict__.setdefault("_film_table", {})
+        if key not in table:
+            if len(table) >= 64:
+                table.clear()
+            table[key] = compute()
+        return table[key]
+
+    def _corrected(self, z: Tensor, t: Tensor | float, u: Any) -> Tensor:
+        """``F`` with the correction MLP (``correction_hidden > 0``): per-sample times, unfolded."""
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
         if t.dim() == 0:
             t = t.expand(z.shape[0])
         c_skip, c_out = self.schedule.scalings(t)
-        at_boundary = c_out == 0
-        if bool(at_boundary.all()):
+        boundary = c_out == 0
+        if bool(boundary.all()):
             return z
         out = _per_sample(c_skip, z) * z + _per_sample(c_out, z) * self.G(z, t, u)
-        return torch.where(_per_sample(at_boundary, z), z, out)
+        return torch.where(_per_sample(boundary, z), z, out)
 
     forward = F
 
@@ -237,13 +296,15 @@ class ConsistencyStudent(nn.Module):
         return (u_t if self.injection is None else self.injection(x)), u_t
 
     def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Tensor | None = None) -> Tensor:
-        """Run ``plan`` from ``z0`` (zeros by default); returns the state ``(B, ...)``."""
+        """Run ``plan`` from ``z0`` (by default the teacher's initial state, zeros, which a first
+        jump uses without arithmetic on it); returns the state ``(B, ...)``."""
         u_teacher = u if u_teacher is None else u_teacher
+        zero_state = z0 is None  # DEQModel.initial_state is zeros
         z = self.initial_state(u) if z0 is None else z0
         last_residual = None
         for op in plan:
             if op[0] == "jump":
-                z = self.F(z, op[1], u)
+                z = self.F(z, op[1], u, zero_state=zero_state)
             elif op[0] == "step":
                 fz = frozen_call(self.teacher.cell, z, u_teacher)
                 b = z.shape[0]
@@ -255,6 +316,7 @@ class ConsistencyStudent(nn.Module):
                 z = self.F(z, self.schedule.residual_time(last_residual).to(z.dtype), u)
             else:
                 raise ValueError(f"unknown plan operation {op!r}; use 'jump', 'step' or 'jump_auto'")
+            zero_state = False
         return z
 
     def plan_for(self, nfe: int) -> Plan:
@@ -279,8 +341,12 @@ class ConsistencyStudent(nn.Module):
     @torch.no_grad()
     def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
         """``(logits, z)`` using at most ``nfe`` layer calls."""
-        u, u_t = self.teacher_inputs(x)
-        z = self.run_plan(u, self.plan_for(nfe), u_t)
+        plan = self.plan_for(nfe)
+        if any(op[0] == "step" for op in plan):
+            u, u_t = self.teacher_inputs(x)
+        else:  # no teacher step: the teacher's injection is not needed (when the student has its own)
+            u, u_t = self.inject(x), None
+        z = self.run_plan(u, plan, u_t)
         return self.head(z), z
 
     @torch.no_grad()
