@@ -159,7 +159,7 @@ def test_a_run_may_restart_or_load_on_another_device(quick_run):
     written = path.read_text()
     try:
         data = json.loads(written)
-        with Run(quick_run, build_config("digits", {**data, "device": "auto"})) as run:
+        with Run(quick_run, build_config("digits", {**data, "device": "auto"}, quick=True)) as run:
             assert json.loads(path.read_text())["device"] == "auto"  # recorded, nothing refused
             assert run.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
         path.write_text(json.dumps({**data, "device": "cuda"}))

@@ -22,7 +22,19 @@ QUICK: dict[str, Any] = {
 }
 
 IMAGES: dict[str, dict[str, Any]] = {"full": {}, "quick": QUICK}
-DIGITS: dict[str, dict[str, Any]] = {"full": {}, "quick": QUICK}
+
+# The demo (`cdeq demo`): sized to finish in about a minute on 2 idle CPU cores (README), with the
+# teacher's training solver and adjoint cut short (its converged figures use the full eval solver).
+DIGITS_DEMO: dict[str, Any] = {
+    "task_config": {"channels": 16},
+    "teacher": {"batch_size": 64, "train_solver": {"max_iter": 12},
+                "backward_options": {"max_iter": 20, "tol": 1e-4}},
+    "distill": {"epochs": 10},
+    "plans": {"batches": 1},
+    "baselines": {"unrolled_ks": [1]},
+    "evaluate": {"timing_budgets": [1, 2, 4], "latency_batch": 128, "exact_select_batches": 1},
+}
+DIGITS: dict[str, dict[str, Any]] = {"full": DIGITS_DEMO, "quick": QUICK}
 
 # Sized for 2 CPU cores (docs/results.md).
 MNIST: dict[str, dict[str, Any]] = {
