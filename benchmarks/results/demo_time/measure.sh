@@ -1,14 +1,18 @@
 #!/bin/bash
-# Idle-machine measurements: the demo idle (twice), beside 1 and 3 busy processes; thread table; training step.
-rm -rf /tmp/fresh; git clone -q /work/main /tmp/fresh; cd /tmp/fresh
-export PYTHONPATH=/tmp/fresh/src
+# The idle-machine measurements of docs/performance.md, one after another:
+# `cdeq demo` from a fresh clone idle (twice), beside 1 and beside 3 busy processes; the thread
+# table; the training step against TorchDEQ. Usage: bash measure.sh REPO OUT
+# (REPO: a checkout to clone; OUT: where the outputs go). Run it on an otherwise idle machine.
+set -u
+repo=$(realpath "$1"); out=$(realpath -m "$2"); mkdir -p "$out"
+fresh=$(mktemp -d); git clone -q "$repo" "$fresh/cdeq"; cd "$fresh/cdeq"
+export PYTHONPATH=$PWD/src
 unset OMP_NUM_THREADS
-demo() { /usr/bin/time -v python -m cdeq.cli demo --out /tmp/fresh/runs/$1 > /work/m/$1.log 2>&1; }
-busy() { PIDS=""; for j in $(seq $1); do python3 -c "while True: pass" & PIDS="$PIDS $!"; done; }
+demo() { /usr/bin/time -v python -m cdeq.cli demo --out "runs/$1" > "$out/$1.txt" 2>&1; }
+busy() { PIDS=""; for _ in $(seq "$1"); do python3 -c "while True: pass" & PIDS="$PIDS $!"; done; }
 demo idle1
 demo idle2
 busy 1; demo busy1; kill $PIDS
 busy 3; demo busy3; kill $PIDS
-python benchmarks/threads.py > /work/m/threads.log 2>&1
-OMP_NUM_THREADS=1 python benchmarks/training.py > /work/m/training.log 2>&1
-echo done > /work/m/DONE
+python benchmarks/threads.py --out "$out/threads.json" > "$out/threads.txt" 2>&1
+OMP_NUM_THREADS=1 python benchmarks/training.py --out "$out/training.json" > "$out/training.txt" 2>&1

@@ -6,7 +6,7 @@ beside the checkout) or in the current directory.
 
 Example:
     >>> data_dir() / "mnist" / "mnist.npz"        # doctest: +SKIP
-    PosixPath('/work/shared/data/mnist/mnist.npz')
+    PosixPath('.../shared/data/mnist/mnist.npz')
 """
 
 from __future__ import annotations
