@@ -188,7 +188,7 @@ def test_pipeline_refuses_a_corrupt_checkpoint(tmp_path, capsys):
 # --- `cdeq run` repairs what it would skip: damaged outputs set aside, missing shards recorded ------
 QUICK = ["teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=32",
          "record.batch_size=64", "distill.epochs=1", "plans.max_nfe=2", "evaluate.budgets=[1,2]",
-         "baselines.enabled=false"]
+         "baselines.enabled=false", "threads=1"]
 
 
 @pytest.fixture(scope="module")
