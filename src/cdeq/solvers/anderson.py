@@ -59,6 +59,8 @@ class Anderson(Solver):
             "F": z0.new_empty(batch, m, n),  # f(z_i)
             "G": z0.new_empty(batch, m, n),  # g_i = f(z_i) - z_i
             "gram": z0.new_empty(batch, m, m),  # <g_i, g_j>
+            "ones": z0.new_ones(batch, m, 1),
+            "picard": torch.eye(m, dtype=z0.dtype, device=z0.device),  # row i: all weight on slot i
             "count": 0,
         }
 
@@ -84,14 +86,17 @@ class Anderson(Solver):
         # not swamp the newest, smallest residuals the way a term relative to the largest would).
         diag = A.diagonal(dim1=1, dim2=2)
         A = A + torch.diag_embed(opts.regularization * diag + torch.finfo(A.dtype).tiny)
-        ones = z.new_ones(z.shape[0], h, 1)
-        weights, _ = torch.linalg.solve_ex(A, ones)  # (B, h, 1) = A^-1 1; no error if singular
+        # (B, h, 1) = A^-1 1; no error if singular
+        weights, _ = torch.linalg.solve_ex(A, state["ones"][:, :h])
         total = weights.sum(dim=1, keepdim=True)
         ok = torch.isfinite(weights).all(dim=1, keepdim=True) & (total.abs() > 1e-30)
         alpha = (weights / torch.where(ok, total, 1.0)).transpose(1, 2)  # (B, 1, h)
+        # A degenerate system (all residuals zero or non-finite) falls back to a Picard step, the
+        # weight 1 on the newest value (exactly f(z) while the stored values are finite; a row
+        # with a non-finite one has stopped). No host sync, and no ``where`` over the full state.
+        if opts.mixing == 1.0:
+            alpha = torch.where(ok, alpha, state["picard"][slot, :h])
+            return torch.bmm(alpha, F[:, :h]).squeeze(1)
         nxt = torch.bmm(alpha, F[:, :h]).squeeze(1)
-        if opts.mixing != 1.0:  # sum alpha_i z_i + beta sum alpha_i g_i
-            nxt = nxt - (1 - opts.mixing) * torch.bmm(alpha, Gh).squeeze(1)
-        # A degenerate system (all residuals zero or non-finite) falls back to a Picard step.
-        # (Always through ``where``: testing whether any row needs it would synchronise the host.)
+        nxt = nxt - (1 - opts.mixing) * torch.bmm(alpha, Gh).squeeze(1)  # sum alpha_i z_i + ...
         return torch.where(ok.reshape(-1, 1), nxt, fz)

@@ -54,6 +54,7 @@ class LoopState:
     diverged: Tensor
     rows: Tensor | None = None
     x_rows: Any = None
+    all_running: bool = True  # known on the host: every sample runs (set by check, reset by update)
     trace: list[Tensor] = dataclasses.field(default_factory=list)
     frames: dict[int, Tensor] = dataclasses.field(default_factory=dict)
 
@@ -83,18 +84,21 @@ def evaluate(loop: LoopState, f: Any, x: Any, shape: tuple[int, ...], compact: b
             _check_output(out, (rows.numel(), *shape))
             new = loop.fz.index_copy(0, rows, out.reshape(rows.numel(), -1).to(loop.z.dtype))
     loop.nfe += loop.active
-    return torch.where(loop.active[:, None], new, loop.fz)
+    return new if loop.all_running else torch.where(loop.active[:, None], new, loop.fz)
 
 
-def residuals(fz: Tensor, z: Tensor, rel_mode: bool) -> tuple[Tensor, Tensor, Tensor]:
+def residuals(fz: Tensor, z: Tensor, rel_mode: bool,
+              g: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(res, abs_res, finite)``, each ``(B,)``: the stopping residual (inf where not finite),
-    ``|f(z) - z|`` and whether every entry of ``z`` and ``f(z)`` is finite."""
-    abs_res = torch.linalg.vector_norm(fz - z, dim=1)
-    # A non-finite entry of z or f(z) makes that entry of g, hence |g|, inf or nan.
-    finite = torch.isfinite(abs_res)
+    ``|f(z) - z|`` and whether every entry of ``z`` and ``f(z)`` is finite. ``g``: ``fz - z``
+    if the caller has it already."""
+    abs_res = torch.linalg.vector_norm(fz - z if g is None else g, dim=1)
+    # A non-finite entry of z or f(z) makes that entry of g, hence |g|, inf or nan. The norms are
+    # never negative, so ``< inf`` is ``isfinite`` in one comparison.
+    finite = abs_res < torch.inf
     if rel_mode:
         res = abs_res / (torch.linalg.vector_norm(fz, dim=1) + 1e-12)
-        finite &= torch.isfinite(res)
+        finite &= res < torch.inf
     else:
         res = abs_res
     return torch.where(finite, res, torch.inf), abs_res, finite
@@ -103,15 +107,21 @@ def residuals(fz: Tensor, z: Tensor, rel_mode: bool) -> tuple[Tensor, Tensor, Te
 def update(loop: LoopState, fz: Tensor, res: Tensor, abs_res: Tensor, finite: Tensor,
            tol: float) -> None:
     """Record the trace, keep the best iterate, and stop the samples that converged (residual at
-    most ``tol``) or met a non-finite value. Runs on the device, without synchronising."""
-    res = torch.where(loop.active, res, loop.last_res)  # stopped samples repeat their last value
+    most ``tol``) or met a non-finite value. Runs on the device, without synchronising.
+    While ``loop.all_running`` the masks by ``active`` are skipped (they would change nothing)."""
+    if loop.all_running:
+        better = res < loop.best_res
+        stop = ~finite | (res <= tol)
+        loop.all_running = False  # some sample may stop here; only check can tell
+    else:
+        res = torch.where(loop.active, res, loop.last_res)  # stopped samples repeat their last one
+        better = loop.active & (res < loop.best_res)
+        stop = loop.active & (~finite | (res <= tol))
     loop.last_res = res
     loop.trace.append(res)
-    better = loop.active & (res < loop.best_res)
     loop.best_res = torch.where(better, res, loop.best_res)
     loop.best_abs = torch.where(better, abs_res, loop.best_abs)
     loop.best_z = torch.where(better[:, None], fz, loop.best_z)
-    stop = loop.active & (~finite | (res <= tol))
     loop.diverged = loop.diverged | (stop & ~finite)
     loop.converged = loop.converged | (stop & finite)
     loop.active = loop.active & ~stop
@@ -123,6 +133,7 @@ def check(loop: LoopState, x: Any, compact: bool) -> bool:
     rows of ``x`` when ``compact``) to the running samples if some stopped since the last check."""
     batch = loop.z.shape[0]
     running = int(loop.active.sum())
+    loop.all_running = running == batch
     if running == (batch if loop.rows is None else loop.rows.numel()):
         return True
     if running == 0:
@@ -149,14 +160,14 @@ def run(solver: Any, f: Any, z0: Tensor, x: Any, wanted: list[int] | None, limit
                 loop.frames[it] = loop.z.reshape(batch, *shape).clone()
             fz = evaluate(loop, f, x, shape, opts.compact, call_context)
             g = fz - loop.z
-            update(loop, fz, *residuals(fz, loop.z, opts.stop_mode == "rel"), opts.tol)
+            update(loop, fz, *residuals(fz, loop.z, opts.stop_mode == "rel", g), opts.tol)
             if it == limit - 1:
                 break
             if (it + 1) % opts.check_every == 0 and not check(loop, x, opts.compact):
                 break
             state["g"] = g
             z_next = solver.step(state, it, loop.z, fz, loop.active)
-            loop.z = torch.where(loop.active[:, None], z_next, loop.z)
+            loop.z = z_next if loop.all_running else torch.where(loop.active[:, None], z_next, loop.z)
     trace = torch.stack(loop.trace)
     if opts.check_every > 1:  # drop the iterations run after the last sample stopped
         trace = trace[: int(loop.nfe.max())]
