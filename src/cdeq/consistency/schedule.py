@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,23 +89,19 @@ class TimeSchedule:
 
     def scalings(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(c_skip, c_out)`` of shape ``t.shape``; exactly ``(1, 0)`` at ``t = T``."""
-        c = self.config
-        t = t.clamp(max=c.T)
-        if c.scaling == "linear":
-            c_skip = t / c.T
-            return c_skip, 1 - c_skip
-        s = c.T - t
-        sd2 = c.sigma_data**2
-        return sd2 / (s**2 + sd2), c.sigma_data * s / torch.sqrt(s**2 + sd2)
+        return self._scalings(t.clamp(max=self.config.T), torch.sqrt)
 
     def scalar_scalings(self, t: float) -> tuple[float, float]:
         """``(c_skip, c_out)`` of one time ``t`` as floats (a plan step's jump: one time for the
         whole batch; no tensor op); exactly ``(1.0, 0.0)`` at ``t = T``."""
+        return self._scalings(min(float(t), self.config.T), math.sqrt)
+
+    def _scalings(self, t: Any, sqrt: Callable[[Any], Any]) -> tuple[Any, Any]:
+        """The scalings' formula for a time ``t <= T``, a tensor or a float (``sqrt`` to match)."""
         c = self.config
-        t = min(float(t), c.T)
         if c.scaling == "linear":
             c_skip = t / c.T
             return c_skip, 1 - c_skip
         s = c.T - t
         sd2 = c.sigma_data**2
-        return sd2 / (s**2 + sd2), c.sigma_data * s / math.sqrt(s**2 + sd2)
+        return sd2 / (s**2 + sd2), c.sigma_data * s / sqrt(s**2 + sd2)
