@@ -91,6 +91,12 @@ class BaselineConfig(Config):
         check_positive("max_residual", self.max_residual)
 
 
+def unrolled_nets(config: BaselineConfig) -> list[tuple[str, int, bool]]:
+    """``(file name, k, anytime)`` of every unrolled network the configuration asks for."""
+    nets = [(f"unrolled_k{k}", k, False) for k in config.unrolled_ks]
+    return nets + ([("unrolled_any_k", config.anytime_k, True)] if config.anytime_k else [])
+
+
 def budget_steps(samples: int, batch_size: int, steps_per_epoch: int) -> tuple[int, int]:
     """``(steps, epochs)`` for a budget of ``samples`` training samples in batches of ``batch_size``
     over epochs of ``steps_per_epoch`` steps (at least one step)."""

@@ -304,9 +304,7 @@ class Run(RunDirectory):
                 "train_time_s": info["train_time_s"], "work": info["work"],
                 "loss_first": info["losses"][0], "loss_last": info["losses"][-1],
                 "solvers": {str(k): s for k, s in solvers.items()}})
-        nets = [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks]
-        nets += [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []
-        for name, k, anytime in nets:
+        for name, k, anytime in bl.unrolled_nets(bcfg):
             if not redo and self.done(name, f"the {name} network"):
                 continue
             torch.manual_seed(cfg.seed)
@@ -331,8 +329,7 @@ class Run(RunDirectory):
             costs["learned_init"], work["learned_init"] = meta.get("train_time_s", 0.0), meta.get("work")
         nets = {}
         bcfg = self.config.baselines
-        for name, k, anytime in [(f"unrolled_k{k}", k, False) for k in bcfg.unrolled_ks] + (
-                [("unrolled_any_k", bcfg.anytime_k, True)] if bcfg.anytime_k else []):
+        for name, k, anytime in bl.unrolled_nets(bcfg):
             if (self.dir / f"{name}.safetensors").exists():
                 net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
                 meta = self.load_module(name, net)
