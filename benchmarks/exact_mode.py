@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cdeq.consistency.student import plan_nfe
 from cdeq.cost import count_flops, time_methods
 from cdeq.pipeline import Run
 from cdeq.solvers import get_solver
@@ -74,7 +75,8 @@ def main() -> None:
         u_s, u_t = student.teacher_inputs(x)
         for k in (1, 2, 3, 4):
             plan = student.plan_for(k)
-            add(f"student plan, {len(plan)} NFE", len(plan), student.run_plan(u_s, plan, u_t), z_ref, u_t)
+            add(f"student plan, {plan_nfe(plan)} NFE", plan_nfe(plan), student.run_plan(u_s, plan, u_t),
+                z_ref, u_t)
         for n in (1, 2, 4, 8, 12):
             add(f"teacher iterate {n}", n, truncated.solve(teacher.cell, z0, u, max_iter=n).z, z_ref, u)
         d = student.run_plan(u_s, student.plan_for(1), u_t) - z_ref

@@ -241,15 +241,17 @@ def evaluate(task: Task, teacher: DEQModel, student: ConsistencyStudent | None,
         "relative_error": test["relative_error"], "valid": valid,
     }
     if student is not None:
-        report["exact_mode"] = _exact_mode(task, teacher, student, config, budgets)
+        report["exact_mode"] = exact_mode(task, teacher, student, config, budgets)
         report["plans"] = {str(k): [list(op) for op in student.plan_for(k)] for k in budgets}
     x = next(iter(task.test_batches(config.latency_batch)))[0]
     preds = predictors(teacher, student, config, budgets, extra_methods, x)
     report["cost"] = measure_flops(teacher, preds, x)
-    report["timing"] = measure_time(preds, config, x)
+    tol = config.teacher_tolerance if config.teacher_tolerance >= 0 else None
+    by_flops = cost.teacher_accuracy_cost({**report, "timing": {}}, tol)["by_flops"]
+    picked = {(p["method"], str(p["budget"])) for p in by_flops.values() if p}  # timed too
+    report["timing"] = measure_time(preds, config, x, picked)
     report["latency_ms"] = {"batch_size": float(cost.batch_size(x)), **{
         (name if k is None else f"{name}@{k}"): v["median_ms"] for name, k, v in _timed(report)}}
-    tol = config.teacher_tolerance if config.teacher_tolerance >= 0 else None
     report["teacher_accuracy_cost"] = cost.teacher_accuracy_cost(report, tol)
     return report
 
@@ -264,7 +266,7 @@ def _timed(report: dict[str, Any]) -> list[tuple[str, str | None, dict]]:
     return out
 
 
-def _exact_mode(task: Task, teacher: DEQModel, student: ConsistencyStudent, config: EvalConfig,
+def exact_mode(task: Task, teacher: DEQModel, student: ConsistencyStudent, config: EvalConfig,
                 budgets: list[int]) -> dict[str, Any]:
     """The exact mode on the test split, the warm-start plan chosen on training batches."""
     exact = get_solver(config.exact_solver, max_iter=config.exact_max_iter, tol=config.exact_tol)
@@ -367,11 +369,14 @@ def measure_flops(teacher: DEQModel, preds: dict[str, dict[str, Predictor]], x: 
     }
 
 
-def measure_time(preds: dict[str, dict[str, Predictor]], config: EvalConfig, x: Any) -> dict[str, Any]:
-    """Interleaved wall time of every predictor on batch ``x`` (:func:`cdeq.cost.time_methods`)."""
+def measure_time(preds: dict[str, dict[str, Predictor]], config: EvalConfig, x: Any,
+                 also: set[tuple[str, str]] = frozenset()) -> dict[str, Any]:
+    """Interleaved wall time of every predictor on batch ``x`` (:func:`cdeq.cost.time_methods`)
+    at the timing budgets, and of the ``(method, budget)`` pairs in ``also`` (the teacher-accuracy
+    picks by FLOPs, so that the speed-up in time has both its ends measured)."""
     timed = {str(k) for k in (config.timing_budgets or config.budgets)}
     fns = {(name, k): (lambda fn=fn: fn(x)) for name, per_k in preds.items()
-           for k, fn in per_k.items() if name == "teacher" or k in timed}
+           for k, fn in per_k.items() if name == "teacher" or k in timed or (name, k) in also}
     got = cost.time_methods(fns, repeats=config.latency_repeats, warmup=config.timing_warmup,
                             threads=config.timing_threads)
     out: dict[str, Any] = {"threads": config.timing_threads or torch.get_num_threads(),

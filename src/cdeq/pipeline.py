@@ -6,6 +6,8 @@
     DIR/teacher.safetensors (+ .json)   stage ``train``   (checkpoint: DIR/teacher.ckpt)
     DIR/trajectories/shard_*.safetensors + manifest.json    stage ``record``
     DIR/student.safetensors (+ .json)   stage ``distill`` (checkpoint: DIR/student.ckpt)
+    DIR/student_plus.safetensors (+ .json)  stage ``plus`` (C-DEQ+, :mod:`cdeq.plus`)
+    DIR/learned_init, unrolled_*.safetensors (+ .json)  stage ``baselines``
     DIR/report.json, table.md, plot.png stage ``evaluate``
 
 Each stage reads the files of the one before, so a user can rerun one stage alone. A stage whose
@@ -23,7 +25,6 @@ whole files.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -32,103 +33,24 @@ from typing import Any
 import torch
 
 from . import distributed
-from .baselines import BaselineConfig
-from .config import Config, ConfigError, check_int, merged
-from .consistency.distill import DistillConfig, distill
-from .consistency.inference import PlanSearchConfig, plan_from_json, plan_to_json, select_plans
-from .consistency.schedule import ScheduleConfig, TimeSchedule
-from .consistency.student import ConsistencyStudent, StudentConfig
-from .consistency.trajectory import (
-    RecordConfig,
-    TrajectoryStore,
-    record,
-    residual_summary,
-    warn_unconverged,
-)
+from .consistency.distill import distill
+from .consistency.inference import plan_from_json, plan_to_json, select_plans
+from .consistency.schedule import TimeSchedule
+from .consistency.student import ConsistencyStudent
+from .consistency.trajectory import TrajectoryStore, record, residual_summary, warn_unconverged
 from .deq.model import DEQModel
-from .evaluate import EvalConfig, evaluate
-from .fit import LayerCalls, OptimConfig
+from .evaluate import evaluate, exact_mode
+from .fit import LayerCalls
 from .io import read_json, write_json
-from .precision import autocast, check_device, check_precision, clock, resolve_device
+from .precision import autocast, clock, resolve_device
 from .report import markdown_table, write_report
+from .runconfig import RunConfig, build_config, with_defaults
 from .rundir import RunDirectory, writes
-from .tasks import TASKS, Task
-from .tasks.base import on_device
+from .tasks.base import Task, on_device
 from .threads import apply_thread_policy
-from .training import TeacherConfig, configure_teacher, evaluate_model, train_teacher
+from .training import configure_teacher, evaluate_model, train_teacher
 
-
-@dataclasses.dataclass
-class RunConfig(Config):
-    """Everything a run needs; written to ``DIR/config.json``.
-
-    ``task`` holds the task's own settings (validated by the task's config class). ``device``
-    (``cpu``, ``cuda[:N]``, ``auto``) is where every stage runs, models and batches moved there;
-    ``cpu`` by default, as the GPU path is tested on CPU only (docs/gpu.md). It records where the
-    run last started: a run may resume or be evaluated elsewhere. ``precision`` (``fp32``,
-    ``bf16``) is the one place for mixed precision: it sets every optimiser loop's
-    ``optim.precision`` (left unset in a run) and autocasts recording, plan search and evaluation.
-    """
-
-    task: str = "digits"
-    task_config: dict = dataclasses.field(default_factory=dict)
-    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
-    record: RecordConfig = dataclasses.field(default_factory=RecordConfig)
-    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
-    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
-    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
-    plans: PlanSearchConfig = dataclasses.field(default_factory=PlanSearchConfig)
-    evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
-    seed: int = 0
-    threads: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"
-
-    def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task={self.task!r} is not valid; choose from {sorted(TASKS)}")
-        check_int("seed", self.seed, minimum=0)
-        check_int("threads", self.threads, minimum=0)
-        check_device(self.device)
-        check_precision(self.precision)
-        for key, optim in self.optim_sections().items():  # one place: the run's precision
-            if optim.precision not in ("fp32", self.precision):
-                raise ConfigError(f"{key}.precision={optim.precision!r} is not valid in a run "
-                                  f"configuration; set the run-level precision instead (--set "
-                                  f"precision={optim.precision})")
-            optim.precision = self.precision
-        self.task_cls().Config.from_dict(self.task_config, key_path="task_config")
-
-    def optim_sections(self) -> dict[str, OptimConfig]:
-        """The optimiser loops of the run by key path (each takes the run's ``precision``)."""
-        return {"teacher.optim": self.teacher.optim, "distill.optim": self.distill.optim,
-                "baselines.init_optim": self.baselines.init_optim,
-                "baselines.unrolled_optim": self.baselines.unrolled_optim}
-
-    def task_cls(self) -> type[Task]:
-        return TASKS[self.task]
-
-
-def build_config(task: str, user: dict | None = None, quick: bool = False) -> RunConfig:
-    """The task's defaults (its quick preset with ``quick``), overridden by ``user``."""
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    user = dict(user or {})
-    if user.get("task", task) != task:
-        raise ConfigError(f"task={user['task']!r} is not valid here: the run's task is {task!r} (the "
-                          "TASK of `cdeq run TASK`); leave task out of --set and --config")
-    for key in RunConfig().optim_sections():  # a run's config.json, reused, agrees with itself
-        section, name = key.split(".")
-        given = (user.get(section) or {}).get(name) if isinstance(user.get(section), dict) else None
-        if isinstance(given, dict) and given.get("precision", user.get("precision", "fp32")) != \
-                user.get("precision", "fp32"):
-            raise ConfigError(f"{key}.precision={given['precision']!r} is not a setting of its own: "
-                              "the run-level precision sets every stage (--set precision=bf16)")
-    data = merged(TASKS[task].run_defaults(quick), user)
-    data["task"] = task
-    return RunConfig.from_dict(data)
-
+__all__ = ["Run", "RunConfig", "build_config"]
 
 class Run(RunDirectory):
     """A run directory and the stages that fill it (the directory's mechanics: :class:`RunDirectory`).
@@ -157,7 +79,7 @@ class Run(RunDirectory):
             try:
                 new = json.loads(json.dumps(config.to_dict()))
                 # the device is where the run starts now, not part of what it computes
-                self.adopt_config(new, lambda old: {**_with_defaults(old), "device": new["device"]})
+                self.adopt_config(new, lambda old: {**with_defaults(old), "device": new["device"]})
             except BaseException:
                 self.close()
                 raise
@@ -255,22 +177,60 @@ class Run(RunDirectory):
             distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
                     log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)))
         elapsed = sum(history["epoch_time"])
-        last = int(store.manifest()["last"])
-        t1 = clock(self.device)
-        with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():  # part of the cost
-            search = select_plans(student, self.task.selection_batches(cfg.evaluate.batch_size),
-                                  self._score, self.task.higher_is_better, last, cfg.plans)
-        self.log(f"distilled in {elapsed:.0f}s; plan search on training data "
-                 f"{clock(self.device) - t1:.0f}s")
+        self.log(f"distilled in {elapsed:.0f}s")
+        search, calls = self._search_plans(student, teacher, int(store.manifest()["last"]))
         work_file = store.root / "work.json"
         work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
                             "epochs": len(history["steps"])},
                 "record": read_json(work_file) if work_file.exists() else {},
-                "plan_search": calls.as_dict()}
+                "plan_search": calls}
         meta = {"plans": {str(k): plan_to_json(p) for k, p in student.plans.items()},
                 "search": search, "train_time_s": elapsed, "work": work}
         self.save_module("student", student, meta)
         return student
+
+    def _search_plans(self, student: ConsistencyStudent, teacher: DEQModel, last: int
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Select ``student``'s plans on training batches; returns the search log and its layer
+        calls (part of the student's training work)."""
+        t1 = clock(self.device)
+        with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():
+            search = select_plans(student, self.task.selection_batches(self.config.evaluate.batch_size),
+                                  self._score, self.task.higher_is_better, last, self.config.plans)
+        self.log(f"plan search on training data {clock(self.device) - t1:.0f}s")
+        return search, calls.as_dict()
+
+    @writes
+    def plus(self) -> ConsistencyStudent:
+        """Stage ``plus``: C-DEQ+ from the distilled student (:mod:`cdeq.plus`), its plans chosen
+        on training data."""
+        from .plus import train_plus
+
+        cfg = self.config
+        teacher = self.teacher()
+        student = self.student(teacher)
+        store = TrajectoryStore(self.dir / "trajectories")
+        trajectories = list(store) if store.fits_in_memory() else store
+        torch.manual_seed(cfg.seed)
+        plus, info = train_plus(student, trajectories, cfg.plus, cfg.distill, cfg.baselines,
+                                self.task.loss, seed=cfg.seed, log=self.log)
+        search, calls = self._search_plans(plus, teacher, int(store.manifest()["last"]))
+        self.save_module("student_plus", plus, {
+            "plans": {str(k): plan_to_json(p) for k, p in plus.plans.items()}, "search": search,
+            "start": info["start"], "train_time_s": info["train_time_s"],
+            "work": {**info["work"], "plan_search": calls}})
+        return plus
+
+    def student_plus(self, teacher: DEQModel | None = None) -> ConsistencyStudent:
+        """The trained C-DEQ+ student (stage ``plus``), eval mode."""
+        from .plus import load_plus
+
+        meta = self.read_meta("student_plus")
+        plus = load_plus(self.student(teacher), self.config.plus, float(meta["start"]["time"]))
+        self.load_module("student_plus", plus)
+        plus.plans = {int(k): plan_from_json(v) for k, v in meta["plans"].items()}
+        plus.eval()
+        return plus
 
     def _score(self, logits: torch.Tensor, y: Any) -> tuple[float, int, float]:
         m, c = self.task.metric_sum(logits, y)
@@ -285,9 +245,7 @@ class Run(RunDirectory):
 
         cfg, bcfg = self.config, self.config.baselines
         teacher = self.teacher()
-        samples = bcfg.samples
-        if not samples and (self.dir / "student.safetensors").exists():
-            samples = int(self.read_meta("student").get("work", {}).get("distill", {}).get("samples", 0))
+        samples = bcfg.samples or self._student_samples()
         if redo or not self.done("learned_init", "the learned initialiser"):
             torch.manual_seed(cfg.seed)
             init = bl.LearnedInit.for_teacher(teacher, bcfg).to(self.device)
@@ -313,14 +271,30 @@ class Run(RunDirectory):
             self.save_module(name, net, {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
                                          "work": info["work"], "losses": info["losses"]})
 
-    def _baseline_methods(self, teacher: DEQModel) -> tuple[dict, dict[str, float], dict[str, dict]]:
-        """The trained baselines as ``evaluate``'s ``extra_methods``, their training wall times and
-        their training work (steps, samples)."""
+    def _student_samples(self) -> int:
+        """The training samples of C-DEQ's distillation, plus C-DEQ+'s (its initialiser's fit and
+        joint distillation) when it was built: the baselines' budget."""
+        total = 0
+        for name, parts in (("student", ("distill",)), ("student_plus", ("init", "joint"))):
+            if (self.dir / f"{name}.safetensors").exists():
+                work = self.read_meta(name).get("work", {})
+                total += sum(int(work.get(p, {}).get("samples", 0)) for p in parts)
+        return total
+
+    def _extra_methods(self, teacher: DEQModel, plus: ConsistencyStudent | None
+                       ) -> tuple[dict, dict[str, float], dict[str, dict]]:
+        """C-DEQ+ and the trained baselines as ``evaluate``'s ``extra_methods``, their training
+        wall times and their training work (steps, samples)."""
         from . import baselines as bl
 
         methods: dict = {}
         costs: dict[str, float] = {}
         work: dict[str, dict] = {}
+        if plus is not None:
+            methods["cdeq_plus"] = lambda x, k: plus.predict(x, nfe=k)
+            meta, own = self.read_meta("student_plus"), self.read_meta("student")
+            costs["cdeq_plus"] = own.get("train_time_s", 0.0) + meta.get("train_time_s", 0.0)
+            work["cdeq_plus"] = {"from_cdeq": own.get("work"), **meta.get("work", {})}
         if (self.dir / "learned_init.safetensors").exists():
             init = bl.LearnedInit.for_teacher(teacher, self.config.baselines).to(self.device)
             meta = self.load_module("learned_init", init)
@@ -346,10 +320,17 @@ class Run(RunDirectory):
     def evaluate(self) -> dict[str, Any]:
         teacher = self.teacher()
         student = self.student(teacher)
-        extra, extra_costs, extra_work = self._baseline_methods(teacher)
+        has_plus = (self.dir / "student_plus.safetensors").exists()
+        plus = self.student_plus(teacher) if has_plus else None
+        extra, extra_costs, extra_work = self._extra_methods(teacher, plus)
         with self.autocast():
             report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra,
                               seed=self.config.seed)
+            if plus is not None:
+                report["plans_plus"] = {str(k): [list(op) for op in plus.plan_for(k)]
+                                        for k in report["budgets"]}
+                report["exact_mode_plus"] = exact_mode(self.task, teacher, plus, self.config.evaluate,
+                                                       report["budgets"])
         report["precision"], report["timing"]["device"] = self.config.precision, str(self.device)
         costs, work = {}, {}
         for name in ("teacher", "student"):
@@ -376,6 +357,8 @@ class Run(RunDirectory):
                 self.record()
             if not self.done("student", "distillation"):
                 self.distill()
+            if self.config.plus.enabled and not self.done("student_plus", "C-DEQ+"):
+                self.plus()  # every rank: its joint distillation is data-parallel like distill's
             if not distributed.is_main():  # under torchrun: rank 0 alone evaluates and reports
                 return {}
             self._solo = True  # from here on no other rank takes part: no barriers
@@ -384,11 +367,3 @@ class Run(RunDirectory):
             return self.evaluate()
         finally:
             self._repair = False
-
-
-def _with_defaults(old: dict) -> dict:
-    """``old`` (a run's config.json) with the sections and keys added since filled by defaults."""
-    try:
-        return json.loads(json.dumps(RunConfig.from_dict(old).to_dict()))
-    except (ConfigError, TypeError, ValueError):
-        return old

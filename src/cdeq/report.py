@@ -17,9 +17,10 @@ from typing import Any
 from .io import atomic_write_bytes, atomic_write_text, write_json
 
 LABELS = {"picard": "Picard", "anderson": "Anderson", "broyden": "Broyden", "cdeq": "C-DEQ",
+          "cdeq_plus": "C-DEQ+",
           "learned_init": "learned init", "unrolled": "unrolled k-step",
           "unrolled_any_k": "anytime unrolled"}
-EQUAL_COSTS = (1, 2, 4)
+EQUAL_COSTS = (1, 2, 3, 4)
 TRUNCATED_LABEL = "best truncated"
 COST_SLACK = 1.05
 """A method fits the cost ``c`` when its layer-call equivalents are at most ``c * COST_SLACK``
@@ -151,9 +152,9 @@ def _teacher_accuracy_lines(report: dict[str, Any]) -> list[str]:
         return "-" if v is None else f"{v:.2f}x"
 
     return ["", f"Teacher-accuracy cost (chosen on validation data: within {fmt(report, tac['tolerance'])}"
-            f" of the converged teacher's {fmt(report, tac['valid_teacher_metric'])}): C-DEQ's cheapest "
+            f" of the converged teacher's {fmt(report, tac['valid_teacher_metric'])}): cdeq's cheapest "
             f"{pick(tac['cdeq'])}; best truncated solver {pick(tac['best_truncated'])}; cheapest of "
-            f"all {pick(tac['by_flops']['any_method'])}. Speed-up of C-DEQ over the truncated "
+            f"all {pick(tac['by_flops']['any_method'])}. Speed-up of cdeq over the truncated "
             f"solver: {ratio(tac['speedup_flops'])} in FLOPs, {ratio(tac['speedup_time'])} in time."]
 
 
@@ -195,13 +196,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     if "teacher_accuracy_cost" in report:
         lines += _teacher_accuracy_lines(report)
     lines += _latency_line(report)
-    ex = report.get("exact_mode")
-    if ex:
+    for key, name in (("exact_mode", "C-DEQ"), ("exact_mode_plus", "C-DEQ+")):
+        ex = report.get(key)
+        if not ex:
+            continue
         cold = next(v for k, v in ex.items() if k.endswith("_nfe") and not k.startswith("cdeq"))
         by_plan = ", ".join(f"{v:.1f} after a {k}-NFE plan" for k, v in ex["warm_nfe_by_plan"].items())
         lines += ["", f"Exact mode (to relative residual {ex['tol']:g}): {cold:.1f} NFE from z_0; "
-                  f"from the C-DEQ warm start, in total {by_plan} "
-                  f"(best {ex['speedup']:.2f}x fewer)."]
+                  f"from the {name} warm start, in total {by_plan} "
+                  f"(best {ex['speedup']:.2f}x fewer, its plan chosen on training data)."]
     costs = report.get("train_time_s")
     if costs:
         lines += ["", "Training cost (wall time, s): "

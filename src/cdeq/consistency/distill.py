@@ -4,6 +4,11 @@ For a recorded point ``z_n`` at time ``t_n`` and the next recorded point ``z_m``
 
     L = w_g d(F(z_n, t_n), z*) + w_l d(F(z_n, t_n), sg F_ema(z_m, t_m)) + w_task task(h(F(z_n, t_n)), y)
         [+ w_kl KL(h(z*) || h(F(z_n, t_n)))]
+        [+ w_s (w_g d(F(h(u), t_h), z*) + w_task task(h(F(h(u), t_h)), y) + w_i d(h(u), z*))]
+
+The last term exists only for a student with a learned initial state ``h(u)`` (C-DEQ+, see
+:mod:`cdeq.plus`): the jump from ``h(u)`` at the start time ``t_h`` is trained to land on ``z*``,
+and ``h`` with it (jointly), kept near ``z*`` itself by ``w_i``.
 
 ``d`` is the squared distance relative to ``|z*|^2`` (so ``sqrt(d)`` is the relative error) or its
 pseudo-Huber version; samples whose solution residual exceeds ``max_residual`` drop out of the
@@ -134,6 +139,8 @@ class DistillConfig(Config):
             (option ``gap``), ``early`` (weights ``(n+1)^-power``) or ``curriculum`` (target ``m``
             moves from the end of the path to ``n + final_gap`` over training).
         max_residual: drop samples whose recorded solution residual is above this.
+        start_weight, init_weight: C-DEQ+ only (a student with an initialiser): the weight of the
+            start term and, inside it, of ``h(u)``'s own distance to ``z*``.
         train_cell, train_head: fine-tune the copied layer / head, or freeze them.
     """
 
@@ -151,11 +158,14 @@ class DistillConfig(Config):
     max_residual: float = 1e-2
     train_cell: bool = True
     train_head: bool = True
+    start_weight: float = 1.0
+    init_weight: float = 0.1
 
     def validate(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
-        for name in ("global_weight", "local_weight", "task_weight", "kl_weight"):
+        for name in ("global_weight", "local_weight", "task_weight", "kl_weight", "start_weight",
+                     "init_weight"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_range("ema_decay", self.ema_decay, 0.0, 1.0)
         check_choice("distance", self.distance, ["mse", "huber"])
@@ -359,4 +369,25 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
         parts["task"] = task
     parts["loss"] = (config.global_weight * parts["global"] + config.local_weight * parts["local"]
                      + parts["task"])
+    if getattr(student, "initialiser", None) is not None and config.start_weight > 0:
+        parts["start"] = _start_loss(student, mb, u, weight, share, config, task_loss)
+        parts["loss"] = parts["loss"] + config.start_weight * parts["start"]
     return parts
+
+
+def _start_loss(student: ConsistencyStudent, mb: TrajectoryBatch, u: Any, weight: Tensor,
+                share: float, config: DistillConfig, task_loss: Callable | None) -> Tensor:
+    """C-DEQ+'s start term: the jump from ``h(u)`` at ``student.start_time`` to ``z*`` (and its
+    task loss), plus ``h(u)``'s own distance to ``z*``; ``weight``: the rows' consistency weights."""
+    u_t = u if student.injection is None else student.teacher_inputs(mb.x)[1]
+    z_h = student.initial_state(u_t)
+    t = torch.full((mb.batch_size,), student.start_time, dtype=z_h.dtype, device=z_h.device)
+    out = student.F(z_h, t, u)
+    loss = config.global_weight * (relative_distance(out, mb.z_star, mb.z_star, config.distance)
+                                   * weight).sum()
+    if config.init_weight > 0:
+        loss = loss + config.init_weight * (relative_distance(z_h, mb.z_star, mb.z_star, config.distance)
+                                            * weight).sum()
+    if config.task_weight > 0:
+        loss = loss + config.task_weight * share * task_loss(student.head(out), mb.y)
+    return loss

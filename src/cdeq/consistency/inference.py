@@ -6,7 +6,9 @@ A plan (see :mod:`cdeq.consistency.student`) is a list of 1-NFE operations. For 
 - ``plan_{k-1} + [jump(tau)]``: jump again from the estimate placed at time ``tau``;
 - ``plan_{k-1} + [step]``: one teacher step from the estimate;
 - ``plan_{k-2} + [step, jump(tau)]`` (and ``[step, jump_auto]`` with the residual schedule):
-  re-entry by a teacher step, then a jump from the later time ``tau``.
+  re-entry by a teacher step, then a jump from the later time ``tau``;
+- ``plan_j + [solve(k - j)]`` for ``j`` in 1, 2, 4 (``j <= k - 2``): the teacher's own solver
+  takes over from the estimate of a short plan for the rest of the budget.
 
 ``plan_k`` is the best of these and ``plan_{k-1}`` itself, judged on training-split batches by the
 task metric (the loss breaks ties), so on those batches a larger budget is never worse.
@@ -30,6 +32,10 @@ from .student import ConsistencyStudent, Plan
 log = logging.getLogger(__name__)
 ScoreFn = Callable[[Tensor, Any], tuple[float, int, float]]
 """``(logits, y) -> (metric sum, item count, loss sum)``."""
+
+
+SOLVER_HANDOVER = (1, 2, 4)
+"""The budgets of the plans the teacher's solver may take over from (``("solve", n)``)."""
 
 
 @dataclasses.dataclass
@@ -100,7 +106,7 @@ def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int
         x, y = to_device((x, y), model_device(student))  # batches where the student is
         u_s, u_t = student.teacher_inputs(x)
         if to_teacher:
-            y = student.teacher.head(student.teacher.deq.solve(u_t, student.initial_state(u_t)).z)
+            y = student.teacher.head(student.teacher.deq.solve(u_t, student.teacher.initial_state(u_t)).z)
         elif y is None:
             raise ValueError("plan search with a loss or score needs (x, y) batches; pass labelled "
                              "batches, or no loss to score against the converged teacher")
@@ -151,8 +157,8 @@ def select_plans(
     def key(metric: float, loss: float) -> tuple[float, float]:
         return (metric if higher_is_better else -metric, -loss)
 
-    start: Plan = [("jump", student.schedule.t_min)]
-    z1 = extend([student.initial_state(u_s) for u_s, _, _ in data], start)
+    start: Plan = [("jump", student.start_time)]
+    z1 = extend([student.initial_state(u_t) for _, u_t, _ in data], start)
     best: dict[int, tuple[Plan, list[Tensor], float, float]] = {1: (start, z1, *evaluate(z1))}
     for k in range(2, config.max_nfe + 1):
         cands: list[tuple[Plan, list[Tensor] | None, Plan, int]] = []
@@ -167,6 +173,9 @@ def select_plans(
                 ops_2.append([("step",), ("jump_auto",)])
             for ops in ops_2:
                 cands.append((best[k - 2][0] + ops, None, ops, k - 2))
+        for j in (j for j in SOLVER_HANDOVER if j <= k - 2):
+            ops = [("solve", k - j)]
+            cands.append((best[j][0] + ops, None, ops, j))
         scored = []
         for plan, states, ops, base in cands:
             if states is None:
@@ -190,7 +199,10 @@ def plan_to_json(plan: Plan) -> list[list]:
 def plan_from_json(data: list[list]) -> Plan:
     plan = []
     for op in data:
-        if not op or op[0] not in ("jump", "step", "jump_auto"):
-            raise ConfigError(f"plan operation {op!r} is not valid; use jump/step/jump_auto")
+        if not op or op[0] not in ("jump", "step", "jump_auto", "solve"):
+            raise ConfigError(f"plan operation {op!r} is not valid; use jump/step/jump_auto/solve")
+        if op[0] == "solve" and (len(op) != 2 or isinstance(op[1], bool) or not isinstance(op[1], int)
+                                 or op[1] < 1):
+            raise ConfigError(f"plan operation {op!r} is not valid; give ['solve', n] with n >= 1")
         plan.append(tuple(op))
     return plan

@@ -14,7 +14,13 @@ Inference runs a *plan*: a list of operations starting from ``z_0``, each costin
 - ``("jump", t)``: ``z <- F(z, t, x)``, the student's jump to the equilibrium from time ``t``;
 - ``("step",)``: ``z <- f_theta(z, u)``, one teacher step (re-entry onto the trajectory);
 - ``("jump_auto",)``: a jump whose time is read off the residual measured by the previous
-  teacher step (only after a ``step``; needs the residual-based schedule).
+  teacher step (only after a ``step``; needs the residual-based schedule);
+- ``("solve", n)``: ``n`` steps of the teacher's own solver (its eval solver, Anderson by
+  default, tolerance 0) from ``z``: ``n`` NFE (:func:`plan_nfe`).
+
+A plan starts from zeros, or (C-DEQ+, :mod:`cdeq.plus`) from a learned initial state ``h(u)``
+placed at the time :attr:`ConsistencyStudent.start_time` matched to its residual; ``h`` runs
+inside every prediction and its FLOPs count in the student's cost.
 
 Plans for more than one call are chosen on data (``student.select_plans(batches, loss=...)``);
 until then ``predict`` refuses ``nfe > 1``.
@@ -41,13 +47,20 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError, check_int
 from ..deq.model import DEQModel
+from ..solvers import get_solver
 from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _injected_state, _per_sample
 from .schedule import ScheduleConfig, TimeSchedule
 
-__all__ = ["ChannelMLP", "ConsistencyStudent", "StudentConfig", "TimeEmbedding", "frozen_call"]
+__all__ = ["ChannelMLP", "ConsistencyStudent", "StudentConfig", "TimeEmbedding", "frozen_call",
+           "plan_nfe"]
 
 Plan = list[tuple]
 log = logging.getLogger(__name__)
+
+
+def plan_nfe(plan: Plan) -> int:
+    """The layer calls of ``plan``: one per operation, ``n`` for a ``("solve", n)``."""
+    return sum(int(op[1]) if op[0] == "solve" else 1 for op in plan)
 
 
 def frozen_call(fn: Any, *args: Any) -> Any:
@@ -130,8 +143,22 @@ class ConsistencyStudent(nn.Module):
         self._register_load_state_dict_pre_hook(self._without_mix_rows)
         hidden = self.config.correction_hidden
         self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
-        self._plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
+        self.initialiser: nn.Module | None = None  # C-DEQ+: h(u), see attach_initialiser
+        self.start_time = self.schedule.t_min  # the time of a plan's start state
+        self._plans: dict[int, Plan] = {1: [("jump", self.start_time)]}
         self.plans_selected = False  # True once plans come from a search or from the caller
+
+    def attach_initialiser(self, initialiser: nn.Module, start_time: float) -> None:
+        """Start every plan from ``initialiser.init_state(teacher, u)`` (C-DEQ+) at time
+        ``start_time`` (in ``[t_min, T)``) instead of from zeros at ``t_min``; the 1-NFE plan
+        becomes one jump from there and any selected plans are dropped."""
+        if not self.schedule.t_min <= float(start_time) < self.schedule.T:
+            raise ValueError(f"start_time={start_time!r} is not valid; it must lie in "
+                             f"[{self.schedule.t_min}, {self.schedule.T})")
+        self.initialiser = initialiser
+        self.start_time = float(start_time)
+        self._plans = {1: [("jump", self.start_time)]}
+        self.plans_selected = False
 
     def _without_mix_rows(self, state: dict, prefix: str, *args: Any) -> None:
         """Load a state saved before ``input_mix`` existed (time embedding with 4C outputs): its
@@ -288,6 +315,9 @@ class ConsistencyStudent(nn.Module):
 
     # --- inference ------------------------------------------------------------------------------
     def initial_state(self, u: Any) -> Tensor:
+        """A plan's start: zeros, or ``h(u)`` with an initialiser (``u``: the teacher's injection)."""
+        if self.initialiser is not None:
+            return self.initialiser.init_state(self.teacher, u)
         return self.teacher.initial_state(u)
 
     def teacher_inputs(self, x: Any) -> tuple[Any, Any]:
@@ -296,11 +326,11 @@ class ConsistencyStudent(nn.Module):
         return (u_t if self.injection is None else self.injection(x)), u_t
 
     def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Tensor | None = None) -> Tensor:
-        """Run ``plan`` from ``z0`` (by default the teacher's initial state, zeros, which a first
-        jump uses without arithmetic on it); returns the state ``(B, ...)``."""
+        """Run ``plan`` from ``z0`` (by default :meth:`initial_state`: zeros, which a first jump
+        uses without arithmetic on it, or ``h(u)``); returns the state ``(B, ...)``."""
         u_teacher = u if u_teacher is None else u_teacher
-        zero_state = z0 is None  # DEQModel.initial_state is zeros
-        z = self.initial_state(u) if z0 is None else z0
+        zero_state = z0 is None and self.initialiser is None  # DEQModel.initial_state is zeros
+        z = self.initial_state(u_teacher) if z0 is None else z0
         last_residual = None
         for op in plan:
             if op[0] == "jump":
@@ -310,12 +340,16 @@ class ConsistencyStudent(nn.Module):
                 b = z.shape[0]
                 last_residual = (fz - z).reshape(b, -1).norm(dim=1) / (fz.reshape(b, -1).norm(dim=1) + 1e-12)
                 z = fz
+            elif op[0] == "solve":
+                solver = get_solver(self.teacher.deq.eval_solver.name, max_iter=int(op[1]), tol=0.0)
+                z = solver.solve(self.teacher.cell, z, u_teacher).z
             elif op[0] == "jump_auto":
                 if last_residual is None:
                     raise ValueError("a 'jump_auto' needs a preceding 'step' in the plan")
                 z = self.F(z, self.schedule.residual_time(last_residual).to(z.dtype), u)
             else:
-                raise ValueError(f"unknown plan operation {op!r}; use 'jump', 'step' or 'jump_auto'")
+                raise ValueError(f"unknown plan operation {op!r}; use 'jump', 'step', 'jump_auto' or "
+                                 "'solve'")
             zero_state = False
         return z
 
@@ -342,8 +376,8 @@ class ConsistencyStudent(nn.Module):
     def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
         """``(logits, z)`` using at most ``nfe`` layer calls."""
         plan = self.plan_for(nfe)
-        if any(op[0] == "step" for op in plan):
-            u, u_t = self.teacher_inputs(x)
+        if self.initialiser is not None or any(op[0] in ("step", "solve") for op in plan):
+            u, u_t = self.teacher_inputs(x)  # h(u) and teacher steps read the teacher's injection
         else:  # no teacher step: the teacher's injection is not needed (when the student has its own)
             u, u_t = self.inject(x), None
         z = self.run_plan(u, plan, u_t)
@@ -360,4 +394,4 @@ class ConsistencyStudent(nn.Module):
         u, u_t = self.teacher_inputs(x)
         z_hat = self.run_plan(u, plan, u_t)
         res = solver.solve(self.teacher.cell, z_hat, u_t)
-        return res.z, res, len(plan)
+        return res.z, res, plan_nfe(plan)

@@ -1,0 +1,158 @@
+"""C-DEQ+: the consistency student started from a learned estimate of the equilibrium.
+
+A cheap initialiser ``h(u)`` (:class:`cdeq.baselines.LearnedInit`: a channel-wise MLP of the input
+injection, plus a depthwise 3x3 convolution for image states) predicts ``z*`` without a layer call.
+The student's plans start from ``h(u)`` instead of zeros, its first jump at the time ``t_h``
+*matched to the estimate's residual*: of the recorded trajectory points, the one whose median
+relative residual on the training data is nearest (in log) to ``h(u)``'s lends its time (the
+equilibrium excluded). In sequence, from a distilled C-DEQ student:
+
+1. ``h`` is fit to the recorded ``z*`` (relative squared error), as the learned-initialiser
+   baseline is, for ``init_epochs`` passes over the recorded samples;
+2. ``t_h`` is matched;
+3. student and ``h`` are distilled jointly for ``epochs`` epochs with the usual consistency loss
+   plus the start term (:mod:`cdeq.consistency.distill`);
+4. the multi-step plans (jumps, and teacher steps that re-enter the trajectory) are searched on
+   training data like C-DEQ's.
+
+It is one model for every budget, like C-DEQ; each prediction runs ``h`` and its FLOPs count in
+the method's cost (:mod:`cdeq.cost`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .baselines import BaselineConfig, LearnedInit, train_learned_init
+from .config import Config, ConfigError, check_int
+from .consistency.distill import DistillConfig, distill
+from .consistency.student import ConsistencyStudent
+from .consistency.trajectory import TrajectoryBatch
+from .fit import model_device
+from .precision import to_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PlusConfig(Config):
+    """Attributes:
+        enabled: build and evaluate C-DEQ+ in ``cdeq run`` (stage ``plus``).
+        init_hidden: width of the initialiser's channel-wise MLP (its cost per prediction).
+        init_conv: add a depthwise 3x3 convolution of ``u`` for image states.
+        init_epochs: passes over the recorded samples to fit ``h`` to ``z*`` before the joint stage.
+        epochs: epochs of the joint distillation of student and ``h`` (0: a third of
+            ``distill.epochs``, at least 1); its other settings are the ``distill`` section's,
+            ``start_weight`` and ``init_weight`` included.
+    """
+
+    enabled: bool = True
+    init_hidden: int = 32
+    init_conv: bool = True
+    init_epochs: int = 10
+    epochs: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"enabled={self.enabled!r} is not valid; give true or false")
+        check_int("init_hidden", self.init_hidden, minimum=1)
+        check_int("init_epochs", self.init_epochs, minimum=1)
+        check_int("epochs", self.epochs, minimum=0)
+
+
+def initialiser(student: ConsistencyStudent, config: PlusConfig) -> LearnedInit:
+    """A fresh (untrained) initialiser for ``student``'s state, on the student's device."""
+    return LearnedInit(student.channels, student.channel_dim, config.init_hidden,
+                       config.init_conv).to(model_device(student))
+
+
+def _rel_residual(z: Tensor, fz: Tensor) -> Tensor:
+    """``|f(z) - z| / |f(z)|`` per sample, shape ``(B,)`` (the re-entry step's formula)."""
+    b = z.shape[0]
+    return (fz - z).reshape(b, -1).norm(dim=1) / (fz.reshape(b, -1).norm(dim=1) + 1e-12)
+
+
+@torch.no_grad()
+def match_start_time(student: ConsistencyStudent, init: LearnedInit,
+                     trajectories: Iterable[TrajectoryBatch]) -> dict[str, Any]:
+    """The time ``t_h`` of the start ``h(u)``: that of the recorded point (equilibrium excluded)
+    whose median relative residual is nearest in log to the median residual of ``h(u)``.
+
+    Returns ``{"time", "init_residual", "point_index", "point_residual"}`` (medians over the
+    recorded samples)."""
+    teacher = student.teacher
+    h_res, rec_res, rec_times = [], [], []
+    index: list[int] = []
+    for batch in trajectories:
+        batch = to_device(batch, model_device(student))
+        u = teacher.inject(batch.x)
+        z = init.init_state(teacher, u)
+        h_res.append(_rel_residual(z, teacher.cell(z, u)).float())
+        idx = torch.tensor(batch.index, device=batch.residual.device).expand_as(batch.residual)
+        rec_res.append(batch.residual.float())
+        rec_times.append(student.schedule.times(idx, batch.last, batch.residual).float())
+        index = list(batch.index)
+    if not h_res:
+        raise ValueError("no recorded trajectories to match the initialiser's start time on")
+    r_h = float(torch.cat(h_res).median())
+    residual = torch.cat(rec_res).median(dim=0).values  # (L,) per recorded point
+    times = torch.cat(rec_times).median(dim=0).values
+    gap = (residual.clamp_min(1e-30).log() - math.log(max(r_h, 1e-30))).abs()
+    p = int(gap.argmin())
+    t = min(max(float(times[p]), student.schedule.t_min), math.nextafter(student.schedule.T, 0))
+    return {"time": t, "init_residual": r_h, "point_index": index[p],
+            "point_residual": float(residual[p])}
+
+
+def _recorded_samples(trajectories: Sequence[TrajectoryBatch] | Any) -> int:
+    if isinstance(trajectories, Sequence):
+        return sum(int(t.batch_size) for t in trajectories)
+    return int(trajectories.manifest()["samples"])  # a TrajectoryStore
+
+
+def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBatch] | Any,
+               config: PlusConfig, distill_config: DistillConfig, baseline_config: BaselineConfig,
+               task_loss: Callable[[Tensor, Any], Tensor], seed: int = 0,
+               log: Callable[[str], None] | None = None) -> tuple[ConsistencyStudent, dict[str, Any]]:
+    """C-DEQ+ from the distilled ``student`` (left unchanged): a new student with an initialiser,
+    trained as the module docstring says (plans not yet selected). Returns ``(student_plus,
+    info)``; ``info`` holds the matched start, the training work and the training time."""
+    log = log or logger.info
+    plus = ConsistencyStudent(student.teacher, student.schedule, student.config).to(model_device(student))
+    plus.load_state_dict(student.state_dict())
+    init = initialiser(student, config)
+    init_config = dataclasses.replace(baseline_config, init_hidden=config.init_hidden,
+                                      init_conv=config.init_conv)
+    fitted = train_learned_init(init, student.teacher, trajectories, init_config,
+                                config.init_epochs * _recorded_samples(trajectories), seed=seed,
+                                log=log)
+    start = match_start_time(plus, init, trajectories)
+    log(f"C-DEQ+: h(u) has median relative residual {start['init_residual']:.3g}, nearest the "
+        f"recorded iterate {start['point_index']} ({start['point_residual']:.3g}); start time "
+        f"{start['time']:.4g}")
+    plus.attach_initialiser(init, start["time"])
+    epochs = config.epochs or max(1, distill_config.epochs // 3)
+    history = distill(plus, trajectories, dataclasses.replace(distill_config, epochs=epochs),
+                      task_loss=task_loss, seed=seed, log=log)
+    work = {"init": fitted["work"], "joint": {"steps": history["steps"][-1],
+                                              "samples": sum(history["samples"]),
+                                              "epochs": len(history["steps"])}}
+    return plus, {"start": start, "work": work,
+                  "train_time_s": fitted["train_time_s"] + sum(history["epoch_time"])}
+
+
+def load_plus(student: ConsistencyStudent, config: PlusConfig, start_time: float) -> ConsistencyStudent:
+    """An empty C-DEQ+ student shaped like ``student`` (to load a saved state into)."""
+    plus = ConsistencyStudent(student.teacher, student.schedule, student.config).to(model_device(student))
+    plus.attach_initialiser(initialiser(student, config), start_time)
+    return plus
+
+
+__all__ = ["PlusConfig", "initialiser", "load_plus", "match_start_time", "train_plus"]

@@ -1,0 +1,191 @@
+"""C-DEQ+: the student started from a learned initial state h(u) at a matched time."""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_baselines import ToyTask, _model
+
+from cdeq import cost
+from cdeq.baselines import BaselineConfig, LearnedInit
+from cdeq.config import ConfigError
+from cdeq.consistency.inference import plan_from_json
+from cdeq.consistency.student import plan_nfe
+from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
+from cdeq.deq.layer import SolverSpec
+from cdeq.plus import PlusConfig, load_plus, match_start_time, train_plus
+from cdeq.solvers import get_solver
+
+
+def _rel(z, ref):
+    return float(((z - ref).norm(dim=1) / ref.norm(dim=1)).mean())
+
+
+@pytest.fixture(scope="module")
+def distilled():
+    task, model = ToyTask(), _model()
+    cfg = RecordConfig(solver=SolverSpec(name="picard", max_iter=40, tol=1e-6), batch_size=128)
+    trajectories = record(model, task.train_batches(128, shuffle=False), cfg)
+    torch.manual_seed(0)
+    student = ConsistencyStudent(model)
+    distill(student, trajectories, DistillConfig(epochs=4, batch_size=64, train_head=False),
+            task_loss=task.loss,
+            log=lambda m: None)
+    return task, model, student, trajectories
+
+
+def _z_star(model, x):
+    with torch.no_grad():
+        u = model.inject(x)
+        return get_solver("anderson", max_iter=80, tol=1e-8).solve(model.cell, torch.zeros_like(u), u).z
+
+
+def test_a_plan_starts_with_one_jump_from_h_at_the_start_time():
+    model = _model()
+    student = ConsistencyStudent(model)
+    init = LearnedInit(16, -1, hidden=8, conv=False)
+    torch.nn.init.normal_(init.mlp.net[-1].weight)
+    student.attach_initialiser(init, 0.5)
+    assert student.plans == {1: [("jump", 0.5)]} and not student.plans_selected
+    x = torch.randn(6, 8)
+    student.cell.calls = 0
+    _, z = student.predict(x, nfe=1)
+    assert student.cell.calls == 1  # h(u) is no layer call
+    with torch.no_grad():
+        u = model.inject(x)
+        h = init.init_state(model, u)
+        assert torch.allclose(z, student.F(h, 0.5, u))
+        assert not torch.allclose(z, student.F(torch.zeros_like(h), 0.5, u))
+
+
+@pytest.mark.parametrize("t", [0.0, 5.0, 7.0])
+def test_a_start_time_outside_the_schedule_is_refused(t):
+    student = ConsistencyStudent(_model())
+    with pytest.raises(ValueError, match="start_time"):
+        student.attach_initialiser(LearnedInit(16, -1, 8, False), t)
+
+
+class PicardInit(torch.nn.Module):
+    """An 'initialiser' returning the teacher's k-th Picard iterate: its residual is that of the
+    recorded iterate k."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def init_state(self, teacher, u):
+        return get_solver("picard", max_iter=self.k, tol=0.0).solve(teacher.cell, torch.zeros_like(u), u).z
+
+
+def test_the_start_time_is_the_recorded_point_of_the_nearest_residual(distilled):
+    _, model, student, trajectories = distilled
+    index = trajectories[0].index
+    times = []
+    for k in (2, 8):
+        got = match_start_time(student, PicardInit(k), trajectories)
+        assert got["point_index"] == k, (k, got, index)  # k is a recorded index
+        expected = float(student.schedule.times(torch.tensor(k), trajectories[0].last))
+        assert got["time"] == pytest.approx(expected)
+        times.append(got["time"])
+    assert times[0] < times[1]  # a better start sits later on the path
+
+
+def test_joint_distillation_trains_the_start_jump_and_leaves_c_deq_alone(distilled):
+    task, model, student, trajectories = distilled
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    config = PlusConfig(init_hidden=16, init_conv=False, init_epochs=30, epochs=4)
+    bcfg = BaselineConfig.from_dict({"init_optim": {"lr": 1e-2}})
+    torch.manual_seed(0)
+    plus, info = train_plus(student, trajectories, config, DistillConfig(epochs=4, batch_size=64),
+                            bcfg, task.loss, log=lambda m: None)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert info["work"]["joint"]["epochs"] == 4 and info["work"]["init"]["samples"] == 30 * 384
+    x = task.x[384:]
+    z_star = _z_star(model, x)
+    with torch.no_grad():
+        u = model.inject(x)
+        # the C-DEQ student's own jump from the same start (before the joint stage)
+        h = plus.initialiser.init_state(model, u)
+        untrained = student.F(h, plus.start_time, u)
+        _, z_plus = plus.predict(x, nfe=1)
+        _, z_cdeq = student.predict(x, nfe=1)
+    assert _rel(z_plus, z_star) < 0.8 * _rel(untrained, z_star)
+    assert _rel(z_plus, z_star) < _rel(z_cdeq, z_star)
+    # a saved state loads into an empty C-DEQ+ student with the same predictions
+    empty = load_plus(student, config, plus.start_time)
+    empty.load_state_dict(plus.state_dict())
+    with torch.no_grad():
+        assert torch.equal(empty.predict(x, nfe=1)[1], z_plus)
+
+
+def test_the_cost_of_a_c_deq_plus_call_includes_the_initialiser():
+    model = _model()
+    cold = ConsistencyStudent(model)
+    plus = ConsistencyStudent(model)
+    init = LearnedInit(16, -1, hidden=8, conv=False)
+    plus.attach_initialiser(init, 0.5)
+    x = torch.randn(10, 8)
+    with torch.no_grad():
+        u = model.inject(x)
+        h_flops = cost.count_flops(lambda: init.init_state(model, u)).total
+        diff = (cost.count_flops(lambda: plus.predict(x, nfe=1)).total
+                - cost.count_flops(lambda: cold.predict(x, nfe=1)).total)
+    # h by hand: two dense layers 16 -> 8 -> 16 (2 FLOPs per multiply-add) and their bias adds
+    assert h_flops >= 10 * (2 * 16 * 8 + 2 * 8 * 16 + 8 + 16)
+    # from h(u) the jump adds two multiply-adds per state element that the zero start skips
+    assert h_flops <= diff <= h_flops + 4 * 10 * 16
+
+
+def test_a_run_builds_and_reports_c_deq_plus(tmp_path):
+    from cdeq.cli import main
+    from cdeq.pipeline import Run
+
+    out = tmp_path / "run"
+    args = ["teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=64",
+            "distill.epochs=1", "evaluate.budgets=[1,2]", "plans.max_nfe=2",
+            "baselines.enabled=false", "plus.init_epochs=1"]
+    assert main(["run", "digits", "--quick", "--out", str(out), "--set", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]["cdeq_plus"]) == {"1", "2"}
+    calls = report["cost"]["layer_calls"]
+    # one C-DEQ+ jump costs one layer call plus h(u)
+    assert calls["cdeq_plus"]["1"] > calls["cdeq"]["1"]
+    assert report["plans_plus"]["1"][0][0] == "jump"
+    assert report["exact_mode_plus"]["cdeq_warm_nfe"] >= 1.0
+    meta = Run(out).read_meta("student_plus")
+    assert report["plans_plus"]["1"] == meta["plans"]["1"]
+    assert meta["work"]["joint"]["epochs"] == 1
+    assert "| C-DEQ+ |" in (out / "table.md").read_text()
+
+
+def test_a_solve_operation_is_n_steps_of_the_teachers_solver():
+    model = _model()
+    student = ConsistencyStudent(model)
+    x = torch.randn(6, 8)
+    plan = [("jump", student.schedule.t_min), ("solve", 3)]
+    assert plan_nfe(plan) == 4
+    model.cell.calls = student.cell.calls = 0
+    with torch.no_grad():
+        u = model.inject(x)
+        z = student.run_plan(u, plan)
+        assert (student.cell.calls, model.cell.calls) == (1, 3)
+        start = student.run_plan(u, plan[:1])
+        expected = get_solver("anderson", max_iter=3, tol=0.0).solve(model.cell, start, u).z
+    assert torch.allclose(z, expected)
+    assert plan_from_json([["jump", 0.1], ["solve", 2]]) == [("jump", 0.1), ("solve", 2)]
+    for bad in (["solve"], ["solve", 0], ["solve", 1.5]):
+        with pytest.raises(ConfigError, match="solve"):
+            plan_from_json([bad])
+
+
+def test_long_plans_hand_over_to_the_solver_and_get_closer_to_z_star(distilled):
+    task, model, student, _ = distilled
+    student = copy.deepcopy(student)
+    batches = [x for x, _ in task.test_batches(64)][:1]  # inputs alone: scored against the teacher
+    student.select_plans(batches, max_nfe=8)
+    assert student.plans[8][-1][0] == "solve" and plan_nfe(student.plans[8]) <= 8
+    x = batches[0]
+    z_star = _z_star(model, x)
+    errors = [_rel(student.predict(x, nfe=k)[1], z_star) for k in (1, 2, 4, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
