@@ -14,53 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
+from toys import ToyTask
 
 TOL = 1e-5
-
-
-def _toy_task():
-    import cdeq
-    from cdeq.tasks.base import Task
-
-    class Cell(nn.Module):
-        channels, channel_dim = 8, -1
-
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(8, 8)
-
-        def state_shape(self, u):
-            return u.shape
-
-        def forward(self, z, u):
-            return torch.tanh(0.5 * self.lin(z) + u)
-
-    class Toy(Task):
-        name = "toy-dist"
-
-        def __init__(self):
-            super().__init__(None)
-            gen = torch.Generator().manual_seed(0)
-            self.x = torch.randn(48, 5, generator=gen)
-            self.y = torch.randint(0, 3, (48,), generator=gen)
-
-        def build_model(self):
-            torch.manual_seed(0)
-            return cdeq.DEQModel(nn.Linear(5, 8), Cell(), nn.Linear(8, 3))
-
-        def train_batches(self, batch_size, shuffle=True, generator=None):
-            order = torch.randperm(48, generator=generator) if shuffle else torch.arange(48)
-            for s in range(0, 48, batch_size):
-                yield self.x[order[s:s + batch_size]], self.y[order[s:s + batch_size]]
-
-        def validation_batches(self, batch_size):
-            yield self.x[:16], self.y[:16]
-
-        def loss(self, logits, y):
-            return nn.functional.cross_entropy(logits, y)
-
-    return Toy()
 
 
 def train(out: str) -> None:
@@ -91,15 +47,15 @@ def _train_both():
     from cdeq.training import TeacherConfig, train_teacher
 
     torch.set_num_threads(1)
-    task = _toy_task()
+    task = ToyTask()
     model = task.build_model()
     train_teacher(task, model, TeacherConfig.from_dict(
         {"epochs": 2, "batch_size": 16, "optim": {"lr": 1e-2}}), seed=0, log=lambda m: None)
-    trajectories = record(model, task.train_batches(24, shuffle=False),
+    trajectories = record(model, task.train_batches(32, shuffle=False),
                           RecordConfig.from_dict({"solver": {"max_iter": 12}}))
     student = ConsistencyStudent(model)
     distill(student, trajectories, DistillConfig.from_dict(
-        {"epochs": 2, "batch_size": 12, "optim": {"lr": 3e-3}}), task_loss=task.loss,
+        {"epochs": 2, "batch_size": 16, "optim": {"lr": 3e-3}}), task_loss=task.loss,
             seed=0, log=lambda m: None)
     return model, student
 
@@ -126,7 +82,7 @@ def test_two_processes_match_one(tmp_path):
         diff = max(float((one[k] - two[k]).abs().max()) for k in one)
         assert diff <= TOL, (part, diff)
     one = both_one["teacher"]
-    assert max(float((one[k] - _toy_task().build_model().state_dict()[k]).abs().max()) for k in one) > 1e-3
+    assert max(float((one[k] - ToyTask().build_model().state_dict()[k]).abs().max()) for k in one) > 1e-3
     # distillation moved the student's own layer away from the teacher's
     moved = [k for k in both_one["student"] if k.startswith("cell.")]
     assert max(float((both_one["student"][k] - one["deq." + k]).abs().max()) for k in moved) > 1e-4

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toys import ToyTask
 
-import cdeq
 from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
 from cdeq.consistency.distill import (
@@ -23,7 +23,6 @@ from cdeq.consistency.distill import (
     trainable_parameters,
 )
 from cdeq.fit import Hooks, LayerCalls, OptimConfig, build_optimizer, fit
-from cdeq.tasks.base import Task
 from cdeq.training import TeacherConfig, train_teacher, validation_loss
 
 X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
@@ -192,47 +191,8 @@ def test_a_registered_pair_sampler_is_usable_by_name():
 
 
 # --- distillation's parameters, teacher training's validation -------------------------------------
-class _Cell(nn.Module):
-    channels, channel_dim = 8, -1
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(8, 8)
-
-    def state_shape(self, u):
-        return u.shape
-
-    def forward(self, z, u):
-        return torch.tanh(0.5 * self.lin(z) + u)
-
-
-class _Toy(Task):
-    name = "toy-fit"
-
-    def __init__(self):
-        super().__init__(None)
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(96, 5, generator=gen)
-        self.y = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long()
-
-    def build_model(self):
-        torch.manual_seed(0)
-        return cdeq.DEQModel(nn.Linear(5, 8), _Cell(), nn.Linear(8, 3))
-
-    def train_batches(self, batch_size, shuffle=True, generator=None):
-        order = torch.randperm(64, generator=generator) if shuffle else torch.arange(64)
-        for s in range(0, 64, batch_size):
-            yield self.x[order[s:s + batch_size]], self.y[order[s:s + batch_size]]
-
-    def validation_batches(self, batch_size):
-        yield self.x[64:], self.y[64:]
-
-    def loss(self, logits, y):
-        return F.cross_entropy(logits, y)
-
-
 def test_teacher_keeps_the_weights_of_its_best_validation_epoch():
-    task = _Toy()
+    task = ToyTask()
     model = task.build_model()
     cfg = TeacherConfig.from_dict({"epochs": 6, "batch_size": 16, "patience": 2,
                                    "optim": {"lr": 0.3}})  # a large lr: the validation loss wanders
@@ -253,7 +213,7 @@ class _OwnParameters(ConsistencyStudent):
 
 
 def test_distillation_trains_the_student_only_and_leaves_the_teacher_untouched():
-    task = _Toy()
+    task = ToyTask()
     teacher = task.build_model()
     trajectories = record(teacher, task.train_batches(32, shuffle=False),
                           RecordConfig.from_dict({"solver": {"max_iter": 10}}))
@@ -276,7 +236,7 @@ def test_distillation_trains_the_student_only_and_leaves_the_teacher_untouched()
 
 
 def test_a_task_without_validation_trains_every_epoch(caplog):
-    class NoValidation(_Toy):
+    class NoValidation(ToyTask):
         def validation_batches(self, batch_size):
             raise NotImplementedError
 

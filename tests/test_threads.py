@@ -98,3 +98,26 @@ def test_explicit_request_or_environment_does_not_sample_the_load(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_run_samples_the_load_when_a_stage_starts_not_when_it_is_built(monkeypatch, tmp_path):
+    from cdeq.pipeline import Run, build_config
+
+    samples = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda: samples.append(1) or 1.0)
+    before = torch.get_num_threads()
+    try:
+        with Run(tmp_path, build_config("digits", {"threads": 0}, quick=True)):
+            pass  # a new run: config.json written, nothing computed
+        run = Run(tmp_path)  # an existing run, read only (describe, summarize, loading)
+        run.config.to_dict()
+        assert samples == []
+        with run.locked():  # what every stage (@writes) runs under
+            assert samples == [1] and torch.get_num_threads() == 1
+        with run.locked():
+            pass
+        assert samples == [1] and run.threads == 1  # applied once per run
+    finally:
+        torch.set_num_threads(before)

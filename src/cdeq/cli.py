@@ -157,6 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import Run
 
     run = Run(args.model, device=args.device)
+    _ = run.threads  # generation computes: the run's thread policy, as in a stage
     gen = getattr(run.task, "generate_text", None)
     if gen is None:
         raise ConfigError(f"the run in {args.model} is a {run.config.task!r} task; `cdeq generate` "

@@ -83,7 +83,20 @@ class Run(RunDirectory):
             except BaseException:
                 self.close()
                 raise
-        self.threads = apply_thread_policy(self.config.threads)  # 0: a fair share of the free cores
+        self._threads: int | None = None  # set when a stage starts: read-only uses never sample
+
+    @property
+    def threads(self) -> int:
+        """The run's intra-op threads: the thread policy (0: a fair share of the free cores),
+        applied once, on first use."""
+        if self._threads is None:
+            self._threads = apply_thread_policy(self.config.threads)
+        return self._threads
+
+    def locked(self) -> Any:
+        """The lock every stage (``@writes``) runs under; the thread policy is applied first."""
+        _ = self.threads
+        return super().locked()
 
     @property
     def device(self) -> torch.device:

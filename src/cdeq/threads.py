@@ -6,7 +6,9 @@ The automatic policy (``threads=0``) therefore counts the cores this process may
 (``os.sched_getaffinity``), subtracts the cores other processes keep busy right now (sampled from
 ``/proc/stat`` over a short window; the 1-minute load average where that is unavailable), and
 uses what is left, at least one thread. ``OMP_NUM_THREADS`` set by the user wins over the
-automatic choice; an explicit ``threads=N`` wins over both.
+automatic choice; an explicit ``threads=N`` wins over both. A run (:class:`cdeq.pipeline.Run`)
+applies the policy once, when its first stage starts (or ``run.threads`` is read), so read-only
+uses of a run directory (describe, summarize, loading a model) never wait for the sample.
 
 OpenMP's wait policy (``OMP_WAIT_POLICY=PASSIVE``: waiting threads sleep instead of spinning) is
 read once, when ``import torch`` loads the OpenMP runtime, so it cannot be changed from here; it

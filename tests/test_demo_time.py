@@ -1,0 +1,33 @@
+"""docs/performance.md's demo-time table is the one rendered from the raw outputs it cites."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "results" / "demo_time" / "table.py"
+
+
+def _table_module():
+    spec = importlib.util.spec_from_file_location("demo_time_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_performance_doc_shows_the_table_rendered_from_the_raw_outputs():
+    table = _table_module()
+    doc = (ROOT / "docs" / "performance.md").read_text()
+    assert table.BEGIN in doc and table.END in doc
+    assert table.replaced(doc, table.render()) == doc, \
+        "docs/performance.md is stale: run `python benchmarks/results/demo_time/table.py --write`"
+
+
+def test_the_table_reads_wall_cpu_and_threads_from_an_output(tmp_path):
+    table = _table_module()
+    raw = (table.HERE / "idle1.txt").read_text()
+    for key in table.RUNS:
+        (tmp_path / f"{key}.txt").write_text(raw.replace("0:56.28", "1:02.50") if key == "busy1" else raw)
+    rendered = table.render(tmp_path)
+    assert "| beside 1 busy process | 62.5 s (1.11-1.11x idle) | 92.6 s | 164% | 2 |" in rendered
