@@ -4,10 +4,12 @@ baselines are budgeted by training work (samples), not wall time, and every loop
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
 
+from cdeq.baselines import BaselineConfig
 from cdeq.cli import main
 
 
@@ -43,6 +45,10 @@ def test_two_identical_quick_runs_give_the_same_report(tmp_path, capsys):
     capsys.readouterr()
     a, b = (without_timing(r) for r in reports)
     assert "learned_init" in a["methods"] and "unrolled_any_k" in a["methods"]
-    assert a["train_work"]["learned_init"]["samples"] == a["train_work"]["cdeq"]["distill"]["samples"]
+    plus = a["train_work"]["cdeq_plus"]  # C-DEQ+'s fit of h and joint stage count too
+    budget = (a["train_work"]["cdeq"]["distill"]["samples"] + plus["init"]["samples"]
+              + plus["joint"]["samples"])
+    # the budget in optimiser steps of init_batch_size (the last minibatch of an epoch may be short)
+    assert a["train_work"]["learned_init"]["steps"] == math.ceil(budget / BaselineConfig().init_batch_size)
     assert a == b
     assert a["train_work"]["unrolled_any_k"]["samples"] == a["train_work"]["unrolled_k1"]["samples"]

@@ -210,7 +210,7 @@ class Run(RunDirectory):
         with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():
             search = select_plans(student, self.task.selection_batches(self.config.evaluate.batch_size),
                                   self._score, self.task.higher_is_better, last, self.config.plans)
-        self.log(f"plan search on training data {clock(self.device) - t1:.0f}s")
+        self.log(f"plan search on the selection (validation) batches {clock(self.device) - t1:.0f}s")
         return search, calls.as_dict()
 
     @writes
