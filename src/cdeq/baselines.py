@@ -4,8 +4,8 @@ the student's training work (the same optimiser samples, steps x batch, as its d
 - **Learned initialiser** (as in HyperDEQ / Skip-DEQ): a small network ``h(u)`` predicts ``z*``
   from the input injection ``u`` (no layer call), trained on the recorded training trajectories'
   ``z*`` with the relative squared error. At budget ``k`` the teacher solver runs ``k`` steps from
-  ``h(u)``: ``k`` NFE. The solver (Picard or Anderson) is chosen per budget on training batches,
-  never on held-out data.
+  ``h(u)``: ``k`` NFE. The solver (Picard or Anderson) is chosen per budget on the selection
+  (validation) batches, never on the test split.
 - **Unrolled k-step network**: the teacher's layer applied ``k`` times from ``z_0`` with shared
   weights and the teacher's head, fine-tuned from the teacher on the task loss. Budget ``k`` uses
   the network trained for ``k`` (exactly ``k`` NFE); other budgets report nothing.
@@ -54,7 +54,7 @@ class BaselineConfig(Config):
         init_hidden: width of the learned initialiser's channel-wise MLP.
         init_conv: add a depthwise 3x3 convolution of ``u`` for image states ``(B, C, H, W)``.
         init_batch_size, init_optim: the initialiser's minibatch and optimiser loop.
-        init_select_batches: training batches used to pick Picard or Anderson per budget.
+        init_select_batches: selection (validation) batches used to pick Picard or Anderson per budget.
         unrolled_ks: the ``k`` of the directly trained ``k``-step networks.
         anytime_k: the anytime network is trained for every ``k <= anytime_k`` (0: no anytime net).
         unrolled_batch_size, unrolled_optim: the unrolled networks' minibatch and optimiser loop.

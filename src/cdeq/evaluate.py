@@ -35,8 +35,8 @@ class EvalConfig(Config):
         solvers: truncated-teacher solvers compared.
         reference: the solver for ``z*`` and the converged teacher's figures.
         exact_solver / exact_tol: the solver and tolerance of the exact-mode comparison.
-        exact_select_batches: training batches on which the exact mode's warm-start plan (the
-            student's 1-, 2- or 4-NFE plan) is chosen; the test split only measures it.
+        exact_select_batches: selection (validation) batches on which the exact mode's warm-start
+            plan (the student's 1-, 2- or 4-NFE plan) is chosen; the test split only measures it.
         batch_size, max_batches: evaluation batches, validation and test (``max_batches`` 0: all).
         latency_batch, latency_repeats: batch size and timed repeats (median, interquartile
             range) of the wall-time figures; ``timing_warmup`` rounds first; ``timing_threads``
@@ -267,8 +267,9 @@ def _timed(report: dict[str, Any]) -> list[tuple[str, str | None, dict]]:
 
 
 def exact_mode(task: Task, teacher: DEQModel, student: ConsistencyStudent, config: EvalConfig,
-                budgets: list[int]) -> dict[str, Any]:
-    """The exact mode on the test split, the warm-start plan chosen on training batches."""
+               budgets: list[int]) -> dict[str, Any]:
+    """The exact mode on the test split, the warm-start plan chosen on the selection (validation)
+    batches."""
     exact = get_solver(config.exact_solver, max_iter=config.exact_max_iter, tol=config.exact_tol)
     warm_budgets = [k for k in (1, 2, 4) if k <= max(budgets)]
     cold_nfe, n, cold_unconv = 0.0, 0, 0
@@ -305,7 +306,7 @@ def exact_mode(task: Task, teacher: DEQModel, student: ConsistencyStudent, confi
 
 def _exact_plan_nfe(task: Task, student: ConsistencyStudent, solver: Any, budgets: list[int],
                     config: EvalConfig) -> dict[int, float]:
-    """Mean exact-mode NFE (plan + solver) of each warm-start plan on training batches."""
+    """Mean exact-mode NFE (plan + solver) of each warm-start plan on the selection (validation) batches."""
     total, n = dict.fromkeys(budgets, 0.0), 0
     for b, (x, _) in enumerate(task.selection_batches(config.batch_size)):
         if b >= config.exact_select_batches:

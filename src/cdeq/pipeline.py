@@ -204,8 +204,8 @@ class Run(RunDirectory):
 
     def _search_plans(self, student: ConsistencyStudent, teacher: DEQModel, last: int
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Select ``student``'s plans on training batches; returns the search log and its layer
-        calls (part of the student's training work)."""
+        """Select ``student``'s plans on the selection (validation) batches; returns the search log
+        and its layer calls (part of the student's training work)."""
         t1 = clock(self.device)
         with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():
             search = select_plans(student, self.task.selection_batches(self.config.evaluate.batch_size),
@@ -216,7 +216,7 @@ class Run(RunDirectory):
     @writes
     def plus(self) -> ConsistencyStudent:
         """Stage ``plus``: C-DEQ+ from the distilled student (:mod:`cdeq.plus`), its plans chosen
-        on training data."""
+        on the selection (validation) data."""
         from .plus import train_plus
 
         cfg = self.config
@@ -270,7 +270,7 @@ class Run(RunDirectory):
                 solvers = bl.select_init_solvers(
                     init, teacher, self.task, self.task.selection_batches(cfg.evaluate.batch_size),
                     sorted(set(cfg.evaluate.budgets)), bcfg.init_select_batches)
-            self.log(f"learned initialiser: solver per budget (chosen on training data) {solvers}")
+            self.log(f"learned initialiser: solver per budget (chosen on validation data) {solvers}")
             self.save_module("learned_init", init, {
                 "train_time_s": info["train_time_s"], "work": info["work"],
                 "loss_first": info["losses"][0], "loss_last": info["losses"][-1],

@@ -204,7 +204,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         by_plan = ", ".join(f"{v:.1f} after a {k}-NFE plan" for k, v in ex["warm_nfe_by_plan"].items())
         lines += ["", f"Exact mode (to relative residual {ex['tol']:g}): {cold:.1f} NFE from z_0; "
                   f"from the {name} warm start, in total {by_plan} "
-                  f"(best {ex['speedup']:.2f}x fewer, its plan chosen on training data)."]
+                  f"(best {ex['speedup']:.2f}x fewer, its plan chosen on validation data)."]
     costs = report.get("train_time_s")
     if costs:
         lines += ["", "Training cost (wall time, s): "

@@ -101,8 +101,8 @@ def _equal_cost_table(found: list[tuple[str, dict]]) -> list[str]:
             cells = ["-" if per[c] is None else f"{fmt(rep, per[c][0], per[c][1])} [{per[c][2]}]"
                      for c in EQUAL_COSTS]
             lines.append(f"| {name if i == 0 else ''} | {label(method)} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | tolerance | cdeq's cheapest (C-DEQ or C-DEQ+) | best truncated | speed-up (FLOPs) | "
-              "speed-up (time) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| run | tolerance | cdeq's cheapest (C-DEQ or C-DEQ+) | best truncated | "
+              "speed-up (FLOPs) | speed-up (time) |", "|---|---|---|---|---|---|"]
     for name, rep in with_cost:
         tac = rep.get("teacher_accuracy_cost") or (teacher_accuracy_cost(rep) if "valid" in rep else {})
 

@@ -1,6 +1,6 @@
-"""Choosing multi-step inference plans on training data.
+"""Choosing multi-step inference plans on validation (or training) data, never the test split.
 
-A plan (see :mod:`cdeq.consistency.student`) is a list of 1-NFE operations. For every budget
+A plan (see :mod:`cdeq.consistency.student`) is a list of operations. For every budget
 ``k`` the search keeps the best plan found with at most ``k`` NFE and tries to extend it:
 
 - ``plan_{k-1} + [jump(tau)]``: jump again from the estimate placed at time ``tau``;
@@ -10,8 +10,9 @@ A plan (see :mod:`cdeq.consistency.student`) is a list of 1-NFE operations. For 
 - ``plan_j + [solve(k - j)]`` for ``j`` in 1, 2, 4 (``j <= k - 2``): the teacher's own solver
   takes over from the estimate of a short plan for the rest of the budget.
 
-``plan_k`` is the best of these and ``plan_{k-1}`` itself, judged on training-split batches by the
-task metric (the loss breaks ties), so on those batches a larger budget is never worse.
+``plan_k`` is the best of these and ``plan_{k-1}`` itself, judged on the given batches (in a run,
+``Task.selection_batches``: validation data) by the task metric (the loss breaks ties), so on those
+batches a larger budget is never worse.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class PlanSearchConfig(Config):
         max_nfe: search plans up to this budget.
         times: candidate re-entry times ``tau`` (``()``: the schedule's times of iterates
             1, 2, 3, 4, 6, 8, 12 and 0.5/0.75/0.9 of ``T``).
-        batches: number of training batches to judge plans on.
+        batches: number of batches (validation, in a run) to judge plans on.
     """
 
     max_nfe: int = 16
@@ -112,7 +113,7 @@ def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int
                              "batches, or no loss to score against the converged teacher")
         data.append((u_s, u_t, y))
     if not data:
-        raise ValueError("plan search needs at least one training batch")
+        raise ValueError("plan search needs at least one batch (validation or training data)")
     return data
 
 
@@ -126,7 +127,7 @@ def select_plans(
     config: PlanSearchConfig | None = None,
     loss: Callable[[Tensor, Any], Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Choose ``student.plans`` for budgets ``1..max_nfe`` on ``batches`` (training data).
+    """Choose ``student.plans`` for budgets ``1..max_nfe`` on ``batches`` (validation or training data).
 
     Scoring, in order: ``score`` (``(logits, y) -> (metric sum, count, loss sum)`` with
     ``higher_is_better``); else ``loss`` (a task loss ``(logits, y) -> mean``, lower is better);
