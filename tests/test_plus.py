@@ -97,10 +97,13 @@ def test_joint_distillation_trains_the_start_jump_and_leaves_c_deq_alone(distill
     config = PlusConfig(init_hidden=16, init_conv=False, init_epochs=30, epochs=4)
     bcfg = BaselineConfig.from_dict({"init_optim": {"lr": 1e-2}})
     torch.manual_seed(0)
-    plus, info = train_plus(student, trajectories, config, DistillConfig(epochs=4, batch_size=64),
-                            bcfg, task.loss, log=lambda m: None)
+    # chain_k = 0: the start term's distance to z* alone (the chain's task loss trades some of it)
+    plus, info = train_plus(student, trajectories, config,
+                            DistillConfig(epochs=4, batch_size=64, chain_k=0), bcfg, task.loss,
+                            log=lambda m: None)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert info["work"]["joint"]["epochs"] == 4 and info["work"]["init"]["samples"] == 30 * 384
+    assert plus.reentry_time is None and "reentry" not in info["start"]
     x = task.x[384:]
     z_star = _z_star(model, x)
     with torch.no_grad():
@@ -113,10 +116,11 @@ def test_joint_distillation_trains_the_start_jump_and_leaves_c_deq_alone(distill
     assert _rel(z_plus, z_star) < 0.8 * _rel(untrained, z_star)
     assert _rel(z_plus, z_star) < _rel(z_cdeq, z_star)
     # a saved state loads into an empty C-DEQ+ student with the same predictions
-    empty = load_plus(student, config, plus.start_time)
+    empty = load_plus(student, config, info["start"])
     empty.load_state_dict(plus.state_dict())
     with torch.no_grad():
         assert torch.equal(empty.predict(x, nfe=1)[1], z_plus)
+    assert empty.reentry_time == plus.reentry_time
 
 
 def test_the_cost_of_a_c_deq_plus_call_includes_the_initialiser():
@@ -156,6 +160,11 @@ def test_a_run_builds_and_reports_c_deq_plus(tmp_path):
     meta = Run(out).read_meta("student_plus")
     assert report["plans_plus"]["1"] == meta["plans"]["1"]
     assert meta["work"]["joint"]["epochs"] == 1
+    # the chain's re-entry time (distill.chain_k = 4 by default) is matched after the start's and
+    # is among the plan search's times
+    start = meta["start"]
+    assert start["time"] <= start["reentry"]["time"] < 5.0
+    assert start["reentry"]["init_residual"] < start["init_residual"]
     assert "| C-DEQ+ |" in (out / "table.md").read_text()
 
 
@@ -189,3 +198,27 @@ def test_long_plans_hand_over_to_the_solver_and_get_closer_to_z_star(distilled):
     z_star = _z_star(model, x)
     errors = [_rel(student.predict(x, nfe=k)[1], z_star) for k in (1, 2, 4, 8)]
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
+
+
+def test_the_chain_term_supervises_the_task_after_each_jump(distilled):
+    """With chain_k = 3 the start term adds the task loss after jumps 1, 2 and 3 (averaged); with
+    chain_k = 0 only the first jump's, weighted by task_weight."""
+    from cdeq.consistency.distill import _start_loss
+
+    task, model, student, trajectories = distilled
+    plus = load_plus(student, PlusConfig(init_hidden=8, init_conv=False), {"time": 0.01})
+    plus.reentry_time = 0.5
+    mb = trajectories[0]
+    weight = torch.full((mb.batch_size,), 1.0 / mb.batch_size)
+    u = model.inject(mb.x)
+    with torch.no_grad():
+        cfg = DistillConfig(global_weight=0.0, init_weight=0.0, chain_k=3)
+        got = _start_loss(plus, mb, u, weight, 1.0, cfg, task.loss)
+        z = plus.F(plus.initial_state(u), 0.01, u)
+        losses = [task.loss(plus.head(z), mb.y)]
+        for _ in range(2):
+            z = plus.F(z, 0.5, u)
+            losses.append(task.loss(plus.head(z), mb.y))
+        assert torch.allclose(got, torch.stack(losses).mean())
+        cfg = DistillConfig(global_weight=0.0, init_weight=0.0, chain_k=0, task_weight=0.3)
+        assert torch.allclose(_start_loss(plus, mb, u, weight, 1.0, cfg, task.loss), 0.3 * losses[0])

@@ -239,7 +239,7 @@ class Run(RunDirectory):
         from .plus import load_plus
 
         meta = self.read_meta("student_plus")
-        plus = load_plus(self.student(teacher), self.config.plus, float(meta["start"]["time"]))
+        plus = load_plus(self.student(teacher), self.config.plus, meta["start"])
         self.load_module("student_plus", plus)
         plus.plans = {int(k): plan_from_json(v) for k, v in meta["plans"].items()}
         plus.eval()

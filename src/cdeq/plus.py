@@ -11,7 +11,11 @@ equilibrium excluded). In sequence, from a distilled C-DEQ student:
    baseline is, for ``init_epochs`` passes over the recorded samples;
 2. ``t_h`` is matched;
 3. student and ``h`` are distilled jointly for ``epochs`` epochs with the usual consistency loss
-   plus the start term (:mod:`cdeq.consistency.distill`);
+   plus the start term (:mod:`cdeq.consistency.distill`). With ``distill.chain_k > 1`` (the
+   default, 4) the start term also supervises the task loss after each of ``chain_k`` jumps from
+   ``h(u)``: the first at ``t_h``, the rest at a re-entry time matched the same way to the
+   residual of one jump's output. The plans are then supervised step by step, as the anytime
+   unrolled network is;
 4. the multi-step plans (jumps, and teacher steps that re-enter the trajectory) are searched on
    training data like C-DEQ's.
 
@@ -48,9 +52,9 @@ class PlusConfig(Config):
         init_hidden: width of the initialiser's channel-wise MLP (its cost per prediction).
         init_conv: add a depthwise 3x3 convolution of ``u`` for image states.
         init_epochs: passes over the recorded samples to fit ``h`` to ``z*`` before the joint stage.
-        epochs: epochs of the joint distillation of student and ``h`` (0: a third of
-            ``distill.epochs``, at least 1); its other settings are the ``distill`` section's,
-            ``start_weight`` and ``init_weight`` included.
+        epochs: epochs of the joint distillation of student and ``h`` (0: ``distill.epochs``);
+            its other settings are the ``distill`` section's (``start_weight``, ``init_weight``
+            and ``chain_k`` included).
     """
 
     enabled: bool = True
@@ -138,7 +142,13 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
         f"recorded iterate {start['point_index']} ({start['point_residual']:.3g}); start time "
         f"{start['time']:.4g}")
     plus.attach_initialiser(init, start["time"])
-    epochs = config.epochs or max(1, distill_config.epochs // 3)
+    if distill_config.chain_k > 1:  # the time of a jump from a jump's output, matched the same way
+        reentry = match_start_time(plus, _Jumped(plus), trajectories)
+        plus.reentry_time = reentry["time"]
+        start["reentry"] = reentry
+        log(f"C-DEQ+: one jump from h(u) has median residual {reentry['init_residual']:.3g}; "
+            f"re-entry time {reentry['time']:.4g}")
+    epochs = config.epochs or distill_config.epochs
     history = distill(plus, trajectories, dataclasses.replace(distill_config, epochs=epochs),
                       task_loss=task_loss, seed=seed, log=log)
     work = {"init": fitted["work"], "joint": {"steps": history["steps"][-1],
@@ -148,10 +158,25 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
                   "train_time_s": fitted["train_time_s"] + sum(history["epoch_time"])}
 
 
-def load_plus(student: ConsistencyStudent, config: PlusConfig, start_time: float) -> ConsistencyStudent:
-    """An empty C-DEQ+ student shaped like ``student`` (to load a saved state into)."""
+class _Jumped:
+    """The estimate after one jump from ``h(u)``, as an 'initialiser' to match a time to."""
+
+    def __init__(self, student: ConsistencyStudent) -> None:
+        self.student = student
+
+    def init_state(self, teacher: Any, u: Any) -> Tensor:
+        s = self.student
+        return s.F(s.initial_state(u), s.start_time, u)
+
+
+def load_plus(student: ConsistencyStudent, config: PlusConfig, start: dict[str, Any]
+              ) -> ConsistencyStudent:
+    """An empty C-DEQ+ student shaped like ``student`` (to load a saved state into); ``start``:
+    the matched times (``train_plus``'s ``info["start"]``)."""
     plus = ConsistencyStudent(student.teacher, student.schedule, student.config).to(model_device(student))
-    plus.attach_initialiser(initialiser(student, config), start_time)
+    plus.attach_initialiser(initialiser(student, config), float(start["time"]))
+    if "reentry" in start:
+        plus.reentry_time = float(start["reentry"]["time"])
     return plus
 
 

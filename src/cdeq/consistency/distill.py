@@ -141,6 +141,12 @@ class DistillConfig(Config):
         max_residual: drop samples whose recorded solution residual is above this.
         start_weight, init_weight: C-DEQ+ only (a student with an initialiser): the weight of the
             start term and, inside it, of ``h(u)``'s own distance to ``z*``.
+        chain_k: C-DEQ+ only: also supervise the task loss after each of ``chain_k`` jumps from
+            ``h(u)`` (the first at the start time, the rest at ``student.reentry_time``), averaged,
+            as the anytime unrolled network is supervised after each of its steps (0 or 1: the
+            first jump's task loss alone, weighted by ``task_weight``). Chosen on validation data:
+            on digits (seed 0) it cut C-DEQ+'s validation loss at 2 NFE from 0.0214 to 0.0147,
+            and it was neutral on Cora (docs/method.md, section 5b).
         train_cell, train_head: fine-tune the copied layer / head, or freeze them.
     """
 
@@ -160,10 +166,12 @@ class DistillConfig(Config):
     train_head: bool = True
     start_weight: float = 1.0
     init_weight: float = 0.1
+    chain_k: int = 4
 
     def validate(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
+        check_int("chain_k", self.chain_k, minimum=0)
         for name in ("global_weight", "local_weight", "task_weight", "kl_weight", "start_weight",
                      "init_weight"):
             check_positive(name, getattr(self, name), allow_zero=True)
@@ -388,6 +396,13 @@ def _start_loss(student: ConsistencyStudent, mb: TrajectoryBatch, u: Any, weight
     if config.init_weight > 0:
         loss = loss + config.init_weight * (relative_distance(z_h, mb.z_star, mb.z_star, config.distance)
                                             * weight).sum()
-    if config.task_weight > 0:
+    if config.chain_k > 1:  # the task loss after each jump of the chain, averaged
+        chain = [task_loss(student.head(out), mb.y)]
+        t_re = torch.full_like(t, student.reentry_time)
+        for _ in range(config.chain_k - 1):
+            out = student.F(out, t_re, u)
+            chain.append(task_loss(student.head(out), mb.y))
+        loss = loss + share * torch.stack(chain).mean()
+    elif config.task_weight > 0:
         loss = loss + config.task_weight * share * task_loss(student.head(out), mb.y)
     return loss

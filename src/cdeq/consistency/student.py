@@ -145,6 +145,7 @@ class ConsistencyStudent(nn.Module):
         self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
         self.initialiser: nn.Module | None = None  # C-DEQ+: h(u), see attach_initialiser
         self.start_time = self.schedule.t_min  # the time of a plan's start state
+        self.reentry_time: float | None = None  # C-DEQ+: the time of a jump after a jump
         self._plans: dict[int, Plan] = {1: [("jump", self.start_time)]}
         self.plans_selected = False  # True once plans come from a search or from the caller
 
