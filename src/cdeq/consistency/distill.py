@@ -144,9 +144,8 @@ class DistillConfig(Config):
         chain_k: C-DEQ+ only: also supervise the task loss after each of ``chain_k`` jumps from
             ``h(u)`` (the first at the start time, the rest at ``student.reentry_time``), averaged,
             as the anytime unrolled network is supervised after each of its steps (0 or 1: the
-            first jump's task loss alone, weighted by ``task_weight``). Chosen on validation data:
-            on digits (seed 0) it cut C-DEQ+'s validation loss at 2 NFE from 0.0214 to 0.0147,
-            and it was neutral on Cora (docs/method.md, section 5b).
+            first jump's task loss alone, weighted by ``task_weight``). Chosen on validation data
+            (``benchmarks/plus_choices.py``; docs/method.md, section 5b).
         train_cell, train_head: fine-tune the copied layer / head, or freeze them.
     """
 
