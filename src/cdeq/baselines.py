@@ -157,7 +157,7 @@ class LearnedInit(nn.Module):
 
     def init_state(self, teacher: DEQModel, u: Any) -> Tensor:
         """``h(u)`` for the teacher's injection ``u`` (any structure holding the state-shaped tensor)."""
-        shape = tuple(teacher.cell.state_shape(u))
+        shape = tuple(teacher.initial_state(u).shape)  # any cell: its state_shape, or u's shape
         return self(injection_tensor(u, shape)).reshape(shape)
 
 
