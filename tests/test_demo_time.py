@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,13 @@ def test_performance_doc_shows_the_table_rendered_from_the_raw_outputs():
 def test_the_table_reads_wall_cpu_and_threads_from_an_output(tmp_path):
     table = _table_module()
     raw = (table.HERE / "idle1.txt").read_text()
+    wall = "Elapsed (wall clock) time (h:mm:ss or m:ss): "
+    raw = re.sub(re.escape(wall) + r"[0-9:.]+", wall + "0:50.00", raw)
+    raw = re.sub(r"User time \(seconds\): [0-9.]+", "User time (seconds): 80.00", raw)
+    raw = re.sub(r"System time \(seconds\): [0-9.]+", "System time (seconds): 2.00", raw)
+    raw = re.sub(r"Percent of CPU this job got: [0-9]+%", "Percent of CPU this job got: 164%", raw)
     for key in table.RUNS:
-        (tmp_path / f"{key}.txt").write_text(raw.replace("0:56.28", "1:02.50") if key == "busy1" else raw)
+        (tmp_path / f"{key}.txt").write_text(raw.replace(wall + "0:50.00", wall + "1:02.50")
+                                             if key == "busy1" else raw)
     rendered = table.render(tmp_path)
-    assert "| beside 1 busy process | 62.5 s (1.11-1.11x idle) | 92.6 s | 164% | 2 |" in rendered
+    assert "| beside 1 busy process | 62.5 s (1.25-1.25x idle) | 82.0 s | 164% | 2 |" in rendered
