@@ -15,13 +15,8 @@ from toys import ToyTask
 
 from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
-from cdeq.consistency.distill import (
-    PAIR_SAMPLERS,
-    PairSampler,
-    get_pair_sampler,
-    register_pair_sampler,
-    trainable_parameters,
-)
+from cdeq.consistency.distill import trainable_parameters
+from cdeq.consistency.pairs import PAIR_SAMPLERS, PairSampler, get_pair_sampler, register_pair_sampler
 from cdeq.fit import Hooks, LayerCalls, OptimConfig, build_optimizer, fit
 from cdeq.training import TeacherConfig, train_teacher, validation_loss
 

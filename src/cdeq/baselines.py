@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import Config, ConfigError, check_int, check_positive
+from .config import Config, ConfigError, check_bool, check_int, check_positive
 from .consistency.student import ChannelMLP
 from .consistency.trajectory import TrajectoryBatch
 from .deq.model import DEQModel
@@ -77,8 +77,7 @@ class BaselineConfig(Config):
     max_residual: float = 1e-2
 
     def validate(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"enabled={self.enabled!r} is not valid; give true or false")
+        check_bool("enabled", self.enabled)
         check_int("samples", self.samples, minimum=0)
         check_int("init_hidden", self.init_hidden, minimum=1)
         check_int("init_batch_size", self.init_batch_size, minimum=1)

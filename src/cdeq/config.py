@@ -62,6 +62,11 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; it must lie in [{low}, {high}]")
 
 
+def check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not valid; it must be true or false")
+
+
 def check_int(name: str, value: int, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} is not valid; it must be an integer >= {minimum}")

@@ -1,8 +1,9 @@
 """C-DEQ: the time schedule, trajectories, the consistency student, distillation and inference."""
 
-from .distill import PAIR_SAMPLERS, DistillConfig, PairSampler, distill, relative_distance
+from .distill import DistillConfig, distill, relative_distance
 from .ema import EMA
 from .inference import PlanSearchConfig, loss_score, select_plans
+from .pairs import PAIR_SAMPLERS, PairSampler
 from .schedule import ScheduleConfig, TimeSchedule
 from .student import ConsistencyStudent, Plan, StudentConfig, frozen_call
 from .trajectory import RecordConfig, TrajectoryBatch, TrajectoryStore, record, record_batch
