@@ -234,12 +234,14 @@ class Run(RunDirectory):
             "work": {**info["work"], "plan_search": calls}})
         return plus
 
-    def student_plus(self, teacher: DEQModel | None = None) -> ConsistencyStudent:
-        """The trained C-DEQ+ student (stage ``plus``), eval mode."""
+    def student_plus(self, teacher: DEQModel | None = None,
+                     student: ConsistencyStudent | None = None) -> ConsistencyStudent:
+        """The trained C-DEQ+ student (stage ``plus``), eval mode; ``student``: the C-DEQ student
+        when already loaded (only its shape is used)."""
         from .plus import load_plus
 
         meta = self.read_meta("student_plus")
-        plus = load_plus(self.student(teacher), self.config.plus, meta["start"])
+        plus = load_plus(student or self.student(teacher), self.config.plus, meta["start"])
         self.load_module("student_plus", plus)
         plus.plans = {int(k): plan_from_json(v) for k, v in meta["plans"].items()}
         plus.eval()
@@ -334,7 +336,7 @@ class Run(RunDirectory):
         teacher = self.teacher()
         student = self.student(teacher)
         has_plus = (self.dir / "student_plus.safetensors").exists()
-        plus = self.student_plus(teacher) if has_plus else None
+        plus = self.student_plus(teacher, student) if has_plus else None
         extra, extra_costs, extra_work = self._extra_methods(teacher, plus)
         with self.autocast():
             report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra,

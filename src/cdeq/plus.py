@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .baselines import BaselineConfig, LearnedInit, train_learned_init
-from .config import Config, ConfigError, check_int
+from .config import Config, check_bool, check_int
 from .consistency.distill import DistillConfig, distill
 from .consistency.student import ConsistencyStudent
 from .consistency.trajectory import TrajectoryBatch
@@ -64,8 +64,7 @@ class PlusConfig(Config):
     epochs: int = 0
 
     def validate(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"enabled={self.enabled!r} is not valid; give true or false")
+        check_bool("enabled", self.enabled)
         check_int("init_hidden", self.init_hidden, minimum=1)
         check_int("init_epochs", self.init_epochs, minimum=1)
         check_int("epochs", self.epochs, minimum=0)
@@ -129,7 +128,7 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
     trained as the module docstring says (plans not yet selected). Returns ``(student_plus,
     info)``; ``info`` holds the matched start, the training work and the training time."""
     log = log or logger.info
-    plus = ConsistencyStudent(student.teacher, student.schedule, student.config).to(model_device(student))
+    plus = _shaped_like(student)
     plus.load_state_dict(student.state_dict())
     init = initialiser(student, config)
     init_config = dataclasses.replace(baseline_config, init_hidden=config.init_hidden,
@@ -158,6 +157,11 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
                   "train_time_s": fitted["train_time_s"] + sum(history["epoch_time"])}
 
 
+def _shaped_like(student: ConsistencyStudent) -> ConsistencyStudent:
+    """A new student on ``student``'s teacher, schedule, settings and device (fresh weights)."""
+    return ConsistencyStudent(student.teacher, student.schedule, student.config).to(model_device(student))
+
+
 class _Jumped:
     """The estimate after one jump from ``h(u)``, as an 'initialiser' to match a time to."""
 
@@ -173,7 +177,7 @@ def load_plus(student: ConsistencyStudent, config: PlusConfig, start: dict[str, 
               ) -> ConsistencyStudent:
     """An empty C-DEQ+ student shaped like ``student`` (to load a saved state into); ``start``:
     the matched times (``train_plus``'s ``info["start"]``)."""
-    plus = ConsistencyStudent(student.teacher, student.schedule, student.config).to(model_device(student))
+    plus = _shaped_like(student)
     plus.attach_initialiser(initialiser(student, config), float(start["time"]))
     if "reentry" in start:
         plus.reentry_time = float(start["reentry"]["time"])
