@@ -16,6 +16,7 @@ from cdeq.consistency import (
     distill,
     record,
     relative_distance,
+    relative_error,
     select_plans,
 )
 from cdeq.deq import DEQModel
@@ -259,3 +260,63 @@ def test_deq_model_takes_any_cell_and_infers_the_state():
     assert conv.state_layout(torch.randn(2, 1, 5, 5)) == (4, 1)
     with pytest.raises(ValueError, match="state_shape"):
         DEQModel(nn.Identity(), plain_cell, nn.Identity(), state_shape=(0,))
+
+
+def test_plan_search_never_lets_the_error_to_z_star_rise():
+    """A score that rewards leaving the equilibrium (logits far from the converged teacher's)
+    picks plans whose error to z* rises when the rule is off; with ``error_must_not_rise`` (the
+    default) it never rises."""
+    torch.manual_seed(0)
+    model, x, _ = tiny_problem(n=64)
+    student = ConsistencyStudent(model)
+    with torch.no_grad():
+        for p in student.time_embed.parameters():  # an undistilled student with wild jumps
+            p.normal_(0, 0.3)
+        converged = model.head(model.deq.solve(model.inject(x)).z)
+    batches = [(x, converged)]
+
+    def far(logits, ref):  # higher is better: the distance to the converged teacher's logits
+        return float((logits - ref).norm(dim=-1).sum()), logits.shape[0], 0.0
+
+    def errors(rule: bool) -> list[float]:
+        log = select_plans(student, batches, far, True, last=40,
+                           config=PlanSearchConfig(max_nfe=4, error_must_not_rise=rule))
+        with torch.no_grad():
+            u = model.inject(x)
+            z_star = model.deq.solve(u).z
+            measured = []
+            u_s, u_t = student.teacher_inputs(x)
+            for k in range(1, 5):
+                z = student.run_plan(u_s, student.plan_for(k), u_t)
+                measured.append(float(relative_error(z, z_star).mean()))
+        assert [log[str(k)]["relative_error"] for k in range(1, 5)] == pytest.approx(measured, rel=1e-4)
+        return measured
+
+    free = errors(False)
+    assert any(b > a for a, b in zip(free, free[1:], strict=False))  # the rule has something to stop
+    kept = errors(True)
+    assert all(b <= a for a, b in zip(kept, kept[1:], strict=False))
+
+
+def test_plan_search_tie_break_by_the_error_to_z_star():
+    """Every plan scores the same metric; the loss rewards leaving z*. Breaking ties by the loss
+    picks plans far from z*, by the error the closest; a bad value is a clear error."""
+    torch.manual_seed(0)
+    model, x, _ = tiny_problem(n=64)
+    student = ConsistencyStudent(model)
+    with torch.no_grad():
+        converged = model.head(model.deq.solve(model.inject(x)).z)
+
+    def flat(logits, ref):  # the same metric for every plan; the loss is lower far from the teacher
+        return 0.0, logits.shape[0], -float((logits - ref).norm(dim=-1).sum())
+
+    def errors(tie_break: str) -> list[float]:
+        log = select_plans(student, [(x, converged)], flat, True, last=40, config=PlanSearchConfig(
+            max_nfe=4, error_must_not_rise=False, tie_break=tie_break))
+        return [log[str(k)]["relative_error"] for k in range(1, 5)]
+
+    by_loss, by_error = errors("loss"), errors("error")
+    assert all(e <= f for e, f in zip(by_error, by_loss, strict=True))
+    assert by_error[-1] < by_loss[-1]
+    with pytest.raises(ConfigError, match="tie_break"):
+        PlanSearchConfig(tie_break="metric")

@@ -67,6 +67,22 @@ def test_single_stage_on_existing_run(quick_run):
     assert main(["evaluate", "--out", str(quick_run)]) == 0
 
 
+def test_plans_stage_chooses_again_and_keeps_the_weights(quick_run):
+    run = Run(quick_run)
+    before = {name: (run.read_meta(name), run._read(name)[0]) for name in ("student", "student_plus")}
+    run.close()
+    assert main(["plans", "--out", str(quick_run)]) == 0
+    run = Run(quick_run)
+    for name, (meta, tensors) in before.items():
+        tensors_after, meta_after = run._read(name)
+        assert tensors_after.keys() == tensors.keys()
+        assert all(tensors_after[k].equal(v) for k, v in tensors.items())
+        assert meta_after["plans"] == meta["plans"]  # the same search on the same data
+        errors = [meta_after["search"][k]["relative_error"] for k in sorted(meta_after["search"], key=int)]
+        assert errors == sorted(errors, reverse=True)  # the error to z* never rises (validation)
+    run.close()
+
+
 def test_other_config_in_same_dir_is_refused(quick_run, capsys):
     assert main(["run", "digits", "--quick", "--out", str(quick_run), "--set", *TINY,
                  "seed=3"]) == 2

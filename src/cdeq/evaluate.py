@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import cost
 from .config import Config, ConfigError, check_int, check_positive
+from .consistency.inference import relative_error
 from .consistency.student import ConsistencyStudent
 from .deq.layer import SolverSpec
 from .deq.model import DEQModel
@@ -89,11 +90,6 @@ class EvalConfig(Config):
                               "number (negative: the default rule)")
 
 
-def _rel_err(z: Tensor, ref: Tensor) -> Tensor:
-    b = z.shape[0]
-    return (z - ref).reshape(b, -1).norm(dim=1) / (ref.reshape(b, -1).norm(dim=1) + 1e-12)
-
-
 class _Acc:
     """Running sums of metric, item count and relative error for one method at one budget."""
 
@@ -107,7 +103,7 @@ class _Acc:
         m, c = task.metric_sum(logits, y)
         self.metric += m
         self.count += c
-        e = _rel_err(z, ref)
+        e = relative_error(z, ref)
         self.err += float(e.sum())
         self.err_n += e.numel()
 

@@ -7,6 +7,7 @@
     DIR/trajectories/shard_*.safetensors + manifest.json    stage ``record``
     DIR/student.safetensors (+ .json)   stage ``distill`` (checkpoint: DIR/student.ckpt)
     DIR/student_plus.safetensors (+ .json)  stage ``plus`` (C-DEQ+, :mod:`cdeq.plus`)
+                                        stage ``plans`` chooses both students' plans again
     DIR/learned_init, unrolled_*.safetensors (+ .json)  stage ``baselines``
     DIR/report.json, table.md, plot.png stage ``evaluate``
 
@@ -247,6 +248,23 @@ class Run(RunDirectory):
         plus.eval()
         return plus
 
+    @writes
+    def plans(self) -> None:
+        """Stage ``plans``: choose the plans of C-DEQ, and of C-DEQ+ when it was trained, again on
+        the selection (validation) data with the run's plan search settings; the weights stay.
+        Run ``cdeq evaluate`` next for a report with them."""
+        teacher = self.teacher()
+        last = int(TrajectoryStore(self.dir / "trajectories").manifest()["last"])
+        student = self.student(teacher)
+        models = [("student", student)]
+        if (self.dir / "student_plus.safetensors").exists():
+            models.append(("student_plus", self.student_plus(teacher, student)))
+        for name, model in models:
+            meta = self.read_meta(name)
+            meta["search"], meta["work"]["plan_search"] = self._search_plans(model, teacher, last)
+            meta["plans"] = {str(k): plan_to_json(p) for k, p in model.plans.items()}
+            self.save_module(name, model, meta)
+
     def _score(self, logits: torch.Tensor, y: Any) -> tuple[float, int, float]:
         m, c = self.task.metric_sum(logits, y)
         return m, c, float(self.task.loss(logits, y)) * c
@@ -317,8 +335,7 @@ class Run(RunDirectory):
                 init, teacher, {int(k): s for k, s in meta["solvers"].items()})
             costs["learned_init"], work["learned_init"] = meta.get("train_time_s", 0.0), meta.get("work")
         nets = {}
-        bcfg = self.config.baselines
-        for name, k, anytime in bl.unrolled_nets(bcfg):
+        for name, k, anytime in bl.unrolled_nets(self.config.baselines):
             if (self.dir / f"{name}.safetensors").exists():
                 net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
                 meta = self.load_module(name, net)
@@ -348,14 +365,12 @@ class Run(RunDirectory):
                                                        report["budgets"])
         report["precision"], report["timing"]["device"] = self.config.precision, str(self.device)
         costs, work = {}, {}
-        for name in ("teacher", "student"):
+        for name, key in (("teacher", "teacher"), ("student", "cdeq")):
             meta = self.read_meta(name)
-            key = {"teacher": "teacher", "student": "cdeq"}[name]
             costs[key], work[key] = meta.get("train_time_s", 0.0), meta.get("work")
-        costs.update(extra_costs)
-        work.update(extra_work)
-        report["train_time_s"] = costs
-        report["train_work"] = work  # optimiser steps and samples; the student's recording + search
+        report["train_time_s"] = {**costs, **extra_costs}
+        # optimiser steps and samples; the student's recording and plan search
+        report["train_work"] = {**work, **extra_work}
         files = write_report(report, self.dir)
         self.log("\n" + markdown_table(report))
         self.log("wrote " + ", ".join(str(p) for p in files.values()))

@@ -49,7 +49,7 @@ logger = logging.getLogger("cdeq.run")
 
 LOCK = ".lock"
 #: the command whose stage writes each output (unrolled_k* and learned_init: ``baselines``)
-MAKER = {"teacher": "train", "student": "distill"}
+MAKER = {"teacher": "train", "student": "distill", "student_plus": "plus"}
 #: the files stages leave; a directory holding none of them has no run worth protecting
 STAGE_FILES = ("*.safetensors", "*.ckpt", "trajectories/*.safetensors", "trajectories/manifest.json",
                "report.json")

@@ -2,7 +2,7 @@
 
 from .distill import DistillConfig, distill, relative_distance
 from .ema import EMA
-from .inference import PlanSearchConfig, loss_score, select_plans
+from .inference import PlanSearchConfig, loss_score, relative_error, select_plans
 from .pairs import PAIR_SAMPLERS, PairSampler
 from .schedule import ScheduleConfig, TimeSchedule
 from .student import ConsistencyStudent, Plan, StudentConfig, frozen_call
@@ -28,5 +28,6 @@ __all__ = [
     "record",
     "record_batch",
     "relative_distance",
+    "relative_error",
     "select_plans",
 ]

@@ -11,8 +11,12 @@ A plan (see :mod:`cdeq.consistency.student`) is a list of operations. For every 
   takes over from the estimate of a short plan for the rest of the budget.
 
 ``plan_k`` is the best of these and ``plan_{k-1}`` itself, judged on the given batches (in a run,
-``Task.selection_batches``: validation data) by the task metric (the loss breaks ties), so on those
-batches a larger budget is never worse.
+``Task.selection_batches``: validation data) by the task metric (``tie_break``: the loss, or the
+error to ``z*``, decides between equal metrics), so on those batches a larger budget is never
+worse. With ``error_must_not_rise`` (the default) only candidates whose relative error to ``z*``
+(the teacher's eval solver on the same batches) is at most ``plan_{k-1}``'s compete, so on those
+batches the error to ``z*`` never rises as calls are added: a plan may not buy accuracy by leaving
+the equilibrium.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Config, ConfigError, check_int
+from ..config import Config, ConfigError, check_bool, check_choice, check_int
 from ..fit import model_device
 from ..precision import to_device
 from .student import ConsistencyStudent, Plan
@@ -46,15 +50,23 @@ class PlanSearchConfig(Config):
         times: candidate re-entry times ``tau`` (``()``: the schedule's times of iterates
             1, 2, 3, 4, 6, 8, 12 and 0.5/0.75/0.9 of ``T``).
         batches: number of batches (validation, in a run) to judge plans on.
+        error_must_not_rise: a candidate for budget ``k`` must be at least as close to ``z*``
+            (relative error on the same batches) as the plan chosen for ``k - 1``.
+        tie_break: what decides between plans of equal metric: ``"loss"`` (the task loss, then the
+            error to ``z*``) or ``"error"`` (the error to ``z*``, then the loss).
     """
 
     max_nfe: int = 16
     times: tuple = ()
     batches: int = 2
+    error_must_not_rise: bool = True
+    tie_break: str = "loss"
 
     def validate(self) -> None:
         check_int("max_nfe", self.max_nfe, minimum=1)
         check_int("batches", self.batches, minimum=1)
+        check_bool("error_must_not_rise", self.error_must_not_rise)
+        check_choice("tie_break", self.tie_break, ["loss", "error"])
         if any(not isinstance(t, (int, float)) or t <= 0 for t in self.times):
             raise ConfigError(f"times={self.times!r} is not valid; give positive numbers")
 
@@ -92,15 +104,21 @@ def teacher_score(logits: Tensor, teacher_logits: Tensor) -> tuple[float, int, f
     return value, n, value
 
 
+def relative_error(z: Tensor, ref: Tensor) -> Tensor:
+    """Per-sample relative error ``||z - ref|| / ||ref||`` ``(B,)`` of states ``(B, ...)``."""
+    b = z.shape[0]
+    return (z - ref).reshape(b, -1).norm(dim=1) / (ref.reshape(b, -1).norm(dim=1) + 1e-12)
+
+
 def default_last(student: ConsistencyStudent) -> int:
     """The equilibrium index the student's times refer to: the teacher's eval solver budget."""
     return int(student.teacher.deq.eval_solver.options.max_iter)
 
 
 def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int, to_teacher: bool
-                 ) -> list[tuple[Any, Any, Any]]:
-    """``(u_student, u_teacher, y)`` of the first ``limit`` batches; ``y`` is the converged
-    teacher's logits when ``to_teacher``."""
+                 ) -> list[tuple[Any, Any, Any, Tensor]]:
+    """``(u_student, u_teacher, y, z*)`` of the first ``limit`` batches (``z*``: the teacher's eval
+    solver from its initial state); ``y`` is the converged teacher's logits when ``to_teacher``."""
     data = []
     for i, item in enumerate(batches):
         if i >= limit:
@@ -108,12 +126,13 @@ def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int
         x, y = item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None)
         x, y = to_device((x, y), model_device(student))  # batches where the student is
         u_s, u_t = student.teacher_inputs(x)
+        z_star = student.teacher.deq.solve(u_t, student.teacher.initial_state(u_t)).z
         if to_teacher:
-            y = student.teacher.head(student.teacher.deq.solve(u_t, student.teacher.initial_state(u_t)).z)
+            y = student.teacher.head(z_star)
         elif y is None:
             raise ValueError("plan search with a loss or score needs (x, y) batches; pass labelled "
                              "batches, or no loss to score against the converged teacher")
-        data.append((u_s, u_t, y))
+        data.append((u_s, u_t, y, z_star))
     if not data:
         raise ValueError("plan search needs at least one batch (validation or training data)")
     return data
@@ -146,26 +165,31 @@ def select_plans(
     times = candidate_times(student, last, config)
     auto = student.schedule.config.kind == "residual"
 
-    def evaluate(states: list[Tensor]) -> tuple[float, float]:
-        m_sum = l_sum = 0.0
-        count = 0
-        for z, (_, _, y) in zip(states, data, strict=True):
+    def evaluate(states: list[Tensor]) -> tuple[float, float, float]:
+        """``(metric, loss, relative error to z*)`` of ``states``, one per batch."""
+        m_sum = l_sum = e_sum = 0.0
+        count = e_count = 0
+        for z, (_, _, y, z_star) in zip(states, data, strict=True):
             m, c, lo = score(student.head(z), y)
             m_sum, l_sum, count = m_sum + m, l_sum + lo, count + c
-        return m_sum / max(1, count), l_sum / max(1, count)
+            err = relative_error(z, z_star)
+            e_sum, e_count = e_sum + float(err.sum()), e_count + err.numel()
+        return m_sum / max(1, count), l_sum / max(1, count), e_sum / max(1, e_count)
 
     def extend(states: list[Tensor], ops: Plan) -> list[Tensor]:
-        return [student.run_plan(u_s, ops, u_t, z0=z) for z, (u_s, u_t, _) in zip(states, data, strict=True)]
+        return [student.run_plan(u_s, ops, u_t, z0=z)
+                for z, (u_s, u_t, _, _) in zip(states, data, strict=True)]
 
-    def key(metric: float, loss: float) -> tuple[float, float]:
-        return (metric if higher_is_better else -metric, -loss)
+    def key(metric: float, loss: float, err: float) -> tuple[float, float, float]:
+        ties = (-err, -loss) if config.tie_break == "error" else (-loss, -err)
+        return (metric if higher_is_better else -metric, *ties)
 
     start: Plan = [("jump", student.start_time)]
-    z1 = extend([student.initial_state(u_t) for _, u_t, _ in data], start)
-    best: dict[int, tuple[Plan, list[Tensor], float, float]] = {1: (start, z1, *evaluate(z1))}
+    z1 = extend([student.initial_state(u_t) for _, u_t, _, _ in data], start)
+    best: dict[int, tuple[Plan, list[Tensor], float, float, float]] = {1: (start, z1, *evaluate(z1))}
     for k in range(2, config.max_nfe + 1):
         cands: list[tuple[Plan, list[Tensor] | None, Plan, int]] = []
-        prev_plan, prev_states, pm, pl = best[k - 1]
+        prev_plan, prev_states, pm, pl, pe = best[k - 1]
         cands.append((prev_plan, prev_states, [], k - 1))
         ops_1: list[Plan] = [[("step",)]] + [[("jump", t)] for t in times]
         for ops in ops_1:
@@ -183,16 +207,18 @@ def select_plans(
         for plan, states, ops, base in cands:
             if states is None:
                 states = extend(best[base][1], ops)
-                metric, loss = evaluate(states)
+                metric, loss, err = evaluate(states)
             else:
-                metric, loss = pm, pl
-            scored.append((key(metric, loss), plan, states, metric, loss))
+                metric, loss, err = pm, pl, pe
+            if config.error_must_not_rise and err > pe:
+                continue  # plan_{k-1} itself always stays in
+            scored.append((key(metric, loss, err), plan, states, metric, loss, err))
         top = max(scored, key=lambda s: s[0])
-        best[k] = (top[1], top[2], top[3], top[4])
+        best[k] = top[1:]
     student.plans = {k: list(v[0]) for k, v in best.items()}
     log.info("selected plans for 1..%d NFE on %d batches", config.max_nfe, len(data))
-    return {str(k): {"plan": [list(op) for op in v[0]], "metric": v[2], "loss": v[3]}
-            for k, v in best.items()}
+    return {str(k): {"plan": [list(op) for op in v[0]], "metric": v[2], "loss": v[3],
+                     "relative_error": v[4]} for k, v in best.items()}
 
 
 def plan_to_json(plan: Plan) -> list[list]:
