@@ -254,14 +254,14 @@ class Run(RunDirectory):
         the selection (validation) data with the run's plan search settings; the weights stay.
         Run ``cdeq evaluate`` next for a report with them."""
         teacher = self.teacher()
-        last = int(TrajectoryStore(self.dir / "trajectories").manifest()["last"])
         student = self.student(teacher)
         models = [("student", student)]
         if (self.dir / "student_plus.safetensors").exists():
             models.append(("student_plus", self.student_plus(teacher, student)))
         for name, model in models:
             meta = self.read_meta(name)
-            meta["search"], meta["work"]["plan_search"] = self._search_plans(model, teacher, last)
+            meta["search"], meta.setdefault("work", {})["plan_search"] = self._search_plans(
+                model, teacher, int(TrajectoryStore(self.dir / "trajectories").manifest()["last"]))
             meta["plans"] = {str(k): plan_to_json(p) for k, p in model.plans.items()}
             self.save_module(name, model, meta)
 
