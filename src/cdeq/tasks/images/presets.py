@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# C-DEQ+'s initialiser on images: a 4-wide channel MLP of u without the convolution, 0.014 layer
+# calls on the digits cell, so a k-call plan fits a cost of k layer calls. Chosen on the digits
+# validation loss at equal cost (docs/method.md, section 5b).
+PLUS: dict[str, Any] = {"init_hidden": 4, "init_conv": False}
+
 # A smoke-size run for any image task (seconds on a CPU).
 QUICK: dict[str, Any] = {
     "task_config": {"channels": 8, "hidden_mult": 1, "train_subset": 256, "test_subset": 128},
@@ -17,11 +22,12 @@ QUICK: dict[str, Any] = {
     "distill": {"epochs": 2, "batch_size": 64},
     "baselines": {"init_select_batches": 1},
     "plans": {"max_nfe": 4, "batches": 1},
+    "plus": PLUS,
     "evaluate": {"budgets": [1, 2, 4], "latency_repeats": 1, "batch_size": 128,
                  "latency_batch": 64, "reference": {"max_iter": 30}},
 }
 
-IMAGES: dict[str, dict[str, Any]] = {"full": {}, "quick": QUICK}
+IMAGES: dict[str, dict[str, Any]] = {"full": {"plus": PLUS}, "quick": QUICK}
 
 # The demo (`cdeq demo`): sized to finish in about a minute on 2 idle CPU cores (README), with the
 # teacher's training solver and adjoint cut short (its converged figures use the full eval solver).
@@ -31,6 +37,7 @@ DIGITS_DEMO: dict[str, Any] = {
                 "backward_options": {"max_iter": 20, "tol": 1e-4}},
     "distill": {"epochs": 10},
     "plans": {"batches": 1},
+    "plus": PLUS,
     "baselines": {"unrolled_ks": [1]},
     "evaluate": {"timing_budgets": [1, 2, 4], "latency_batch": 128, "exact_select_batches": 1},
 }
@@ -43,6 +50,7 @@ MNIST: dict[str, dict[str, Any]] = {
         "teacher": {"epochs": 3, "batch_size": 32},
         "record": {"max_samples": 10000},
         "distill": {"epochs": 10},
+        "plus": PLUS,
     },
     "quick": QUICK,
 }
@@ -54,6 +62,7 @@ CIFAR10: dict[str, dict[str, Any]] = {
         "teacher": {"epochs": 5, "batch_size": 128, "train_solver": {"max_iter": 10, "tol": 1e-4}},
         "record": {"max_samples": 10000, "dtype": "float16"},
         "distill": {"epochs": 8},
+        "plus": PLUS,
         "baselines": {"enabled": False},
     },
     "quick": QUICK,
