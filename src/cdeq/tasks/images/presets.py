@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# C-DEQ+'s initialiser on images: a 4-wide channel MLP of u without the convolution, 0.014 layer
-# calls on the digits cell, so a k-call plan fits a cost of k layer calls. Chosen on the digits
-# validation loss at equal cost (docs/method.md, section 5b).
+# C-DEQ+'s initialiser on images: a 4-wide channel MLP of u without the convolution, cheap enough
+# that a k-call plan fits a cost of k layer calls (tests/test_student_cost.py). Chosen on the
+# digits validation loss at equal cost (docs/method.md, section 5b).
 PLUS: dict[str, Any] = {"init_hidden": 4, "init_conv": False}
 
 # A smoke-size run for any image task (seconds on a CPU).
