@@ -87,14 +87,12 @@ def test_a_student_saved_without_the_input_mix_loads_as_the_same_function(folder
 def test_c_deq_plus_one_call_fits_a_cost_of_one_on_images(name, folder):
     """With the image presets' initialiser, C-DEQ+'s 1-call plan, h(u) included, fits a cost of
     one layer call (within the equal-cost tables' slack), so a k-call plan fits a cost of k."""
-    from cdeq.baselines import LearnedInit
+    from cdeq.plus import initialiser
     from cdeq.report import COST_SLACK
     from cdeq.runconfig import build_config
 
     teacher, x = _cell(name, False, folder)
     student = bench.students(teacher)["new"]
-    plus = build_config(name, {}).plus
-    h = LearnedInit(student.channels, student.channel_dim, plus.init_hidden, plus.init_conv)
-    student.attach_initialiser(h, 0.01)
+    student.attach_initialiser(initialiser(student, build_config(name, {}).plus), 0.01)
     calls = bench.layer_calls(teacher, student, x)
     assert 1.0 < calls <= COST_SLACK, (name, calls)

@@ -192,7 +192,7 @@ class Run(RunDirectory):
                     log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)))
         elapsed = sum(history["epoch_time"])
         self.log(f"distilled in {elapsed:.0f}s")
-        search, calls = self._search_plans(student, teacher, int(store.manifest()["last"]))
+        search, calls = self._search_plans(student, teacher)
         work_file = store.root / "work.json"
         work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
                             "epochs": len(history["steps"])},
@@ -203,10 +203,11 @@ class Run(RunDirectory):
         self.save_module("student", student, meta)
         return student
 
-    def _search_plans(self, student: ConsistencyStudent, teacher: DEQModel, last: int
+    def _search_plans(self, student: ConsistencyStudent, teacher: DEQModel
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Select ``student``'s plans on the selection (validation) batches; returns the search log
         and its layer calls (part of the student's training work)."""
+        last = int(TrajectoryStore(self.dir / "trajectories").manifest()["last"])
         t1 = clock(self.device)
         with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():
             search = select_plans(student, self.task.selection_batches(self.config.evaluate.batch_size),
@@ -228,7 +229,7 @@ class Run(RunDirectory):
         torch.manual_seed(cfg.seed)
         plus, info = train_plus(student, trajectories, cfg.plus, cfg.distill, cfg.baselines,
                                 self.task.loss, seed=cfg.seed, log=self.log)
-        search, calls = self._search_plans(plus, teacher, int(store.manifest()["last"]))
+        search, calls = self._search_plans(plus, teacher)
         self.save_module("student_plus", plus, {
             "plans": {str(k): plan_to_json(p) for k, p in plus.plans.items()}, "search": search,
             "start": info["start"], "train_time_s": info["train_time_s"],
@@ -260,8 +261,7 @@ class Run(RunDirectory):
             models.append(("student_plus", self.student_plus(teacher, student)))
         for name, model in models:
             meta = self.read_meta(name)
-            meta["search"], meta.setdefault("work", {})["plan_search"] = self._search_plans(
-                model, teacher, int(TrajectoryStore(self.dir / "trajectories").manifest()["last"]))
+            meta["search"], meta.setdefault("work", {})["plan_search"] = self._search_plans(model, teacher)
             meta["plans"] = {str(k): plan_to_json(p) for k, p in model.plans.items()}
             self.save_module(name, model, meta)
 
