@@ -64,7 +64,8 @@ def test_new_report_renders_cost_tables_and_old_reports_still_render():
     assert text.count("| C-DEQ |") == 2  # the budget tables' rows; the cost tables have columns
     # picard@4 (410 FLOPs) reaches the teacher more cheaply than cdeq@4 (646): C-DEQ loses here
     assert "Teacher-accuracy cost" in text and "0.63x in FLOPs, 0.63x in time" in text
-    old = json.loads((RESULTS / "cifar10" / "report.json").read_text())  # from before the cost fields
+    # the CIFAR-10 report as written before the cost protocol (no cost, timing or valid fields)
+    old = json.loads((Path(__file__).parent / "data" / "report_before_cost_protocol.json").read_text())
     assert "cost" not in old
     old_text = markdown_table(old)
     assert "Latency per batch" in old_text and "layer-call equivalents" not in old_text
