@@ -14,8 +14,9 @@ is its whole graph):
   head, divided by one teacher layer call;
 - **time** (:func:`cdeq.cost.time_methods`: one thread, warm-up, methods interleaved, ``--repeats``
   rounds; median and interquartile range): the student's 1-call plan's jump from ``z_0`` against
-  one teacher layer call from the same ``z_0``, the injection and head left out of both. The
-  ratio is of the medians.
+  one teacher layer call from the same ``z_0``, the injection and head left out of both; with
+  ``--block N`` each timed sample is ``N`` calls in a row (as a serving loop makes them), and
+  the figures are per call. The ratio is of the medians.
 
 Two students: ``old`` (the previous design, reproduced here verbatim as :class:`LegacyStudent`:
 a per-sample time MLP, separate FiLM, skip and scaling ops, the 64-wide correction MLP) and
@@ -128,24 +129,34 @@ def layer_calls(teacher: DEQModel, student: ConsistencyStudent, x: Any) -> float
     return measure_flops(teacher, preds, x)["layer_calls"]["cdeq"]["1"]
 
 
-def measure(name: str, quick: bool, batch: int, repeats: int, folder: Path) -> dict[str, Any]:
+def _repeat(fn: Any, n: int) -> None:
+    """``n`` calls of ``fn`` in a row, each result dropped before the next call."""
+    for _ in range(n):
+        fn()
+
+
+def measure(name: str, quick: bool, batch: int, repeats: int, folder: Path, block: int = 1
+            ) -> dict[str, Any]:
     teacher, task = build_cell_model(name, quick, folder)
     x = example_input(task, batch)
-    pair = students(teacher)
+    arms = students(teacher)
     with torch.no_grad():
         u = teacher.inject(x)
         z0 = teacher.initial_state(u)
-        flops = {k: layer_calls(teacher, s, x) for k, s in pair.items()}
+        flops = {k: layer_calls(teacher, s, x) for k, s in arms.items()}
         fns = {"layer": lambda: teacher.cell(z0, u)}
-        for k, s in pair.items():  # the 1-call plan's jump from the given z_0, as the layer's call
+        for k, s in arms.items():  # the 1-call plan's jump from the given z_0, as the layer's call
             t = s.plans[1][0][1]
             fns[k] = lambda s=s, t=t: s.F(z0, t, u, zero_state=True)
-        timing = time_methods(fns, repeats=repeats, warmup=3, threads=1)
+        blocks = {k: (lambda f=f: _repeat(f, block)) for k, f in fns.items()}
+        timing = time_methods(blocks, repeats=repeats, warmup=3, threads=1)
+        timing = {k: {**v, "median_ms": v["median_ms"] / block, "iqr_ms": v["iqr_ms"] / block,
+                      "block": block} for k, v in timing.items()}
     layer_ms = timing["layer"]["median_ms"]
     return {
         "task": name, "state_shape": list(z0.shape), "batch": int(z0.shape[0]),
         "flops_ratio": flops,
-        "time_ratio": {k: timing[k]["median_ms"] / layer_ms for k in pair},
+        "time_ratio": {k: timing[k]["median_ms"] / layer_ms for k in arms},
         "timing_ms": timing,
     }
 
@@ -183,6 +194,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(TASK_NAMES))
     parser.add_argument("--batch", type=int, default=256, help="images and text windows per batch")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--block", type=int, default=1, help="calls per timed sample")
     parser.add_argument("--compare", nargs="*", default=None, help="finished run directories")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -196,7 +208,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.tasks:
-            rows.append(measure(name, args.sizes == "quick", args.batch, args.repeats, Path(tmp)))
+            rows.append(measure(name, args.sizes == "quick", args.batch, args.repeats, Path(tmp),
+                                args.block))
             r = rows[-1]
             print(f"{name:12s} state {str(tuple(r['state_shape'])):20s} "
                   f"FLOPs old {r['flops_ratio']['old']:6.2f}  new {r['flops_ratio']['new']:5.3f}   "
@@ -204,7 +217,8 @@ def main() -> None:
                   f"(layer {r['timing_ms']['layer']['median_ms']:.2f} ms, IQR "
                   f"{r['timing_ms']['layer']['iqr_ms']:.2f})", flush=True)
     result = {
-        "sizes": args.sizes, "threads": 1, "repeats": args.repeats, "interleaved": True,
+        "sizes": args.sizes, "threads": 1, "repeats": args.repeats, "block": args.block,
+        "interleaved": True,
         "batch": args.batch, "torch": torch.__version__,
         "note": "ratios of medians measured side by side in one process; the machine may be shared",
         "max_flops_ratio_new": max(r["flops_ratio"]["new"] for r in rows),

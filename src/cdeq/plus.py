@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .baselines import BaselineConfig, LearnedInit, train_learned_init
 from .config import Config, check_bool, check_int
+from .consistency.conditioning import relative_error
 from .consistency.distill import DistillConfig, distill
 from .consistency.student import ConsistencyStudent
 from .consistency.trajectory import TrajectoryBatch
@@ -76,12 +77,6 @@ def initialiser(student: ConsistencyStudent, config: PlusConfig) -> LearnedInit:
                        config.init_conv).to(model_device(student))
 
 
-def _rel_residual(z: Tensor, fz: Tensor) -> Tensor:
-    """``|f(z) - z| / |f(z)|`` per sample, shape ``(B,)`` (the re-entry step's formula)."""
-    b = z.shape[0]
-    return (fz - z).reshape(b, -1).norm(dim=1) / (fz.reshape(b, -1).norm(dim=1) + 1e-12)
-
-
 @torch.no_grad()
 def match_start_time(student: ConsistencyStudent, init: LearnedInit,
                      trajectories: Iterable[TrajectoryBatch]) -> dict[str, Any]:
@@ -97,7 +92,7 @@ def match_start_time(student: ConsistencyStudent, init: LearnedInit,
         batch = to_device(batch, model_device(student))
         u = teacher.inject(batch.x)
         z = init.init_state(teacher, u)
-        h_res.append(_rel_residual(z, teacher.cell(z, u)).float())
+        h_res.append(relative_error(z, teacher.cell(z, u)).float())  # the residual
         idx = torch.tensor(batch.index, device=batch.residual.device).expand_as(batch.residual)
         rec_res.append(batch.residual.float())
         rec_times.append(student.schedule.times(idx, batch.last, batch.residual).float())

@@ -32,6 +32,13 @@ def _injected_state(u: Any, z: Tensor) -> Tensor | None:
     return None
 
 
+def relative_error(z: Tensor, ref: Tensor) -> Tensor:
+    """Per-sample relative error ``||z - ref|| / ||ref||`` ``(B,)`` of states ``(B, ...)``; with
+    ``ref = f(z)`` it is the relative residual of ``z``."""
+    b = z.shape[0]
+    return (z - ref).reshape(b, -1).norm(dim=1) / (ref.reshape(b, -1).norm(dim=1) + 1e-12)
+
+
 class ChannelMLP(nn.Module):
     """An MLP over the channel dimension, applied at every position (a 1x1 convolution)."""
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from ..config import Config, ConfigError, check_bool, check_choice, check_int
 from ..fit import model_device
 from ..precision import to_device
+from .conditioning import relative_error
 from .student import ConsistencyStudent, Plan
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,6 @@ def teacher_score(logits: Tensor, teacher_logits: Tensor) -> tuple[float, int, f
     d = d / (teacher_logits.reshape(n, -1).pow(2).sum(1) + 1e-12)
     value = float(d.sum())
     return value, n, value
-
-
-def relative_error(z: Tensor, ref: Tensor) -> Tensor:
-    """Per-sample relative error ``||z - ref|| / ||ref||`` ``(B,)`` of states ``(B, ...)``."""
-    b = z.shape[0]
-    return (z - ref).reshape(b, -1).norm(dim=1) / (ref.reshape(b, -1).norm(dim=1) + 1e-12)
 
 
 def default_last(student: ConsistencyStudent) -> int:

@@ -2,9 +2,9 @@
 
 ``G`` is one call of ``f_phi`` (a copy of the teacher's layer) under a FiLM time conditioning:
 ``G = scale_out(t) f_phi(scale_in(t) z + shift_in(t) + mix(t) u, u) + shift_out(t)``, all
-per-channel. A student call costs one layer call plus one fused multiply-add per state element
-(two away from the zero start): ``c_out`` folds into the output FiLM, and a plan's jump has one
-time for the whole batch, so its FiLM coefficients are computed once and then read from a table
+per-channel. A call is one layer call plus two fused multiply-adds per state element from the zero
+start (the input mix; the output FiLM, ``c_out`` folded in), four elsewhere. A plan's jump has one
+time for the whole batch, so its coefficients are computed once and then read from a table
 (``benchmarks/student_cost.py`` counts and times it on every task's cell). An optional
 channel-wise correction MLP (``correction_hidden``, off by default) adds to ``G``. At ``t = T`` the
 scalings are ``(1, 0)`` and ``F(z*, T, x) = z*`` holds exactly (the boundary condition).
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..config import Config, ConfigError, check_int
 from ..deq.model import DEQModel
 from ..solvers import get_solver
-from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _injected_state, _per_sample
+from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _injected_state, _per_sample, relative_error
 from .schedule import ScheduleConfig, TimeSchedule
 
 __all__ = ["ChannelMLP", "ConsistencyStudent", "StudentConfig", "TimeEmbedding", "frozen_call",
@@ -338,9 +338,7 @@ class ConsistencyStudent(nn.Module):
                 z = self.F(z, op[1], u, zero_state=zero_state)
             elif op[0] == "step":
                 fz = frozen_call(self.teacher.cell, z, u_teacher)
-                b = z.shape[0]
-                last_residual = (fz - z).reshape(b, -1).norm(dim=1) / (fz.reshape(b, -1).norm(dim=1) + 1e-12)
-                z = fz
+                last_residual, z = relative_error(z, fz), fz
             elif op[0] == "solve":
                 solver = get_solver(self.teacher.deq.eval_solver.name, max_iter=int(op[1]), tol=0.0)
                 z = solver.solve(self.teacher.cell, z, u_teacher).z
