@@ -186,3 +186,25 @@ def test_a_run_may_restart_or_load_on_another_device(quick_run):
                 Run(quick_run).teacher()
     finally:
         path.write_text(written)
+
+
+def test_the_plus_choices_benchmark_runs_on_a_finished_run(quick_run, tmp_path, monkeypatch):
+    """``benchmarks/plus_choices.py`` builds C-DEQ+ through the pipeline's own stages; running it
+    here keeps it in step with them (it once broke when a stage's signature changed)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plus_choices.py"
+    spec = importlib.util.spec_from_file_location("plus_choices", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "choices.json"
+    monkeypatch.setattr(sys, "argv", ["plus_choices.py", "--run", str(quick_run), "--out", str(out),
+                                      "--variants", "no pull to z*, task weight 1"])
+    bench.main()
+    got = json.loads(out.read_text())
+    assert got["split"] == "valid" and list(got["variants"])[0] == "no pull to z*, task weight 1"
+    per = got["variants"]["no pull to z*, task weight 1"]
+    assert set(per) == {str(k) for k in bench.BUDGETS}
+    assert all(0.0 <= v["metric"] <= 1.0 and v["loss"] > 0 for v in per.values())
