@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cdeq.tasks.graphs.data import normalized_adjacency, normalized_features
+
 
 def make_graph(nodes: int, classes: int, words: int, degree: float, homophily: float,
                topic_share: float, seed: int) -> dict[str, torch.Tensor]:
@@ -74,13 +76,9 @@ def difficulty(graph: dict[str, torch.Tensor], steps: int = 300) -> dict[str, di
     ``A^2 X`` (``A``: the symmetric-normalised adjacency with self-loops), each at the step with
     the best validation accuracy: how much the features and the edges tell, without cdeq."""
     torch.manual_seed(0)
-    y, n = graph["y"], graph["y"].numel()
-    x = graph["x"].to_dense()
-    x = x / x.sum(1, keepdim=True).clamp_min(1)
-    loops = torch.arange(n).expand(2, n)
-    edges = torch.cat([graph["edge_index"], loops], dim=1)
-    deg = torch.zeros(n).index_add_(0, edges[0], torch.ones(edges.shape[1]))
-    adj = torch.sparse_coo_tensor(edges, deg[edges[0]].rsqrt() * deg[edges[1]].rsqrt(), (n, n)).coalesce()
+    y = graph["y"]
+    x = normalized_features(graph["x"]).to_dense()
+    adj = normalized_adjacency(graph["edge_index"], y.numel())
     train, valid, test = graph["train_mask"], graph["val_mask"], graph["test_mask"]
     out = {}
     for name, feats in (("features", x), ("propagated_twice", adj @ (adj @ x))):
