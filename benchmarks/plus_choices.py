@@ -9,7 +9,8 @@ From a finished run (its teacher, C-DEQ student and recorded trajectories), buil
 variant (:func:`cdeq.plus.train_plus` with the run's settings changed as the variant says), selects
 its plans as the pipeline does, and prints each variant's **validation** metric and loss at 1, 2,
 3, 4 and 8 NFE (and the anytime unrolled network's, when the run has one). The test split is never
-read. Variants: the task weight, the chain supervision (``distill.chain_k``), the joint epochs
+read. Variants: the task weight, the chain supervision (``distill.chain_k``) and its data
+(``distill.chain_data``), the joint epochs
 (``plus.epochs``) and the pull to ``z*`` (the consistency weights, against the task loss);
 ``--variants`` runs some of them, by name.
 """
@@ -25,7 +26,7 @@ import torch
 
 from cdeq.consistency.trajectory import TrajectoryStore
 from cdeq.pipeline import Run
-from cdeq.plus import train_plus
+from cdeq.plus import chain_batches, train_plus
 
 VARIANTS = {
     "chain 0, task weight 0.1, a third of the epochs": ({"chain_k": 0}, 1 / 3),
@@ -33,6 +34,7 @@ VARIANTS = {
     "chain 4, a third of the epochs": ({"chain_k": 4}, 1 / 3),
     "chain 0, all the epochs": ({"chain_k": 0}, 1.0),
     "chain 4, all the epochs (default)": ({"chain_k": 4}, 1.0),
+    "chain 4 on the recorded samples only": ({"chain_k": 4, "chain_data": "recorded"}, 1.0),
     "a third of the pull to z*, task weight 1": (
         {"global_weight": 0.3, "local_weight": 0.033, "task_weight": 1.0}, 1.0),
     "no pull to z*, task weight 1": (
@@ -76,8 +78,9 @@ def main() -> None:
         torch.manual_seed(cfg.seed)
         dcfg = dataclasses.replace(cfg.distill, **changes)
         pcfg = dataclasses.replace(cfg.plus, epochs=max(1, round(cfg.distill.epochs * share)))
+        chain = chain_batches(dcfg, run.task, record_capped=cfg.record.max_samples > 0)
         plus, _ = train_plus(student, trajectories, pcfg, dcfg, cfg.baselines, run.task.loss,
-                             seed=cfg.seed, log=lambda m: None)
+                             seed=cfg.seed, log=lambda m: None, task_batches=chain)
         run._search_plans(plus, teacher)
         result["variants"][name] = validation(run, lambda x, k, plus=plus: plus.predict(x, nfe=k))
     extra, _, _ = run._extra_methods(teacher, None)

@@ -1,6 +1,7 @@
 """C-DEQ+: the student started from a learned initial state h(u) at a matched time."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -222,3 +223,56 @@ def test_the_chain_term_supervises_the_task_after_each_jump(distilled):
         assert torch.allclose(got, torch.stack(losses).mean())
         cfg = DistillConfig(global_weight=0.0, init_weight=0.0, chain_k=0, task_weight=0.3)
         assert torch.allclose(_start_loss(plus, mb, u, weight, 1.0, cfg, task.loss), 0.3 * losses[0])
+
+
+def test_the_chain_can_read_a_training_batch_instead_of_the_recorded_one(distilled):
+    """Given a training batch, the chain's task loss is computed on it (the distance terms stay
+    on the recorded minibatch)."""
+    from cdeq.consistency.distill import _start_loss
+
+    task, model, student, trajectories = distilled
+    plus = load_plus(student, PlusConfig(init_hidden=8, init_conv=False), {"time": 0.01})
+    plus.reentry_time = 0.5
+    mb = trajectories[0]
+    weight = torch.full((mb.batch_size,), 1.0 / mb.batch_size)
+    x, y = task.x[:40], task.y[:40]
+    with torch.no_grad():
+        cfg = DistillConfig(global_weight=0.0, init_weight=0.0, chain_k=2)
+        got = _start_loss(plus, mb, model.inject(mb.x), weight, 1.0, cfg, task.loss, (x, y))
+        u = model.inject(x)
+        z1 = plus.F(plus.initial_state(u), 0.01, u)
+        z2 = plus.F(z1, 0.5, u)
+        want = (task.loss(plus.head(z1), y) + task.loss(plus.head(z2), y)) / 2
+        assert torch.allclose(got, want)
+        on_recorded = _start_loss(plus, mb, model.inject(mb.x), weight, 1.0, cfg, task.loss)
+        assert not torch.allclose(got, on_recorded)
+
+
+def test_the_joint_stage_draws_one_training_batch_per_step_and_counts_its_samples(distilled):
+    from cdeq.plus import chain_batches
+
+    task, model, student, trajectories = distilled
+    drawn = []
+
+    def batches(gen):
+        for x, y in task.train_batches(128, shuffle=True, generator=gen):
+            drawn.append(len(y))
+            yield x, y
+
+    config = PlusConfig(init_hidden=8, init_conv=False, init_epochs=1, epochs=2)
+    dcfg = DistillConfig(epochs=2, batch_size=64)
+    plus, info = train_plus(student, trajectories, config, dcfg, BaselineConfig(), task.loss,
+                            log=lambda m: None, task_batches=batches)
+    joint = info["work"]["joint"]
+    assert len(drawn) == joint["steps"] == 2 * 384 // 64  # one per step, over more than one pass
+    assert joint["samples"] == 2 * 384 + 128 * len(drawn)
+    # which data the chain reads: the setting, or (auto) whether the recording was capped
+    assert chain_batches(dcfg, task, record_capped=False) is None
+    assert callable(chain_batches(dcfg, task, record_capped=True))
+    recorded = dataclasses.replace(dcfg, chain_data="recorded")
+    assert chain_batches(recorded, task, record_capped=True) is None
+    train = dataclasses.replace(dcfg, chain_data="train")
+    x, y = next(iter(chain_batches(train, task, record_capped=False)(torch.Generator())))
+    assert len(y) == 64
+    with pytest.raises(ConfigError, match="chain_data"):
+        DistillConfig(chain_data="all")

@@ -219,16 +219,17 @@ class Run(RunDirectory):
     def plus(self) -> ConsistencyStudent:
         """Stage ``plus``: C-DEQ+ from the distilled student (:mod:`cdeq.plus`), its plans chosen
         on the selection (validation) data."""
-        from .plus import train_plus
+        from .plus import chain_batches, train_plus
 
         cfg = self.config
         teacher = self.teacher()
-        student = self.student(teacher)
         store = TrajectoryStore(self.dir / "trajectories")
         trajectories = list(store) if store.fits_in_memory() else store
+        chain = chain_batches(cfg.distill, self.task, record_capped=cfg.record.max_samples > 0)
         torch.manual_seed(cfg.seed)
-        plus, info = train_plus(student, trajectories, cfg.plus, cfg.distill, cfg.baselines,
-                                self.task.loss, seed=cfg.seed, log=self.log)
+        plus, info = train_plus(self.student(teacher), trajectories, cfg.plus, cfg.distill,
+                                cfg.baselines, self.task.loss, seed=cfg.seed, log=self.log,
+                                task_batches=chain)
         search, calls = self._search_plans(plus, teacher)
         self.save_module("student_plus", plus, {
             "plans": {str(k): plan_to_json(p) for k, p in plus.plans.items()}, "search": search,
@@ -241,7 +242,6 @@ class Run(RunDirectory):
         """The trained C-DEQ+ student (stage ``plus``), eval mode; ``student``: the C-DEQ student
         when already loaded (only its shape is used)."""
         from .plus import load_plus
-
         meta = self.read_meta("student_plus")
         plus = load_plus(student or self.student(teacher), self.config.plus, meta["start"])
         self.load_module("student_plus", plus)

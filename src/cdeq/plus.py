@@ -15,7 +15,9 @@ equilibrium excluded). In sequence, from a distilled C-DEQ student:
    default, 4) the start term also supervises the task loss after each of ``chain_k`` jumps from
    ``h(u)``: the first at ``t_h``, the rest at a re-entry time matched the same way to the
    residual of one jump's output. The plans are then supervised step by step, as the anytime
-   unrolled network is;
+   unrolled network is. That chain needs no trajectory: when the recording holds only part of
+   the training split (``record.max_samples``), it reads minibatches of the whole training split
+   (``distill.chain_data``, :func:`chain_batches`);
 4. the multi-step plans (jumps, and teacher steps that re-enter the trajectory) are searched on
    training data like C-DEQ's.
 
@@ -37,11 +39,12 @@ from torch import Tensor
 from .baselines import BaselineConfig, LearnedInit, train_learned_init
 from .config import Config, check_bool, check_int
 from .consistency.conditioning import relative_error
-from .consistency.distill import DistillConfig, distill
+from .consistency.distill import DistillConfig, TaskBatches, distill
 from .consistency.student import ConsistencyStudent
 from .consistency.trajectory import TrajectoryBatch
 from .fit import model_device
 from .precision import to_device
+from .tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +118,26 @@ def _recorded_samples(trajectories: Sequence[TrajectoryBatch] | Any) -> int:
     return int(trajectories.manifest()["samples"])  # a TrajectoryStore
 
 
+def chain_batches(distill_config: DistillConfig, task: Task, record_capped: bool
+                  ) -> TaskBatches | None:
+    """The training batches the chain's task term reads (``distill.chain_data``), or ``None``
+    for the recorded minibatch: ``train``, or ``auto`` with ``record_capped`` (the recording
+    holds a subset of the training split, ``record.max_samples > 0``)."""
+    choice = distill_config.chain_data
+    if choice == "recorded" or (choice == "auto" and not record_capped):
+        return None
+    size = distill_config.batch_size
+    return lambda gen: task.train_batches(size, shuffle=True, generator=gen)
+
+
 def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBatch] | Any,
                config: PlusConfig, distill_config: DistillConfig, baseline_config: BaselineConfig,
                task_loss: Callable[[Tensor, Any], Tensor], seed: int = 0,
-               log: Callable[[str], None] | None = None) -> tuple[ConsistencyStudent, dict[str, Any]]:
+               log: Callable[[str], None] | None = None, task_batches: TaskBatches | None = None
+               ) -> tuple[ConsistencyStudent, dict[str, Any]]:
     """C-DEQ+ from the distilled ``student`` (left unchanged): a new student with an initialiser,
-    trained as the module docstring says (plans not yet selected). Returns ``(student_plus,
+    trained as the module docstring says (plans not yet selected); ``task_batches``: the chain's
+    training batches (:func:`chain_batches`), on the student's device. Returns ``(student_plus,
     info)``; ``info`` holds the matched start, the training work and the training time."""
     log = log or logger.info
     plus = _shaped_like(student)
@@ -144,7 +161,7 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
             f"re-entry time {reentry['time']:.4g}")
     epochs = config.epochs or distill_config.epochs
     history = distill(plus, trajectories, dataclasses.replace(distill_config, epochs=epochs),
-                      task_loss=task_loss, seed=seed, log=log)
+                      task_loss=task_loss, seed=seed, log=log, task_batches=task_batches)
     work = {"init": fitted["work"], "joint": {"steps": history["steps"][-1],
                                               "samples": sum(history["samples"]),
                                               "epochs": len(history["steps"])}}
@@ -179,4 +196,4 @@ def load_plus(student: ConsistencyStudent, config: PlusConfig, start: dict[str, 
     return plus
 
 
-__all__ = ["PlusConfig", "initialiser", "load_plus", "match_start_time", "train_plus"]
+__all__ = ["PlusConfig", "chain_batches", "initialiser", "load_plus", "match_start_time", "train_plus"]

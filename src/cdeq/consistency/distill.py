@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,9 @@ from .ema import EMA
 from .pairs import PairSampler, get_pair_sampler
 from .student import ConsistencyStudent
 from .trajectory import TrajectoryBatch, check_labels
+
+CHAIN_DATA = ("auto", "recorded", "train")
+TaskBatches = Callable[[torch.Generator], Iterable[tuple[Any, Any]]]
 
 
 @dataclasses.dataclass
@@ -57,6 +60,11 @@ class DistillConfig(Config):
             as the anytime unrolled network is supervised after each of its steps (0 or 1: the
             first jump's task loss alone, weighted by ``task_weight``). Chosen on validation data
             (``benchmarks/plus_choices.py``; docs/method.md, section 5b).
+        chain_data: C-DEQ+ only: what the chain's task term reads. ``recorded``: the recorded
+            minibatch; ``train``: a minibatch of the training split of the same size (the chain
+            needs no trajectory), so no training sample is left out when the recording holds a
+            subset; ``auto`` (default): ``train`` when ``record.max_samples`` caps the recording,
+            otherwise ``recorded`` (:func:`cdeq.plus.chain_batches`).
         train_cell, train_head: fine-tune the copied layer / head, or freeze them.
     """
 
@@ -77,6 +85,7 @@ class DistillConfig(Config):
     start_weight: float = 1.0
     init_weight: float = 0.1
     chain_k: int = 4
+    chain_data: str = "auto"
 
     def validate(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
@@ -87,6 +96,7 @@ class DistillConfig(Config):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_range("ema_decay", self.ema_decay, 0.0, 1.0)
         check_choice("distance", self.distance, ["mse", "huber"])
+        check_choice("chain_data", self.chain_data, list(CHAIN_DATA))
         get_pair_sampler(self.pairs)
         check_positive("max_residual", self.max_residual)
 
@@ -163,6 +173,7 @@ def distill(
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     start_epoch: int = 0,
     resume_state: dict | None = None,
+    task_batches: TaskBatches | None = None,
 ) -> dict[str, list]:
     """Train ``student`` in place on recorded ``trajectories`` with :func:`cdeq.fit.fit`; returns the
     history (per epoch: ``loss``, ``global``, ``local``, ``task``, ``samples``, cumulative ``steps``,
@@ -174,7 +185,13 @@ def distill(
         task_loss: ``(logits, y) -> loss``; required when ``task_weight > 0``.
         on_epoch_end: called with ``(epoch, state)`` after each epoch (checkpointing); ``start_epoch``
             and ``resume_state`` (that state) resume a run.
+        task_batches: C-DEQ+ only: ``generator -> (x, y)`` training batches; the chain's task term
+            (``chain_k > 1``) reads them, reshuffled each pass, instead of the recorded minibatch.
+            Their samples count in the history's ``samples``. A resumed run draws them afresh
+            (the stream is seeded with ``seed + start_epoch``).
     """
+    from ..training import batch_rows
+
     if config.task_weight > 0 and task_loss is None:
         raise ValueError("task_weight > 0 needs task_loss=(logits, y) -> loss")
     for p in student.cell.parameters():
@@ -191,6 +208,9 @@ def distill(
         ema.target.load_state_dict(resume_state["ema"])
         ema.steps = resume_state["ema_steps"]
     sampler = get_pair_sampler(config.pairs)
+    chained = (getattr(student, "initialiser", None) is not None and config.start_weight > 0
+               and config.chain_k > 1)
+    extra = _endless(task_batches, seed + start_epoch) if chained and task_batches else None
 
     def batches(epoch: int, gen: torch.Generator):
         order = list(range(n_batches))
@@ -204,9 +224,11 @@ def distill(
         # Under torchrun every rank draws the same pairs for the global minibatch and computes its
         # own rows; the parts are scaled so that their sum over ranks is the global loss.
         mb, gen = batch
-        parts = _loss(student, ema, mb, config, sampler, progress_, gen, task_loss)
+        chain_batch = next(extra) if extra is not None else None
+        parts = _loss(student, ema, mb, config, sampler, progress_, gen, task_loss, chain_batch)
         stats = {k: v.detach() for k, v in parts.items()}
-        return parts["loss"], {**stats, "samples": mb.batch_size / distributed.world_size()}
+        rows = mb.batch_size + (batch_rows(chain_batch[1]) if chain_batch is not None else 0)
+        return parts["loss"], {**stats, "samples": rows / distributed.world_size()}
 
     def start(epoch: int) -> None:
         student.teacher.eval()  # the frozen teacher (and a shared injection) runs without dropout
@@ -220,6 +242,18 @@ def distill(
                   start_epoch=start_epoch, state=resume_state, log=log)
     student.eval()
     return history
+
+
+def _endless(batches: TaskBatches, seed: int) -> Iterator[tuple[Any, Any]]:
+    """``batches(generator)`` over and over (a new shuffle each pass)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        empty = True
+        for batch in batches(gen):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("task_batches yielded no batch: the training split is empty")
 
 
 def check_trajectory_shapes(student: ConsistencyStudent, batch: TrajectoryBatch) -> None:
@@ -243,7 +277,8 @@ def _steps_per_epoch(trajectories: Any, batch_size: int) -> int:
 
 def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: DistillConfig,
           sampler: PairSampler, progress_: float, gen: torch.Generator,
-          task_loss: Callable | None) -> dict[str, Tensor]:
+          task_loss: Callable | None, chain_batch: tuple[Any, Any] | None = None
+          ) -> dict[str, Tensor]:
     bsz, num_points = mb.batch_size, mb.iterates.shape[1]
     n, m = sampler.sample(bsz, num_points, progress_, gen)  # the same draws on every rank
     n, m = n.to(mb.z_star.device), m.to(mb.z_star.device)
@@ -288,15 +323,17 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
     parts["loss"] = (config.global_weight * parts["global"] + config.local_weight * parts["local"]
                      + parts["task"])
     if getattr(student, "initialiser", None) is not None and config.start_weight > 0:
-        parts["start"] = _start_loss(student, mb, u, weight, share, config, task_loss)
+        parts["start"] = _start_loss(student, mb, u, weight, share, config, task_loss, chain_batch)
         parts["loss"] = parts["loss"] + config.start_weight * parts["start"]
     return parts
 
 
 def _start_loss(student: ConsistencyStudent, mb: TrajectoryBatch, u: Any, weight: Tensor,
-                share: float, config: DistillConfig, task_loss: Callable | None) -> Tensor:
+                share: float, config: DistillConfig, task_loss: Callable | None,
+                chain_batch: tuple[Any, Any] | None = None) -> Tensor:
     """C-DEQ+'s start term: the jump from ``h(u)`` at ``student.start_time`` to ``z*`` (and its
-    task loss), plus ``h(u)``'s own distance to ``z*``; ``weight``: the rows' consistency weights."""
+    task loss), plus ``h(u)``'s own distance to ``z*``; ``weight``: the rows' consistency weights.
+    The chain's task loss is on ``chain_batch`` (training ``(x, y)``) when given."""
     u_t = u if student.injection is None else student.teacher_inputs(mb.x)[1]
     z_h = student.initial_state(u_t)
     t = torch.full((mb.batch_size,), student.start_time, dtype=z_h.dtype, device=z_h.device)
@@ -306,13 +343,26 @@ def _start_loss(student: ConsistencyStudent, mb: TrajectoryBatch, u: Any, weight
     if config.init_weight > 0:
         loss = loss + config.init_weight * (relative_distance(z_h, mb.z_star, mb.z_star, config.distance)
                                             * weight).sum()
-    if config.chain_k > 1:  # the task loss after each jump of the chain, averaged
-        chain = [task_loss(student.head(out), mb.y)]
-        t_re = torch.full_like(t, student.reentry_time)
-        for _ in range(config.chain_k - 1):
-            out = student.F(out, t_re, u)
-            chain.append(task_loss(student.head(out), mb.y))
-        loss = loss + share * torch.stack(chain).mean()
+    if config.chain_k > 1 and chain_batch is not None:
+        x, y, part = distributed.shard(*chain_batch)
+        u_s, u_c = student.teacher_inputs(x)
+        first = student.F(student.initial_state(u_c), student.start_time, u_s)
+        loss = loss + part * _chain_task_loss(student, first, u_s, y, config.chain_k, task_loss,
+                                              student.reentry_time)
+    elif config.chain_k > 1:
+        loss = loss + share * _chain_task_loss(student, out, u, mb.y, config.chain_k, task_loss,
+                                               torch.full_like(t, student.reentry_time))
     elif config.task_weight > 0:
         loss = loss + config.task_weight * share * task_loss(student.head(out), mb.y)
     return loss
+
+
+def _chain_task_loss(student: ConsistencyStudent, first: Tensor, u: Any, y: Any, k: int,
+                     task_loss: Callable, t_re: Tensor | float) -> Tensor:
+    """The task loss after each of ``k`` jumps, averaged: ``first`` (the jump from ``h(u)``), then
+    ``k - 1`` more at the re-entry time ``t_re`` (a float, or per-sample ``(B,)``)."""
+    out, losses = first, [task_loss(student.head(first), y)]
+    for _ in range(k - 1):
+        out = student.F(out, t_re, u)
+        losses.append(task_loss(student.head(out), y))
+    return torch.stack(losses).mean()
