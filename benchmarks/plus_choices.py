@@ -78,7 +78,7 @@ def main() -> None:
         torch.manual_seed(cfg.seed)
         dcfg = dataclasses.replace(cfg.distill, **changes)
         pcfg = dataclasses.replace(cfg.plus, epochs=max(1, round(cfg.distill.epochs * share)))
-        chain = chain_batches(dcfg, run.task, record_capped=cfg.record.max_samples > 0)
+        chain = chain_batches(dcfg, run.task, cfg.record)
         plus, _ = train_plus(student, trajectories, pcfg, dcfg, cfg.baselines, run.task.loss,
                              seed=cfg.seed, log=lambda m: None, task_batches=chain)
         run._search_plans(plus, teacher)

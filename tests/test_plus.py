@@ -267,12 +267,13 @@ def test_the_joint_stage_draws_one_training_batch_per_step_and_counts_its_sample
     assert len(drawn) == joint["steps"] == 2 * 384 // 64  # one per step, over more than one pass
     assert joint["samples"] == 2 * 384 + 128 * len(drawn)
     # which data the chain reads: the setting, or (auto) whether the recording was capped
-    assert chain_batches(dcfg, task, record_capped=False) is None
-    assert callable(chain_batches(dcfg, task, record_capped=True))
+    capped, whole = RecordConfig(max_samples=100), RecordConfig()
+    assert chain_batches(dcfg, task, whole) is None
+    assert callable(chain_batches(dcfg, task, capped))
     recorded = dataclasses.replace(dcfg, chain_data="recorded")
-    assert chain_batches(recorded, task, record_capped=True) is None
+    assert chain_batches(recorded, task, capped) is None
     train = dataclasses.replace(dcfg, chain_data="train")
-    x, y = next(iter(chain_batches(train, task, record_capped=False)(torch.Generator())))
+    x, y = next(iter(chain_batches(train, task, whole)(torch.Generator())))
     assert len(y) == 64
     with pytest.raises(ConfigError, match="chain_data"):
         DistillConfig(chain_data="all")

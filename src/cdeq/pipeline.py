@@ -225,7 +225,7 @@ class Run(RunDirectory):
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
         trajectories = list(store) if store.fits_in_memory() else store
-        chain = chain_batches(cfg.distill, self.task, record_capped=cfg.record.max_samples > 0)
+        chain = chain_batches(cfg.distill, self.task, cfg.record)
         torch.manual_seed(cfg.seed)
         plus, info = train_plus(self.student(teacher), trajectories, cfg.plus, cfg.distill,
                                 cfg.baselines, self.task.loss, seed=cfg.seed, log=self.log,

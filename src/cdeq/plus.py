@@ -41,7 +41,7 @@ from .config import Config, check_bool, check_int
 from .consistency.conditioning import relative_error
 from .consistency.distill import DistillConfig, TaskBatches, distill
 from .consistency.student import ConsistencyStudent
-from .consistency.trajectory import TrajectoryBatch
+from .consistency.trajectory import RecordConfig, TrajectoryBatch
 from .fit import model_device
 from .precision import to_device
 from .tasks.base import Task
@@ -118,13 +118,13 @@ def _recorded_samples(trajectories: Sequence[TrajectoryBatch] | Any) -> int:
     return int(trajectories.manifest()["samples"])  # a TrajectoryStore
 
 
-def chain_batches(distill_config: DistillConfig, task: Task, record_capped: bool
+def chain_batches(distill_config: DistillConfig, task: Task, record_config: RecordConfig
                   ) -> TaskBatches | None:
     """The training batches the chain's task term reads (``distill.chain_data``), or ``None``
-    for the recorded minibatch: ``train``, or ``auto`` with ``record_capped`` (the recording
-    holds a subset of the training split, ``record.max_samples > 0``)."""
+    for the recorded minibatch: ``train``, or ``auto`` when ``record.max_samples`` caps the
+    recording (it holds a subset of the training split)."""
     choice = distill_config.chain_data
-    if choice == "recorded" or (choice == "auto" and not record_capped):
+    if choice == "recorded" or (choice == "auto" and record_config.max_samples <= 0):
         return None
     size = distill_config.batch_size
     return lambda gen: task.train_batches(size, shuffle=True, generator=gen)
