@@ -95,7 +95,7 @@ def test_relative_distance():
 
 
 def _score(logits, y):
-    return float((logits.argmax(-1) == y).sum()), y.numel(), float(nn.functional.cross_entropy(
+    return (logits.argmax(-1) == y).float(), float(nn.functional.cross_entropy(
         logits, y, reduction="sum"))
 
 
@@ -120,7 +120,8 @@ def test_distilled_student_beats_truncated_teacher_at_one_nfe(tmp_path):
         {"epochs": 40, "batch_size": 64, "optim": {"lr": 3e-3}}),
                    task_loss=nn.functional.cross_entropy, log=lambda s: None)
     assert hist["loss"][-1] < hist["loss"][0]
-    search = select_plans(student, train, _score, True, last=40, config=PlanSearchConfig(max_nfe=3))
+    search = select_plans(student, train, _score, True, last=40,
+                          config=PlanSearchConfig(max_nfe=3, tie_within_se=0.0))
     assert set(search) == {"1", "2", "3"}
     with torch.no_grad():
         u = model.inject(x_te)
@@ -135,7 +136,7 @@ def test_distilled_student_beats_truncated_teacher_at_one_nfe(tmp_path):
         acc_student = (student.head(z_student).argmax(-1) == y_te).float().mean().item()
     assert err(z_student) < 0.7 * err(z_trunc)
     assert acc_student > acc_trunc
-    # on the plan-search (training) batches, more NFE is never worse
+    # with exact ties, on the plan-search (training) batches more NFE is never worse
     metrics = [search[k]["metric"] for k in ("1", "2", "3")]
     assert metrics == sorted(metrics)
 
@@ -276,7 +277,7 @@ def test_plan_search_never_lets_the_error_to_z_star_rise():
     batches = [(x, converged)]
 
     def far(logits, ref):  # higher is better: the distance to the converged teacher's logits
-        return float((logits - ref).norm(dim=-1).sum()), logits.shape[0], 0.0
+        return (logits - ref).norm(dim=-1), 0.0
 
     def errors(rule: bool) -> list[float]:
         log = select_plans(student, batches, far, True, last=40,
@@ -308,7 +309,7 @@ def test_plan_search_tie_break_by_the_error_to_z_star():
         converged = model.head(model.deq.solve(model.inject(x)).z)
 
     def flat(logits, ref):  # the same metric for every plan; the loss is lower far from the teacher
-        return 0.0, logits.shape[0], -float((logits - ref).norm(dim=-1).sum())
+        return torch.zeros(logits.shape[0]), -float((logits - ref).norm(dim=-1).sum())
 
     def errors(tie_break: str) -> list[float]:
         log = select_plans(student, [(x, converged)], flat, True, last=40, config=PlanSearchConfig(
@@ -320,3 +321,46 @@ def test_plan_search_tie_break_by_the_error_to_z_star():
     assert by_error[-1] < by_loss[-1]
     with pytest.raises(ConfigError, match="tie_break"):
         PlanSearchConfig(tie_break="metric")
+
+
+def test_a_gain_below_its_standard_error_is_a_tie():
+    """Hand count: ``a`` trails ``ref`` on one item of four by 1, a mean of 0.25 with standard
+    error std([0, 0, 1, 0]) / 2 = 0.25; a gain of exactly one standard error is not a tie."""
+    from cdeq.consistency.inference import _Scored, _trails
+
+    def scored(items):
+        return _Scored([], [], float(sum(items)) / len(items), 0.0, 0.0, torch.tensor(items))
+
+    ref, a = scored([1.0, 1.0, 1.0, 1.0]), scored([1.0, 1.0, 0.0, 1.0])
+    assert _trails(a, ref, True, 1.0)
+    assert not _trails(a, ref, True, 1.01)
+    assert not _trails(ref, a, True, 5.0)  # ahead never trails
+    assert not _trails(ref, a, False, 1.01) and _trails(ref, a, False, 1.0)  # lower is better
+
+
+def test_plan_search_counts_noise_as_a_tie_and_takes_the_plan_nearest_z_star():
+    """The metric is noise of each item's logits (no plan is really better); with a wide tie
+    margin every plan ties and the search chooses as if the metrics were equal: by the error to z*,
+    then the loss. With no margin the noise picks. ``tie_within_se`` < 0 is a clear error."""
+    torch.manual_seed(0)
+    model, x, _ = tiny_problem(n=64)
+    student = ConsistencyStudent(model)
+    with torch.no_grad():
+        converged = model.head(model.deq.solve(model.inject(x)).z)
+
+    def noise(logits, ref):  # pseudo-random per item and plan, mean near 0, spread 1
+        return torch.sin(1e4 * logits.sum(-1)), -float((logits - ref).norm(dim=-1).sum())
+
+    def flat(logits, ref):
+        return torch.zeros(logits.shape[0]), -float((logits - ref).norm(dim=-1).sum())
+
+    def search(fn, within_se: float) -> list:
+        return select_plans(student, [(x, converged)], fn, True, last=40, config=PlanSearchConfig(
+            max_nfe=5, error_must_not_rise=False, tie_break="error", tie_within_se=within_se))
+
+    tied, equal, by_noise = search(noise, 1e9), search(flat, 0.0), search(noise, 0.0)
+    assert [tied[str(k)]["plan"] for k in range(1, 6)] == [equal[str(k)]["plan"] for k in range(1, 6)]
+    assert [tied[str(k)]["plan"] for k in range(1, 6)] != [by_noise[str(k)]["plan"] for k in range(1, 6)]
+    assert tied["5"]["relative_error"] < by_noise["5"]["relative_error"]
+    with pytest.raises(ConfigError, match="tie_within_se"):
+        PlanSearchConfig(tie_within_se=-1.0)

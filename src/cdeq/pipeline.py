@@ -265,9 +265,9 @@ class Run(RunDirectory):
             meta["plans"] = {str(k): plan_to_json(p) for k, p in model.plans.items()}
             self.save_module(name, model, meta)
 
-    def _score(self, logits: torch.Tensor, y: Any) -> tuple[float, int, float]:
-        m, c = self.task.metric_sum(logits, y)
-        return m, c, float(self.task.loss(logits, y)) * c
+    def _score(self, logits: torch.Tensor, y: Any) -> tuple[torch.Tensor, float]:
+        items = self.task.metric_items(logits, y)
+        return items, float(self.task.loss(logits, y)) * items.numel()
 
     @writes
     def baselines(self, redo: bool = True) -> None:

@@ -11,12 +11,15 @@ A plan (see :mod:`cdeq.consistency.student`) is a list of operations. For every 
   takes over from the estimate of a short plan for the rest of the budget.
 
 ``plan_k`` is the best of these and ``plan_{k-1}`` itself, judged on the given batches (in a run,
-``Task.selection_batches``: validation data) by the task metric (``tie_break``: the loss, or the
-error to ``z*``, decides between equal metrics), so on those batches a larger budget is never
-worse. With ``error_must_not_rise`` (the default) only candidates whose relative error to ``z*``
-(the teacher's eval solver on the same batches) is at most ``plan_{k-1}``'s compete, so on those
-batches the error to ``z*`` never rises as calls are added: a plan may not buy accuracy by leaving
-the equilibrium.
+``Task.selection_batches``: validation data) by the task metric; ``tie_break`` (the loss, or the
+error to ``z*``) decides between tied metrics. With ``tie_within_se`` a candidate ties when its
+metric trails the best one found so far (at any budget up to ``k``) by less than that many
+standard errors of their per-item difference: a gain the selection data cannot tell from noise
+does not outweigh a plan closer to ``z*``. Without it, ties are exact and on those batches a larger
+budget is never worse. With ``error_must_not_rise`` (the default) only candidates whose relative
+error to ``z*`` (the teacher's eval solver on the same batches) is at most ``plan_{k-1}``'s
+compete, so on those batches the error to ``z*`` never rises as calls are added: a plan may not buy
+accuracy by leaving the equilibrium.
 """
 
 from __future__ import annotations
@@ -29,15 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Config, ConfigError, check_bool, check_choice, check_int
+from ..config import Config, ConfigError, check_bool, check_choice, check_int, check_positive
 from ..fit import model_device
 from ..precision import to_device
 from .conditioning import relative_error
 from .student import ConsistencyStudent, Plan
 
 log = logging.getLogger(__name__)
-ScoreFn = Callable[[Tensor, Any], tuple[float, int, float]]
-"""``(logits, y) -> (metric sum, item count, loss sum)``."""
+ScoreFn = Callable[[Tensor, Any], tuple[Tensor, float]]
+"""``(logits, y) -> (metric of each item (N,), loss sum over the items)``."""
 
 
 SOLVER_HANDOVER = (1, 2, 4)
@@ -53,21 +56,27 @@ class PlanSearchConfig(Config):
         batches: number of batches (validation, in a run) to judge plans on.
         error_must_not_rise: a candidate for budget ``k`` must be at least as close to ``z*``
             (relative error on the same batches) as the plan chosen for ``k - 1``.
-        tie_break: what decides between plans of equal metric: ``"loss"`` (the task loss, then the
-            error to ``z*``) or ``"error"`` (the error to ``z*``, then the loss).
+        tie_break: what decides between plans of tied metric: ``"error"`` (the error to ``z*``,
+            then the loss) or ``"loss"`` (the task loss, then the error to ``z*``).
+        tie_within_se: a candidate whose metric trails the best found so far by less than this
+            many standard errors of their paired per-item difference ties with it (0: only
+            equal metrics tie). The defaults (1 standard error, ties to the plan nearest ``z*``)
+            were chosen on validation items the search did not see: ``benchmarks/tie_rule.py``.
     """
 
     max_nfe: int = 16
     times: tuple = ()
     batches: int = 2
     error_must_not_rise: bool = True
-    tie_break: str = "loss"
+    tie_break: str = "error"
+    tie_within_se: float = 1.0
 
     def validate(self) -> None:
         check_int("max_nfe", self.max_nfe, minimum=1)
         check_int("batches", self.batches, minimum=1)
         check_bool("error_must_not_rise", self.error_must_not_rise)
         check_choice("tie_break", self.tie_break, ["loss", "error"])
+        check_positive("tie_within_se", self.tie_within_se, allow_zero=True)
         if any(not isinstance(t, (int, float)) or t <= 0 for t in self.times):
             raise ConfigError(f"times={self.times!r} is not valid; give positive numbers")
 
@@ -87,22 +96,21 @@ def candidate_times(student: ConsistencyStudent, last: int, config: PlanSearchCo
 def loss_score(loss: Callable[[Tensor, Any], Tensor]) -> ScoreFn:
     """A :data:`ScoreFn` from a task loss ``(logits, y) -> mean loss``: lower is better."""
 
-    def score(logits: Tensor, y: Any) -> tuple[float, int, float]:
+    def score(logits: Tensor, y: Any) -> tuple[Tensor, float]:
         n = logits.shape[0]
-        value = float(loss(logits, y)) * n
-        return value, n, value
+        value = float(loss(logits, y))  # a mean: the items share it, so only equal values tie
+        return torch.full((n,), value), value * n
 
     return score
 
 
-def teacher_score(logits: Tensor, teacher_logits: Tensor) -> tuple[float, int, float]:
-    """Label-free score: relative squared distance to the converged teacher's logits (lower is
-    better). ``logits``, ``teacher_logits``: ``(B, ...)``."""
+def teacher_score(logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, float]:
+    """Label-free score: each row's relative squared distance to the converged teacher's logits
+    (lower is better). ``logits``, ``teacher_logits``: ``(B, ...)``."""
     n = logits.shape[0]
     d = (logits - teacher_logits).reshape(n, -1).pow(2).sum(1)
     d = d / (teacher_logits.reshape(n, -1).pow(2).sum(1) + 1e-12)
-    value = float(d.sum())
-    return value, n, value
+    return d, float(d.sum())
 
 
 def default_last(student: ConsistencyStudent) -> int:
@@ -133,6 +141,60 @@ def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int
     return data
 
 
+@dataclasses.dataclass
+class _Scored:
+    """A plan, its states (one per selection batch) and its scores on the selection data."""
+
+    plan: Plan
+    states: list[Tensor]
+    metric: float
+    loss: float
+    err: float
+    items: Tensor  # the metric of each selection item, (N,)
+
+
+def _trails(a: _Scored, ref: _Scored, higher_is_better: bool, within_se: float) -> bool:
+    """Whether ``a``'s metric trails ``ref``'s by ``within_se`` standard errors (of their paired
+    per-item difference) or more."""
+    d = ref.items - a.items if higher_is_better else a.items - ref.items
+    if float(d.mean()) <= 0:
+        return False
+    se = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0
+    return float(d.mean()) >= within_se * se
+
+
+def _choose(scored: list[_Scored], ref: _Scored | None, config: PlanSearchConfig,
+            higher_is_better: bool) -> tuple[_Scored, _Scored]:
+    """The plan kept among ``scored`` and the new best-by-metric reference (``ref``: the best
+    metric found at the budgets before)."""
+    def ties(c: _Scored) -> tuple[float, float]:
+        return (-c.err, -c.loss) if config.tie_break == "error" else (-c.loss, -c.err)
+
+    def rank(c: _Scored) -> tuple[float, float, float]:
+        return (c.metric if higher_is_better else -c.metric, *ties(c))
+
+    top = max(scored, key=rank)
+    if ref is None or rank(top)[0] > rank(ref)[0]:
+        ref = top
+    if config.tie_within_se <= 0:
+        return top, ref
+    tied = [c for c in scored if not _trails(c, ref, higher_is_better, config.tie_within_se)]
+    return (max(tied, key=ties) if tied else top), ref
+
+
+def _candidates(k: int, times: list[float], auto: bool) -> list[tuple[int, Plan]]:
+    """``(base budget, operations appended to its plan)`` of every extension tried for budget
+    ``k`` (the module docstring lists them); ``(k - 1, [])`` is ``plan_{k-1}`` itself."""
+    out: list[tuple[int, Plan]] = [(k - 1, []), (k - 1, [("step",)])]
+    out += [(k - 1, [("jump", t)]) for t in times]
+    if k - 2 >= 1:
+        out += [(k - 2, [("step",), ("jump", t)]) for t in times]
+        if auto:
+            out.append((k - 2, [("step",), ("jump_auto",)]))
+    out += [(j, [("solve", k - j)]) for j in SOLVER_HANDOVER if j <= k - 2]
+    return out
+
+
 @torch.no_grad()
 def select_plans(
     student: ConsistencyStudent,
@@ -145,11 +207,12 @@ def select_plans(
 ) -> dict[str, Any]:
     """Choose ``student.plans`` for budgets ``1..max_nfe`` on ``batches`` (validation or training data).
 
-    Scoring, in order: ``score`` (``(logits, y) -> (metric sum, count, loss sum)`` with
-    ``higher_is_better``); else ``loss`` (a task loss ``(logits, y) -> mean``, lower is better);
-    else the distance to the converged teacher's logits (``batches`` may then hold inputs
-    alone). ``last``: the recorded equilibrium index (default: the teacher's eval solver
-    ``max_iter``). Returns the search log: for each budget the plan, its metric and loss.
+    Scoring, in order: ``score`` (``(logits, y) -> (metric of each item (N,), loss sum)`` with
+    ``higher_is_better``); else ``loss`` (a task loss ``(logits, y) -> mean``, lower is better;
+    every item of a batch gets the batch's mean); else the distance to the converged teacher's
+    logits (``batches`` may then hold inputs alone). ``last``: the recorded equilibrium index
+    (default: the teacher's eval solver ``max_iter``). Returns the search log: for each budget
+    the plan, its metric, loss and relative error to ``z*``.
     """
     config = config or PlanSearchConfig()
     last = default_last(student) if last is None else int(last)
@@ -160,60 +223,37 @@ def select_plans(
     times = candidate_times(student, last, config)
     auto = student.schedule.config.kind == "residual"
 
-    def evaluate(states: list[Tensor]) -> tuple[float, float, float]:
-        """``(metric, loss, relative error to z*)`` of ``states``, one per batch."""
-        m_sum = l_sum = e_sum = 0.0
-        count = e_count = 0
+    def scored(plan: Plan, states: list[Tensor]) -> _Scored:
+        items, l_sum, e_sum, e_count = [], 0.0, 0.0, 0
         for z, (_, _, y, z_star) in zip(states, data, strict=True):
-            m, c, lo = score(student.head(z), y)
-            m_sum, l_sum, count = m_sum + m, l_sum + lo, count + c
+            m, lo = score(student.head(z), y)
+            items.append(m.detach().float().reshape(-1).cpu())
+            l_sum += lo
             err = relative_error(z, z_star)
             e_sum, e_count = e_sum + float(err.sum()), e_count + err.numel()
-        return m_sum / max(1, count), l_sum / max(1, count), e_sum / max(1, e_count)
+        flat = torch.cat(items)
+        n = max(1, flat.numel())
+        return _Scored(plan, states, float(flat.sum()) / n, l_sum / n, e_sum / max(1, e_count), flat)
 
     def extend(states: list[Tensor], ops: Plan) -> list[Tensor]:
         return [student.run_plan(u_s, ops, u_t, z0=z)
                 for z, (u_s, u_t, _, _) in zip(states, data, strict=True)]
 
-    def key(metric: float, loss: float, err: float) -> tuple[float, float, float]:
-        ties = (-err, -loss) if config.tie_break == "error" else (-loss, -err)
-        return (metric if higher_is_better else -metric, *ties)
-
     start: Plan = [("jump", student.start_time)]
-    z1 = extend([student.initial_state(u_t) for _, u_t, _, _ in data], start)
-    best: dict[int, tuple[Plan, list[Tensor], float, float, float]] = {1: (start, z1, *evaluate(z1))}
+    best = {1: scored(start, extend([student.initial_state(u_t) for _, u_t, _, _ in data], start))}
+    ref = best[1]
     for k in range(2, config.max_nfe + 1):
-        cands: list[tuple[Plan, list[Tensor] | None, Plan, int]] = []
-        prev_plan, prev_states, pm, pl, pe = best[k - 1]
-        cands.append((prev_plan, prev_states, [], k - 1))
-        ops_1: list[Plan] = [[("step",)]] + [[("jump", t)] for t in times]
-        for ops in ops_1:
-            cands.append((prev_plan + ops, None, ops, k - 1))
-        if k - 2 >= 1:
-            ops_2 = [[("step",), ("jump", t)] for t in times]
-            if auto:
-                ops_2.append([("step",), ("jump_auto",)])
-            for ops in ops_2:
-                cands.append((best[k - 2][0] + ops, None, ops, k - 2))
-        for j in (j for j in SOLVER_HANDOVER if j <= k - 2):
-            ops = [("solve", k - j)]
-            cands.append((best[j][0] + ops, None, ops, j))
-        scored = []
-        for plan, states, ops, base in cands:
-            if states is None:
-                states = extend(best[base][1], ops)
-                metric, loss, err = evaluate(states)
-            else:
-                metric, loss, err = pm, pl, pe
-            if config.error_must_not_rise and err > pe:
-                continue  # plan_{k-1} itself always stays in
-            scored.append((key(metric, loss, err), plan, states, metric, loss, err))
-        top = max(scored, key=lambda s: s[0])
-        best[k] = top[1:]
-    student.plans = {k: list(v[0]) for k, v in best.items()}
+        prev = best[k - 1]
+        cands = [prev]
+        for base, ops in _candidates(k, times, auto)[1:]:
+            c = scored(best[base].plan + ops, extend(best[base].states, ops))
+            if not config.error_must_not_rise or c.err <= prev.err:
+                cands.append(c)  # plan_{k-1} itself always stays in
+        best[k], ref = _choose(cands, ref, config, higher_is_better)
+    student.plans = {k: list(v.plan) for k, v in best.items()}
     log.info("selected plans for 1..%d NFE on %d batches", config.max_nfe, len(data))
-    return {str(k): {"plan": [list(op) for op in v[0]], "metric": v[2], "loss": v[3],
-                     "relative_error": v[4]} for k, v in best.items()}
+    return {str(k): {"plan": [list(op) for op in v.plan], "metric": v.metric, "loss": v.loss,
+                     "relative_error": v.err} for k, v in best.items()}
 
 
 def plan_to_json(plan: Plan) -> list[list]:

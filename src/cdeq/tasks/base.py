@@ -92,9 +92,15 @@ class Task:
         """Scalar training loss (mean over the batch)."""
         raise NotImplementedError
 
+    def metric_items(self, logits: Tensor, y: Any) -> Tensor:
+        """The metric of each item (image, node, token), ``(N,)`` float: what the plan search's
+        standard errors are computed from."""
+        raise NotImplementedError
+
     def metric_sum(self, logits: Tensor, y: Any) -> tuple[float, int]:
         """``(sum of the metric over items, number of items)``; the pipeline averages."""
-        raise NotImplementedError
+        items = self.metric_items(logits, y)
+        return float(items.sum()), int(items.numel())
 
     # --- presets and the command line -------------------------------------------------------
     @classmethod

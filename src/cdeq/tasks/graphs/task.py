@@ -265,10 +265,10 @@ class GraphTask(Task):
             return logits.sum() * 0.0
         return F.cross_entropy(out, labels)
 
-    def metric_sum(self, logits: Tensor, y: tuple[Tensor, Tensor]) -> tuple[float, int]:
-        """``(correct predictions, masked nodes)``."""
+    def metric_items(self, logits: Tensor, y: tuple[Tensor, Tensor]) -> Tensor:
+        """1.0 for each correctly predicted masked node, else 0.0: ``(masked nodes,)``."""
         out, labels = self._masked(logits, y)
-        return float((out.argmax(-1) == labels).sum()), int(labels.numel())
+        return (out.argmax(-1) == labels).float()
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

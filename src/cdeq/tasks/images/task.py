@@ -207,8 +207,9 @@ class ImageTask(Task):
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits, y)
 
-    def metric_sum(self, logits: Tensor, y: Tensor) -> tuple[float, int]:
-        return float((logits.argmax(-1) == y).sum()), int(y.numel())
+    def metric_items(self, logits: Tensor, y: Tensor) -> Tensor:
+        """1.0 for each correctly classified image, else 0.0: ``(B,)``."""
+        return (logits.argmax(-1) == y).float()
 
 
 register_task(ImageTask)

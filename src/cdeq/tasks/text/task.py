@@ -113,8 +113,8 @@ class TextConfig(Config):
 class TextTask(Task):
     """Next-token prediction with a DEQ-Transformer; the metric is nats per token (character).
 
-    ``loss`` is the mean cross-entropy over every position; ``metric_sum`` returns the summed
-    negative log-likelihood in nats and the number of predicted tokens. At word level the
+    ``loss`` is the mean cross-entropy over every position; ``metric_items`` is each predicted
+    token's negative log-likelihood in nats. At word level the
     metric's name is ``nats_per_token`` (perplexity is its exponential).
     """
 
@@ -233,10 +233,10 @@ class TextTask(Task):
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    def metric_sum(self, logits: Tensor, y: Tensor) -> tuple[float, int]:
-        nll = F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
-                              reduction="sum")
-        return float(nll), int(y.numel())
+    def metric_items(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The negative log-likelihood of each predicted token in nats: ``(B * L,)``."""
+        return F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                               reduction="none")
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

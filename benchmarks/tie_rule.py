@@ -1,0 +1,139 @@
+"""The plan search's tie rule, judged on validation items the search does not see.
+
+Usage::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/tie_rule.py \
+        --runs RUN_DIR/seed_0 RUN_DIR/seed_1 RUN_DIR/seed_2 --out benchmarks/results/tie_rule_TASK.json
+
+For each finished run (teacher, C-DEQ, C-DEQ+ and the learned initialiser), the items of the
+selection (validation) batches are split in two by a fixed interleave (images and sequences: every
+other row; graphs: every other validation node). Each rule searches the plans of C-DEQ and C-DEQ+ on
+the first half; the second half scores them at every budget: the task metric and the relative
+error to ``z*`` (the teacher's eval solver). The learned initialiser plus ``k`` solver steps is
+scored the same way. The test split is never read. Rules (``plans`` settings):
+
+- exact ties, broken by the loss (``tie_within_se=0``, ``tie_break=loss``);
+- exact ties, broken by the error to ``z*``;
+- a gain below one standard error is a tie, broken by the error to ``z*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdeq.consistency.conditioning import relative_error
+from cdeq.consistency.inference import select_plans
+from cdeq.pipeline import Run
+from cdeq.precision import to_device
+
+RULES = {
+    "exact ties, by the loss": {"tie_within_se": 0.0, "tie_break": "loss"},
+    "exact ties, by the error": {"tie_within_se": 0.0, "tie_break": "error"},
+    "1 SE ties, by the error": {"tie_within_se": 1.0, "tie_break": "error"},
+}
+BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def halves(batch: Any) -> tuple[Any, Any]:
+    """A selection batch split in two by a fixed interleave of its items."""
+    x, y = batch
+    if isinstance(y, (tuple, list)):  # a graph: (labels, mask) over its nodes
+        labels, mask = y
+        nodes = mask.nonzero().squeeze(1)
+        first, second = torch.zeros_like(mask), torch.zeros_like(mask)
+        first[nodes[0::2]], second[nodes[1::2]] = True, True
+        return (x, (labels, first)), (x, (labels, second))
+    return (x[0::2], y[0::2]), (x[1::2], y[1::2])
+
+
+@torch.no_grad()
+def held_out(run: Run, predict, data: list) -> dict[str, dict[str, float]]:
+    """``{budget: {"metric", "relative_error"}}`` of ``predict(x, k) -> (logits, z)`` on ``data``."""
+    teacher = run.teacher()
+    out = {}
+    for k in BUDGETS:
+        m = n = e = en = 0.0
+        for x, y in data:
+            logits, z = predict(x, k)
+            ms, c = run.task.metric_sum(logits, y)
+            u = teacher.inject(x)
+            err = relative_error(z, teacher.deq.solve(u, teacher.initial_state(u)).z)
+            m, n, e, en = m + ms, n + c, e + float(err.sum()), en + err.numel()
+        out[str(k)] = {"metric": m / n, "relative_error": e / en}
+    return out
+
+
+def one_run(path: str) -> dict[str, Any]:
+    run = Run(path)
+    teacher = run.teacher()
+    student = run.student(teacher)
+    models = {"C-DEQ": student, "C-DEQ+": run.student_plus(teacher, student)}
+    batches = [to_device(b, run.device) for b in run.task.selection_batches(
+        run.config.evaluate.batch_size)][: run.config.plans.batches]
+    search, score = zip(*(halves(b) for b in batches), strict=True)
+    result: dict[str, Any] = {"run": "/".join(Path(path).resolve().parts[-2:]),
+                              "task": run.config.task, "seed": run.config.seed,
+                              "search_items": sum(_items(y) for _, y in search),
+                              "held_out_items": sum(_items(y) for _, y in score), "models": {}}
+    last = run.config.record.solver.max_iter
+    for name, model in models.items():
+        result["models"][name] = {}
+        for rule, changes in RULES.items():
+            cfg = dataclasses.replace(run.config.plans, batches=len(search), **changes)
+            with run.autocast():
+                select_plans(model, list(search), run._score, run.task.higher_is_better, last, cfg)
+            per = held_out(run, lambda x, k, m=model: m.predict(x, nfe=k), list(score))
+            per["plans"] = {str(k): [list(op) for op in model.plan_for(k)] for k in BUDGETS}
+            result["models"][name][rule] = per
+    extra, _, _ = run._extra_methods(teacher, None)
+    result["models"]["learned init"] = {"-": held_out(run, extra["learned_init"], list(score))}
+    return result
+
+
+def _items(y: Any) -> int:
+    """Labelled items of a batch's targets: the masked nodes of a graph, else every target."""
+    return int(y[1].sum()) if isinstance(y, (tuple, list)) else int(y.numel())
+
+
+def table(results: list[dict[str, Any]], key: str) -> list[str]:
+    """Markdown rows: mean and spread over the runs of ``key`` at each budget."""
+    rows = ["| model | rule | " + " | ".join(f"NFE {k}" for k in BUDGETS) + " |",
+            "|---|---|" + "---|" * len(BUDGETS)]
+    for name, rules in results[0]["models"].items():
+        for rule in rules:
+            cells = []
+            for k in BUDGETS:
+                vals = [r["models"][name][rule][str(k)][key] for r in results]
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}")
+            rows.append(f"| {name} | {rule} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", nargs="+", required=True, help="finished run directories (seeds)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    results = [one_run(path) for path in args.runs]
+    lines = [f"{results[0]['task']}: held-out validation half ({results[0]['held_out_items']} items; "
+             f"plans searched on the other {results[0]['search_items']}), mean ± std over "
+             f"{len(results)} runs", "", "metric:", *table(results, "metric"), "",
+             "relative error to z*:", *table(results, "relative_error")]
+    print("\n".join(lines))
+    with open(args.out, "w") as f:
+        json.dump({"rules": RULES, "budgets": BUDGETS, "runs": results, "table": lines}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
