@@ -168,6 +168,29 @@ def test_record_resumes_at_first_missing_shard(tmp_path):
     assert store.shard_path(2).exists() and len(store) == 4
 
 
+def test_a_resumed_recording_counts_the_layer_calls_of_every_shard(tmp_path):
+    """A recording killed after some shards and resumed reports the layer calls of one recording
+    done in one go: the kept shards' calls come from their own files, not from the rerun."""
+    from cdeq.consistency.trajectory import record_counted
+    from cdeq.fit import LayerCalls
+
+    model, x, y = tiny_problem(n=64)
+    cfg = RecordConfig.from_dict({"solver": {"max_iter": 10}, "batch_size": 16})
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+    def counted(root, data):
+        with LayerCalls(model.cell) as calls:
+            totals = record_counted(model, data, cfg, TrajectoryStore(root), calls.as_dict)
+        return totals, calls.as_dict()
+
+    whole, seen = counted(tmp_path / "whole", batches)
+    assert whole == seen and whole["layer_calls"] > 0
+    counted(tmp_path / "resumed", batches[:2])  # the run that was killed after two shards
+    resumed, rerun = counted(tmp_path / "resumed", batches)
+    assert resumed == whole
+    assert rerun["layer_calls"] < whole["layer_calls"]  # the rerun itself recorded only two shards
+
+
 def test_record_config_rejects_bad_indices():
     with pytest.raises(ConfigError, match="record indices"):
         RecordConfig.from_dict({"indices": [0, 99], "solver": {"max_iter": 10}})

@@ -4,7 +4,7 @@
 
     DIR/config.json                     the full, validated configuration of the run
     DIR/teacher.safetensors (+ .json)   stage ``train``   (checkpoint: DIR/teacher.ckpt)
-    DIR/trajectories/shard_*.safetensors + manifest.json    stage ``record``
+    DIR/trajectories/shard_*.safetensors, manifest.json, work.json, work/*.json  stage ``record``
     DIR/student.safetensors (+ .json)   stage ``distill`` (checkpoint: DIR/student.ckpt)
     DIR/student_plus.safetensors (+ .json)  stage ``plus`` (C-DEQ+, :mod:`cdeq.plus`)
                                         stage ``plans`` chooses both students' plans again
@@ -38,7 +38,7 @@ from .consistency.distill import distill
 from .consistency.inference import plan_from_json, plan_to_json, select_plans
 from .consistency.schedule import TimeSchedule
 from .consistency.student import ConsistencyStudent
-from .consistency.trajectory import TrajectoryStore, record, residual_summary, warn_unconverged
+from .consistency.trajectory import TrajectoryStore, record_counted, residual_summary, warn_unconverged
 from .deq.model import DEQModel
 from .evaluate import evaluate, exact_mode
 from .fit import LayerCalls
@@ -164,10 +164,10 @@ class Run(RunDirectory):
         store = TrajectoryStore(self.dir / "trajectories")
         t0 = clock(self.device)
         with LayerCalls(teacher.cell) as calls, self.autocast():  # part of the student's cost
-            record(teacher, self.task.record_batches(cfg.record.batch_size), cfg.record, store=store)
+            work = record_counted(teacher, self.task.record_batches(cfg.record.batch_size),
+                                  cfg.record, store, calls.as_dict, write=distributed.is_main())
         if distributed.is_main():
-            write_json(store.root / "work.json", {"samples": store.manifest()["samples"],
-                                                  **calls.as_dict()})
+            write_json(store.root / "work.json", {"samples": store.manifest()["samples"], **work})
         summary = residual_summary(store, cfg.distill.max_residual)
         self.log(f"recorded {store.manifest()['samples']} training samples in {len(store)} shards "
                  f"({clock(self.device) - t0:.0f}s); unconverged (residual > "

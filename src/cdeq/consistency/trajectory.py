@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,11 +222,13 @@ def record(
     config: RecordConfig,
     store: TrajectoryStore | None = None,
     total: int | None = None,
+    on_recorded: Callable[[int], None] | None = None,
 ) -> list[TrajectoryBatch] | TrajectoryStore:
     """Record teacher trajectories for ``batches`` (training data only).
 
     With a ``store`` the shards are written to disk (existing shards are kept: resume) and the
-    store is returned; otherwise the batches are returned in memory.
+    store is returned; otherwise the batches are returned in memory. ``on_recorded(i)`` runs
+    after batch ``i`` is recorded and before its shard is written (a skipped shard gets no call).
     """
     out: list[TrajectoryBatch] = []
     seen = 0
@@ -240,6 +242,8 @@ def record(
             count += 1
             continue
         batch = record_batch(model, x, y, config)
+        if on_recorded is not None:
+            on_recorded(count)
         if store is not None:
             store.write(count, batch, config.dtype)
         else:
@@ -253,6 +257,33 @@ def record(
                     "last": config.solver.max_iter, "dtype": config.dtype})
         return store
     return out
+
+
+def record_counted(model: DEQModel, batches: Iterable[tuple[Any, Any]], config: RecordConfig,
+                   store: TrajectoryStore, counts: Callable[[], dict[str, int]], write: bool = True
+                   ) -> dict[str, int]:
+    """:func:`record` into ``store``, keeping each shard's share of the running ``counts()`` (e.g.
+    layer calls) in ``store.root / "work" / "<i>.json"``, written before the shard itself, so that
+    a killed and resumed recording still counts the shards it kept. Returns the totals over every
+    shard (``{}`` when ``write`` is off: another process keeps the files)."""
+    folder = store.root / "work"
+    folder.mkdir(parents=True, exist_ok=True)
+    done: dict[str, int] = {}
+
+    def recorded(i: int) -> None:
+        now = counts()
+        if write:
+            write_json(folder / f"{i}.json", {k: v - done.get(k, 0) for k, v in now.items()})
+        done.update(now)
+
+    record(model, batches, config, store=store, on_recorded=recorded)
+    if not write:
+        return {}
+    totals: dict[str, int] = {}
+    for i in range(len(store)):
+        for k, v in read_json(folder / f"{i}.json").items():
+            totals[k] = totals.get(k, 0) + v
+    return totals
 
 
 def warn_unconverged(summary: dict[str, float], tol: float, threshold: float = 0.05) -> bool:
