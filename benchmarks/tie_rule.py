@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import statistics
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from cdeq.consistency.conditioning import relative_error
-from cdeq.consistency.inference import select_plans
+from cdeq.consistency.inference import plan_to_json, select_plans
 from cdeq.pipeline import Run
 from cdeq.precision import to_device
 
@@ -56,16 +57,15 @@ def halves(batch: Any) -> tuple[Any, Any]:
 
 @torch.no_grad()
 def held_out(run: Run, predict, data: list) -> dict[str, dict[str, float]]:
-    """``{budget: {"metric", "relative_error"}}`` of ``predict(x, k) -> (logits, z)`` on ``data``."""
-    teacher = run.teacher()
+    """``{budget: {"metric", "relative_error"}}`` of ``predict(x, k) -> (logits, z)`` on ``data``:
+    ``(x, y, z*)`` batches."""
     out = {}
     for k in BUDGETS:
         m = n = e = en = 0.0
-        for x, y in data:
+        for x, y, z_star in data:
             logits, z = predict(x, k)
             ms, c = run.task.metric_sum(logits, y)
-            u = teacher.inject(x)
-            err = relative_error(z, teacher.deq.solve(u, teacher.initial_state(u)).z)
+            err = relative_error(z, z_star)
             m, n, e, en = m + ms, n + c, e + float(err.sum()), en + err.numel()
         out[str(k)] = {"metric": m / n, "relative_error": e / en}
     return out
@@ -76,9 +76,12 @@ def one_run(path: str) -> dict[str, Any]:
     teacher = run.teacher()
     student = run.student(teacher)
     models = {"C-DEQ": student, "C-DEQ+": run.student_plus(teacher, student)}
-    batches = [to_device(b, run.device) for b in run.task.selection_batches(
-        run.config.evaluate.batch_size)][: run.config.plans.batches]
+    batches = [to_device(b, run.device) for b in itertools.islice(run.task.selection_batches(
+        run.config.evaluate.batch_size), run.config.plans.batches)]
     search, score = zip(*(halves(b) for b in batches), strict=True)
+    with torch.no_grad():  # z* of the held-out half, once: the teacher's eval solver from z_0
+        scored = [(x, y, teacher.deq.solve(u, teacher.initial_state(u)).z)
+                  for x, y in score for u in (teacher.inject(x),)]
     result: dict[str, Any] = {"run": "/".join(Path(path).resolve().parts[-2:]),
                               "task": run.config.task, "seed": run.config.seed,
                               "search_items": sum(_items(y) for _, y in search),
@@ -90,11 +93,11 @@ def one_run(path: str) -> dict[str, Any]:
             cfg = dataclasses.replace(run.config.plans, batches=len(search), **changes)
             with run.autocast():
                 select_plans(model, list(search), run._score, run.task.higher_is_better, last, cfg)
-            per = held_out(run, lambda x, k, m=model: m.predict(x, nfe=k), list(score))
-            per["plans"] = {str(k): [list(op) for op in model.plan_for(k)] for k in BUDGETS}
+            per = held_out(run, lambda x, k, m=model: m.predict(x, nfe=k), scored)
+            per["plans"] = {str(k): plan_to_json(model.plan_for(k)) for k in BUDGETS}
             result["models"][name][rule] = per
     extra, _, _ = run._extra_methods(teacher, None)
-    result["models"]["learned init"] = {"-": held_out(run, extra["learned_init"], list(score))}
+    result["models"]["learned init"] = {"-": held_out(run, extra["learned_init"], scored)}
     return result
 
 

@@ -163,7 +163,7 @@ def _trails(a: _Scored, ref: _Scored, higher_is_better: bool, within_se: float) 
     return float(d.mean()) >= within_se * se
 
 
-def _choose(scored: list[_Scored], ref: _Scored | None, config: PlanSearchConfig,
+def _choose(scored: list[_Scored], ref: _Scored, config: PlanSearchConfig,
             higher_is_better: bool) -> tuple[_Scored, _Scored]:
     """The plan kept among ``scored`` and the new best-by-metric reference (``ref``: the best
     metric found at the budgets before)."""
@@ -174,7 +174,7 @@ def _choose(scored: list[_Scored], ref: _Scored | None, config: PlanSearchConfig
         return (c.metric if higher_is_better else -c.metric, *ties(c))
 
     top = max(scored, key=rank)
-    if ref is None or rank(top)[0] > rank(ref)[0]:
+    if rank(top)[0] > rank(ref)[0]:
         ref = top
     if config.tie_within_se <= 0:
         return top, ref
@@ -184,8 +184,8 @@ def _choose(scored: list[_Scored], ref: _Scored | None, config: PlanSearchConfig
 
 def _candidates(k: int, times: list[float], auto: bool) -> list[tuple[int, Plan]]:
     """``(base budget, operations appended to its plan)`` of every extension tried for budget
-    ``k`` (the module docstring lists them); ``(k - 1, [])`` is ``plan_{k-1}`` itself."""
-    out: list[tuple[int, Plan]] = [(k - 1, []), (k - 1, [("step",)])]
+    ``k`` (the module docstring lists them), besides ``plan_{k-1}`` itself."""
+    out: list[tuple[int, Plan]] = [(k - 1, [("step",)])]
     out += [(k - 1, [("jump", t)]) for t in times]
     if k - 2 >= 1:
         out += [(k - 2, [("step",), ("jump", t)]) for t in times]
@@ -245,14 +245,14 @@ def select_plans(
     for k in range(2, config.max_nfe + 1):
         prev = best[k - 1]
         cands = [prev]
-        for base, ops in _candidates(k, times, auto)[1:]:
+        for base, ops in _candidates(k, times, auto):
             c = scored(best[base].plan + ops, extend(best[base].states, ops))
             if not config.error_must_not_rise or c.err <= prev.err:
                 cands.append(c)  # plan_{k-1} itself always stays in
         best[k], ref = _choose(cands, ref, config, higher_is_better)
     student.plans = {k: list(v.plan) for k, v in best.items()}
     log.info("selected plans for 1..%d NFE on %d batches", config.max_nfe, len(data))
-    return {str(k): {"plan": [list(op) for op in v.plan], "metric": v.metric, "loss": v.loss,
+    return {str(k): {"plan": plan_to_json(v.plan), "metric": v.metric, "loss": v.loss,
                      "relative_error": v.err} for k, v in best.items()}
 
 
