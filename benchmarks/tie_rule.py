@@ -14,7 +14,11 @@ scored the same way. The test split is never read. Rules (``plans`` settings):
 
 - exact ties, broken by the loss (``tie_within_se=0``, ``tie_break=loss``);
 - exact ties, broken by the error to ``z*``;
-- a gain below one standard error is a tie, broken by the error to ``z*``.
+- a gain below one standard error is a tie, broken by the error to ``z*``;
+- the same, and a plan within one standard error of the converged teacher (the head on ``z*``)
+  ties too (``tie_with_teacher``, the default).
+
+The converged teacher (its eval solver from ``z_0``) is scored on the held-out half as well.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from cdeq.pipeline import Run
 from cdeq.precision import to_device
 
 RULES = {
-    "exact ties, by the loss": {"tie_within_se": 0.0, "tie_break": "loss"},
-    "exact ties, by the error": {"tie_within_se": 0.0, "tie_break": "error"},
-    "1 SE ties, by the error": {"tie_within_se": 1.0, "tie_break": "error"},
+    "exact ties, by the loss": {"tie_within_se": 0.0, "tie_break": "loss", "tie_with_teacher": False},
+    "exact ties, by the error": {"tie_within_se": 0.0, "tie_break": "error", "tie_with_teacher": False},
+    "1 SE ties, by the error": {"tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": False},
+    "1 SE ties with the best or the teacher, by the error": {
+        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True},
 }
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16)
 
@@ -98,6 +104,13 @@ def one_run(path: str) -> dict[str, Any]:
             result["models"][name][rule] = per
     extra, _, _ = run._extra_methods(teacher, None)
     result["models"]["learned init"] = {"-": held_out(run, extra["learned_init"], scored)}
+
+    def converged(x: Any, k: int) -> tuple[Any, Any]:
+        u = teacher.inject(x)
+        z = teacher.deq.solve(u, teacher.initial_state(u)).z
+        return teacher.head(z), z
+
+    result["models"]["converged teacher"] = {"-": held_out(run, converged, scored)}
     return result
 
 

@@ -289,7 +289,7 @@ def test_deq_model_takes_any_cell_and_infers_the_state():
 def test_plan_search_never_lets_the_error_to_z_star_rise():
     """A score that rewards leaving the equilibrium (logits far from the converged teacher's)
     picks plans whose error to z* rises when the rule is off; with ``error_must_not_rise`` (the
-    default) it never rises."""
+    default) it never rises. Ties with the teacher are off: they alone would undo that score."""
     torch.manual_seed(0)
     model, x, _ = tiny_problem(n=64)
     student = ConsistencyStudent(model)
@@ -304,7 +304,8 @@ def test_plan_search_never_lets_the_error_to_z_star_rise():
 
     def errors(rule: bool) -> list[float]:
         log = select_plans(student, batches, far, True, last=40,
-                           config=PlanSearchConfig(max_nfe=4, error_must_not_rise=rule))
+                           config=PlanSearchConfig(max_nfe=4, error_must_not_rise=rule,
+                                                   tie_with_teacher=False))
         with torch.no_grad():
             u = model.inject(x)
             z_star = model.deq.solve(u).z
@@ -387,3 +388,33 @@ def test_plan_search_counts_noise_as_a_tie_and_takes_the_plan_nearest_z_star():
     assert tied["5"]["relative_error"] < by_noise["5"]["relative_error"]
     with pytest.raises(ConfigError, match="tie_within_se"):
         PlanSearchConfig(tie_within_se=-1.0)
+
+
+def test_a_plan_as_good_as_the_converged_teacher_ties_with_any_earlier_gain():
+    """The metric rewards leaving z* (each item's distance from the converged logits), so the
+    converged teacher scores 0, below every plan. Without ``tie_with_teacher`` the search keeps
+    plans that gained metric by leaving z*; with it (the default) every plan ties with the teacher
+    and the search chooses as if the metrics were equal: by the error to z*."""
+    torch.manual_seed(0)
+    model, x, _ = tiny_problem(n=64)
+    student = ConsistencyStudent(model)
+    with torch.no_grad():
+        converged = model.head(model.deq.solve(model.inject(x)).z)
+
+    def away(logits, ref):  # higher is better: the distance from the converged teacher's logits
+        d = (logits - ref).norm(dim=-1)
+        return d, -float(d.sum())
+
+    def flat(logits, ref):
+        return torch.zeros(logits.shape[0]), 0.0
+
+    def errors(fn, **kw) -> list[float]:
+        log = select_plans(student, [(x, converged)], fn, True, last=40,
+                           config=PlanSearchConfig(max_nfe=5, **kw))
+        return [log[str(k)]["relative_error"] for k in range(1, 6)]
+
+    kept, with_teacher = errors(away, tie_with_teacher=False), errors(away)
+    assert with_teacher == errors(flat, tie_within_se=0.0)
+    assert with_teacher[-1] < kept[-1]
+    with pytest.raises(ConfigError, match="tie_with_teacher"):
+        PlanSearchConfig(tie_with_teacher="yes")

@@ -15,11 +15,14 @@ A plan (see :mod:`cdeq.consistency.student`) is a list of operations. For every 
 error to ``z*``) decides between tied metrics. With ``tie_within_se`` a candidate ties when its
 metric trails the best one found so far (at any budget up to ``k``) by less than that many
 standard errors of their per-item difference: a gain the selection data cannot tell from noise
-does not outweigh a plan closer to ``z*``. Without it, ties are exact and on those batches a larger
-budget is never worse. With ``error_must_not_rise`` (the default) only candidates whose relative
-error to ``z*`` (the teacher's eval solver on the same batches) is at most ``plan_{k-1}``'s
-compete, so on those batches the error to ``z*`` never rises as calls are added: a plan may not buy
-accuracy by leaving the equilibrium.
+does not outweigh a plan closer to ``z*``. With ``tie_with_teacher`` a candidate also ties when its
+metric does not trail the converged teacher's (the student's head on ``z*``) by that margin: a
+selection gain over the DEQ's own answer does not keep a plan from moving to it. Without
+``tie_within_se``, ties are exact and on those batches a larger budget is never worse. With
+``error_must_not_rise`` (the default) only candidates whose relative error to ``z*`` (the
+teacher's eval solver on the same batches) is at most ``plan_{k-1}``'s compete, so on those
+batches the error to ``z*`` never rises as calls are added: a plan may not buy accuracy by leaving
+the equilibrium.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ class PlanSearchConfig(Config):
             many standard errors of their paired per-item difference ties with it (0: only
             equal metrics tie). The defaults (1 standard error, ties to the plan nearest ``z*``)
             were chosen on validation items the search did not see: ``benchmarks/tie_rule.py``.
+        tie_with_teacher: with ``tie_within_se`` > 0, a candidate whose metric is within that
+            margin of the converged teacher's (the head on ``z*``, same batches) ties too, even
+            when an earlier plan's metric is higher (chosen the same way as ``tie_within_se``).
     """
 
     max_nfe: int = 16
@@ -70,6 +76,7 @@ class PlanSearchConfig(Config):
     error_must_not_rise: bool = True
     tie_break: str = "error"
     tie_within_se: float = 1.0
+    tie_with_teacher: bool = True
 
     def validate(self) -> None:
         check_int("max_nfe", self.max_nfe, minimum=1)
@@ -77,6 +84,7 @@ class PlanSearchConfig(Config):
         check_bool("error_must_not_rise", self.error_must_not_rise)
         check_choice("tie_break", self.tie_break, ["loss", "error"])
         check_positive("tie_within_se", self.tie_within_se, allow_zero=True)
+        check_bool("tie_with_teacher", self.tie_with_teacher)
         if any(not isinstance(t, (int, float)) or t <= 0 for t in self.times):
             raise ConfigError(f"times={self.times!r} is not valid; give positive numbers")
 
@@ -164,9 +172,10 @@ def _trails(a: _Scored, ref: _Scored, higher_is_better: bool, within_se: float) 
 
 
 def _choose(scored: list[_Scored], ref: _Scored, config: PlanSearchConfig,
-            higher_is_better: bool) -> tuple[_Scored, _Scored]:
+            higher_is_better: bool, teacher: _Scored | None = None) -> tuple[_Scored, _Scored]:
     """The plan kept among ``scored`` and the new best-by-metric reference (``ref``: the best
-    metric found at the budgets before)."""
+    metric found at the budgets before; ``teacher``: the converged teacher's scores, a second
+    reference to tie with)."""
     def ties(c: _Scored) -> tuple[float, float]:
         return (-c.err, -c.loss) if config.tie_break == "error" else (-c.loss, -c.err)
 
@@ -178,7 +187,9 @@ def _choose(scored: list[_Scored], ref: _Scored, config: PlanSearchConfig,
         ref = top
     if config.tie_within_se <= 0:
         return top, ref
-    tied = [c for c in scored if not _trails(c, ref, higher_is_better, config.tie_within_se)]
+    refs = [ref] if teacher is None else [ref, teacher]
+    tied = [c for c in scored
+            if any(not _trails(c, r, higher_is_better, config.tie_within_se) for r in refs)]
     return (max(tied, key=ties) if tied else top), ref
 
 
@@ -242,6 +253,7 @@ def select_plans(
     start: Plan = [("jump", student.start_time)]
     best = {1: scored(start, extend([student.initial_state(u_t) for _, u_t, _, _ in data], start))}
     ref = best[1]
+    teacher = scored([], [z_star for *_, z_star in data]) if config.tie_with_teacher else None
     for k in range(2, config.max_nfe + 1):
         prev = best[k - 1]
         cands = [prev]
@@ -249,7 +261,7 @@ def select_plans(
             c = scored(best[base].plan + ops, extend(best[base].states, ops))
             if not config.error_must_not_rise or c.err <= prev.err:
                 cands.append(c)  # plan_{k-1} itself always stays in
-        best[k], ref = _choose(cands, ref, config, higher_is_better)
+        best[k], ref = _choose(cands, ref, config, higher_is_better, teacher)
     student.plans = {k: list(v.plan) for k, v in best.items()}
     log.info("selected plans for 1..%d NFE on %d batches", config.max_nfe, len(data))
     return {str(k): {"plan": plan_to_json(v.plan), "metric": v.metric, "loss": v.loss,
