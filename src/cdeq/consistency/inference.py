@@ -67,7 +67,7 @@ class PlanSearchConfig(Config):
             were chosen on validation items the search did not see: ``benchmarks/tie_rule.py``.
         tie_with_teacher: with ``tie_within_se`` > 0, a candidate whose metric is within that
             margin of the converged teacher's (the head on ``z*``, same batches) ties too, even
-            when an earlier plan's metric is higher (chosen the same way as ``tie_within_se``).
+            when an earlier plan's metric is higher (its default was chosen the same way).
     """
 
     max_nfe: int = 16
