@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cdeq.consistency.student import plan_nfe
+from cdeq.consistency.plans import plan_nfe
 from cdeq.cost import count_flops, time_methods
 from cdeq.pipeline import Run
 from cdeq.solvers import get_solver

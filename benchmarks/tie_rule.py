@@ -15,10 +15,17 @@ scored the same way. The test split is never read. Rules (``plans`` settings):
 - exact ties, broken by the loss (``tie_within_se=0``, ``tie_break=loss``);
 - exact ties, broken by the error to ``z*``;
 - a gain below one standard error is a tie, broken by the error to ``z*``;
-- the same, and a plan within one standard error of the converged teacher (the head on ``z*``)
-  ties too (``tie_with_teacher``, the default).
+- the same, and a plan within one standard error of the converged teacher (the student's head
+  on ``z*``) ties too (``tie_with_teacher``);
+- the same, and each chosen plan is read out by the teacher's head where that scores higher on
+  the search half by one standard error or more (``teacher_head``);
+- the same, but a plan ties with the teacher only when its metric is not below the teacher's
+  (``teacher_within_se=0``): the defaults.
 
-The converged teacher (its eval solver from ``z_0``) is scored on the held-out half as well.
+``--rules`` picks some of them by number (1-6, in this order).
+
+The converged teacher (its eval solver from ``z_0``) is scored on the held-out half as well, and
+C-DEQ's fine-tuned head on the same ``z*``.
 """
 
 from __future__ import annotations
@@ -35,16 +42,23 @@ from typing import Any
 import torch
 
 from cdeq.consistency.conditioning import relative_error
-from cdeq.consistency.inference import plan_to_json, select_plans
+from cdeq.consistency.inference import select_plans
+from cdeq.consistency.plans import plan_to_json
 from cdeq.pipeline import Run
 from cdeq.precision import to_device
 
+STUDENT_HEAD = {"tie_with_teacher": False, "teacher_head": False}
 RULES = {
-    "exact ties, by the loss": {"tie_within_se": 0.0, "tie_break": "loss", "tie_with_teacher": False},
-    "exact ties, by the error": {"tie_within_se": 0.0, "tie_break": "error", "tie_with_teacher": False},
-    "1 SE ties, by the error": {"tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": False},
+    "exact ties, by the loss": {"tie_within_se": 0.0, "tie_break": "loss", **STUDENT_HEAD},
+    "exact ties, by the error": {"tie_within_se": 0.0, "tie_break": "error", **STUDENT_HEAD},
+    "1 SE ties, by the error": {"tie_within_se": 1.0, "tie_break": "error", **STUDENT_HEAD},
     "1 SE ties with the best or the teacher, by the error": {
-        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True},
+        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": False},
+    "the same, read out by the teacher's head where it scores higher": {
+        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": True},
+    "the same, tying with the teacher only when not below it": {
+        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": True,
+        "teacher_within_se": 0.0},
 }
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16)
 
@@ -77,7 +91,7 @@ def held_out(run: Run, predict, data: list) -> dict[str, dict[str, float]]:
     return out
 
 
-def one_run(path: str) -> dict[str, Any]:
+def one_run(path: str, rules: dict[str, dict]) -> dict[str, Any]:
     run = Run(path)
     teacher = run.teacher()
     student = run.student(teacher)
@@ -95,7 +109,7 @@ def one_run(path: str) -> dict[str, Any]:
     last = run.config.record.solver.max_iter
     for name, model in models.items():
         result["models"][name] = {}
-        for rule, changes in RULES.items():
+        for rule, changes in rules.items():
             cfg = dataclasses.replace(run.config.plans, batches=len(search), **changes)
             with run.autocast():
                 select_plans(model, list(search), run._score, run.task.higher_is_better, last, cfg)
@@ -111,6 +125,8 @@ def one_run(path: str) -> dict[str, Any]:
         return teacher.head(z_of[id(x)]), z_of[id(x)]
 
     result["models"]["converged teacher"] = {"-": held_out(run, converged, scored)}
+    result["models"]["C-DEQ's head on z*"] = {"-": held_out(
+        run, lambda x, k: (student.head(z_of[id(x)]), z_of[id(x)]), scored)}
     return result
 
 
@@ -138,17 +154,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", required=True, help="finished run directories (seeds)")
     p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--rules", nargs="+", type=int, choices=range(1, len(RULES) + 1),
+                   help="the rules to compare, by number (default: all)")
     args = p.parse_args()
+    names = list(RULES)
+    rules = {names[i - 1]: RULES[names[i - 1]] for i in sorted(set(args.rules or range(1, len(RULES) + 1)))}
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    results = [one_run(path) for path in args.runs]
+    results = [one_run(path, rules) for path in args.runs]
     lines = [f"{results[0]['task']}: held-out validation half ({results[0]['held_out_items']} items; "
              f"plans searched on the other {results[0]['search_items']}), mean ± std over "
              f"{len(results)} runs", "", "metric:", *table(results, "metric"), "",
              "relative error to z*:", *table(results, "relative_error")]
     print("\n".join(lines))
     with open(args.out, "w") as f:
-        json.dump({"rules": RULES, "budgets": BUDGETS, "runs": results, "table": lines}, f, indent=1)
+        json.dump({"rules": rules, "budgets": BUDGETS, "runs": results, "table": lines}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from cdeq.consistency import (
     relative_error,
     select_plans,
 )
+from cdeq.consistency.plans import TEACHER_HEAD, plan_from_json, plan_nfe, plan_to_json
 from cdeq.deq import DEQModel
 from cdeq.io import CorruptFileError
 
@@ -418,3 +419,70 @@ def test_a_plan_as_good_as_the_converged_teacher_ties_with_any_earlier_gain():
     assert with_teacher[-1] < kept[-1]
     with pytest.raises(ConfigError, match="tie_with_teacher"):
         PlanSearchConfig(tie_with_teacher="yes")
+
+
+def accuracy(logits, y):
+    hit = (logits.argmax(-1) == y).float()
+    return hit, -float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+
+
+def test_the_search_reads_plans_that_reach_z_star_with_the_teachers_head():
+    """The student's head is made worse than the teacher's (its rows permuted), so near ``z*``
+    only the teacher's head gets the converged labels. With ``teacher_head`` (the default) the
+    chosen plans are read out by the teacher's head and score as the teacher at 12 calls; without
+    it the plans reach as near ``z*`` but score with the worse head."""
+    torch.manual_seed(0)
+    model, x, y = tiny_problem(n=128)
+    student = ConsistencyStudent(model)
+    with torch.no_grad():
+        student.head.weight.copy_(student.head.weight.roll(1, dims=0))
+        student.head.bias.copy_(student.head.bias.roll(1, dims=0))
+    log = select_plans(student, [(x, y)], accuracy, True, last=40, config=PlanSearchConfig(max_nfe=12))
+    top = student.plan_for(12)
+    assert top[-1] == TEACHER_HEAD and log["12"]["metric"] == 1.0
+    logits, z = student.predict(x, nfe=12)
+    assert torch.equal(logits, model.head(z))  # the teacher's head reads the state
+    assert plan_nfe(top) == 12 and log["12"]["relative_error"] < 0.02
+    without = select_plans(student, [(x, y)], accuracy, True, last=40,
+                           config=PlanSearchConfig(max_nfe=12, teacher_head=False))
+    assert all(TEACHER_HEAD not in p for p in student.plans.values())
+    assert without["12"]["metric"] < 0.5 and without["12"]["relative_error"] < 0.02
+
+
+def test_a_plan_is_checked_when_set_and_the_teacher_head_only_ends_one():
+    model, x, _ = tiny_problem(n=8)
+    student = ConsistencyStudent(model)
+    plan = [("jump", student.start_time), TEACHER_HEAD]
+    student.plans = {1: plan}
+    assert plan_nfe(plan) == 1 and plan_from_json(plan_to_json(plan)) == plan
+    logits, z = student.predict(x, nfe=1)
+    assert torch.equal(logits, model.head(z))
+    with pytest.raises(ConfigError, match="last operation"):
+        student.plans = {1: [TEACHER_HEAD, ("jump", student.start_time)]}
+    with pytest.raises(ConfigError, match="not valid"):
+        student.plans = {1: [("jump", "late")]}
+    with pytest.raises(ConfigError, match="teacher_head"):
+        PlanSearchConfig(teacher_head=1)
+
+
+def test_the_teacher_margin_decides_whether_a_plan_below_the_teacher_ties():
+    """Of two candidates, ``b`` scores best (90 of 100 items) and ``c`` is nearer ``z*`` but one
+    item below the converged teacher (80), within one standard error of it. With
+    ``teacher_within_se=1`` ``c`` ties with the teacher and wins on the error; with the default
+    margin 0 it trails the teacher and the better-scoring ``b`` is kept."""
+    from cdeq.consistency.inference import _choose, _Scored
+
+    def scored(ones: list[int], err: float) -> _Scored:
+        items = torch.zeros(100)
+        items[ones] = 1.0
+        return _Scored([("jump", 1.0)], [], float(items.mean()), 0.0, err, items)
+
+    teacher = scored(list(range(80)), 0.0)
+    b = scored(list(range(90)), 0.5)
+    c = scored(list(range(2, 80)) + [85], 0.1)
+    kept, _ = _choose([b, c], b, PlanSearchConfig(teacher_within_se=1.0), True, [teacher])
+    assert kept is c
+    kept, _ = _choose([b, c], b, PlanSearchConfig(), True, [teacher])
+    assert kept is b
+    with pytest.raises(ConfigError, match="teacher_within_se"):
+        PlanSearchConfig(teacher_within_se=-1)

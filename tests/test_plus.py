@@ -12,8 +12,7 @@ from cdeq import cost
 from cdeq.baselines import BaselineConfig, LearnedInit
 from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
-from cdeq.consistency.inference import plan_from_json
-from cdeq.consistency.student import plan_nfe
+from cdeq.consistency.plans import plan_from_json, plan_nfe
 from cdeq.deq.layer import SolverSpec
 from cdeq.plus import PlusConfig, load_plus, match_start_time, train_plus
 from cdeq.solvers import get_solver

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .consistency.student import ConsistencyStudent, Plan
+from .consistency.plans import Plan, plan_nfe
+from .consistency.student import ConsistencyStudent
 
 
 class PlanModule(nn.Module):
-    """``x -> logits`` through ``plan`` (each operation 1 NFE); no gradient.
+    """``x -> logits`` through ``plan`` (:func:`~cdeq.consistency.plans.plan_nfe` layer calls); no gradient.
 
     Args:
         student: a distilled (or, for timing, untrained) student.
@@ -36,12 +37,12 @@ class PlanModule(nn.Module):
 
     @property
     def nfe(self) -> int:
-        return len(self.plan)
+        return plan_nfe(self.plan)
 
     @torch.no_grad()
     def forward(self, x: Any) -> Tensor:
         u, u_teacher = self.student.teacher_inputs(x)
-        return self.student.head(self.student.run_plan(u, self.plan, u_teacher))
+        return self.student.read(self.student.run_plan(u, self.plan, u_teacher), self.plan)
 
 
 def default_mode(device: torch.device | str) -> str | None:

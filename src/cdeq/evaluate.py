@@ -191,8 +191,9 @@ def _sweep(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, co
         if student is not None:
             u_s, u_t = student.teacher_inputs(x)
             for k in budgets:
-                z = student.run_plan(u_s, student.plan_for(k), u_t)
-                accs["cdeq"][k].add(task, student.head(z), y, z, z_ref)
+                plan = student.plan_for(k)
+                z = student.run_plan(u_s, plan, u_t)
+                accs["cdeq"][k].add(task, student.read(z, plan), y, z, z_ref)
         for name, fn in (extra or {}).items():
             for k in budgets:
                 out = fn(x, k)

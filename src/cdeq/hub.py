@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
-from .consistency.inference import plan_from_json, plan_to_json
+from .consistency.plans import plans_from_json, plans_to_json
 from .consistency.schedule import ScheduleConfig, TimeSchedule
 from .consistency.student import ConsistencyStudent, Plan, StudentConfig
 from .deq.layer import SolverSpec
@@ -163,7 +163,7 @@ def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu
     except RuntimeError as err:
         raise ConfigError(f"{directory / WEIGHTS} does not match the model rebuilt from {cfg_path}: "
                           f"{err}") from err
-    plans = {int(k): plan_from_json(v) for k, v in cfg["plans"].items()}
+    plans = plans_from_json(cfg["plans"])
     if cfg.get("plans_selected", True):
         student.plans = plans
     return student.to(resolve_device(device)).eval()
@@ -229,7 +229,7 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
             cfg["teacher"] = teacher_recipe(s.teacher, s.channels, s.channel_dim)
         cfg.update(solvers=solver_settings(s.teacher), schedule=s.schedule.config.to_dict(),
                    student=s.config.to_dict(),
-                   plans={str(k): plan_to_json(p) for k, p in sorted(s.plans.items())},
+                   plans=plans_to_json(s.plans),
                    plans_selected=s.plans_selected)
         json.dumps(cfg)  # fail before writing anything
         return cfg

@@ -35,7 +35,8 @@ import torch
 
 from . import distributed
 from .consistency.distill import distill
-from .consistency.inference import plan_from_json, plan_to_json, select_plans
+from .consistency.inference import select_plans
+from .consistency.plans import plans_from_json, plans_to_json
 from .consistency.schedule import TimeSchedule
 from .consistency.student import ConsistencyStudent
 from .consistency.trajectory import TrajectoryStore, record_counted, residual_summary, warn_unconverged
@@ -130,7 +131,7 @@ class Run(RunDirectory):
         student = ConsistencyStudent(teacher, TimeSchedule(self.config.schedule),
                                      self.config.student).to(self.device)
         meta = self.load_module("student", student)
-        student.plans = {int(k): plan_from_json(v) for k, v in meta["plans"].items()}
+        student.plans = plans_from_json(meta["plans"])
         student.eval()
         return student
 
@@ -198,8 +199,7 @@ class Run(RunDirectory):
                             "epochs": len(history["steps"])},
                 "record": read_json(work_file) if work_file.exists() else {},
                 "plan_search": calls}
-        meta = {"plans": {str(k): plan_to_json(p) for k, p in student.plans.items()},
-                "search": search, "train_time_s": elapsed, "work": work}
+        meta = dict(plans=plans_to_json(student.plans), search=search, train_time_s=elapsed, work=work)
         self.save_module("student", student, meta)
         return student
 
@@ -232,7 +232,7 @@ class Run(RunDirectory):
                                 task_batches=chain)
         search, calls = self._search_plans(plus, teacher)
         self.save_module("student_plus", plus, {
-            "plans": {str(k): plan_to_json(p) for k, p in plus.plans.items()}, "search": search,
+            "plans": plans_to_json(plus.plans), "search": search,
             "start": info["start"], "train_time_s": info["train_time_s"],
             "work": {**info["work"], "plan_search": calls}})
         return plus
@@ -245,7 +245,7 @@ class Run(RunDirectory):
         meta = self.read_meta("student_plus")
         plus = load_plus(student or self.student(teacher), self.config.plus, meta["start"])
         self.load_module("student_plus", plus)
-        plus.plans = {int(k): plan_from_json(v) for k, v in meta["plans"].items()}
+        plus.plans = plans_from_json(meta["plans"])
         plus.eval()
         return plus
 
@@ -262,7 +262,7 @@ class Run(RunDirectory):
         for name, model in models:
             meta = self.read_meta(name)
             meta["search"], meta.setdefault("work", {})["plan_search"] = self._search_plans(model, teacher)
-            meta["plans"] = {str(k): plan_to_json(p) for k, p in model.plans.items()}
+            meta["plans"] = plans_to_json(model.plans)
             self.save_module(name, model, meta)
 
     def _score(self, logits: torch.Tensor, y: Any) -> tuple[torch.Tensor, float]:

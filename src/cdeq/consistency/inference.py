@@ -16,13 +16,16 @@ error to ``z*``) decides between tied metrics. With ``tie_within_se`` a candidat
 metric trails the best one found so far (at any budget up to ``k``) by less than that many
 standard errors of their per-item difference: a gain the selection data cannot tell from noise
 does not outweigh a plan closer to ``z*``. With ``tie_with_teacher`` a candidate also ties when its
-metric does not trail the converged teacher's (the student's head on ``z*``) by that margin: a
+metric does not trail the converged teacher's (the student's head on ``z*``) by
+``teacher_within_se`` standard errors: a
 selection gain over the DEQ's own answer does not keep a plan from moving to it. Without
 ``tie_within_se``, ties are exact and on those batches a larger budget is never worse. With
 ``error_must_not_rise`` (the default) only candidates whose relative error to ``z*`` (the
 teacher's eval solver on the same batches) is at most ``plan_{k-1}``'s compete, so on those
 batches the error to ``z*`` never rises as calls are added: a plan may not buy accuracy by leaving
-the equilibrium.
+the equilibrium. With ``teacher_head`` (the default) a chosen plan is read out by the teacher's
+head (a last ``("teacher_head",)``, 0 NFE) when that scores higher by ``tie_within_se`` standard
+errors or more; the search itself ranks plans by the student's head.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from ..config import Config, ConfigError, check_bool, check_choice, check_int, c
 from ..fit import model_device
 from ..precision import to_device
 from .conditioning import relative_error
-from .student import ConsistencyStudent, Plan
+from .plans import TEACHER_HEAD, Plan, plan_to_json
+from .student import ConsistencyStudent
 
 log = logging.getLogger(__name__)
 ScoreFn = Callable[[Tensor, Any], tuple[Tensor, float]]
@@ -65,9 +69,16 @@ class PlanSearchConfig(Config):
             many standard errors of their paired per-item difference ties with it (0: only
             equal metrics tie). The defaults (1 standard error, ties to the plan nearest ``z*``)
             were chosen on validation items the search did not see: ``benchmarks/tie_rule.py``.
-        tie_with_teacher: with ``tie_within_se`` > 0, a candidate whose metric is within that
-            margin of the converged teacher's (the head on ``z*``, same batches) ties too, even
-            when an earlier plan's metric is higher (its default was chosen the same way).
+        tie_with_teacher: with ``tie_within_se`` > 0, a candidate whose metric is within
+            ``teacher_within_se`` of the converged teacher's (the student's head on ``z*``, same
+            batches) ties too, even when an earlier plan's metric is higher (its default was
+            chosen the same way).
+        teacher_within_se: with ``tie_with_teacher``, the margin (standard errors) for the
+            teacher: 0 (the default, chosen the same way) ties only candidates that do not
+            trail the converged teacher at all.
+        teacher_head: once a budget's plan is chosen (read out by the student's fine-tuned head),
+            the teacher's head reads its state instead (the plan ends with ``("teacher_head",)``,
+            0 NFE) when it scores higher by ``tie_within_se`` standard errors or more.
     """
 
     max_nfe: int = 16
@@ -77,6 +88,8 @@ class PlanSearchConfig(Config):
     tie_break: str = "error"
     tie_within_se: float = 1.0
     tie_with_teacher: bool = True
+    teacher_within_se: float = 0.0
+    teacher_head: bool = True
 
     def validate(self) -> None:
         check_int("max_nfe", self.max_nfe, minimum=1)
@@ -85,6 +98,8 @@ class PlanSearchConfig(Config):
         check_choice("tie_break", self.tie_break, ["loss", "error"])
         check_positive("tie_within_se", self.tie_within_se, allow_zero=True)
         check_bool("tie_with_teacher", self.tie_with_teacher)
+        check_positive("teacher_within_se", self.teacher_within_se, allow_zero=True)
+        check_bool("teacher_head", self.teacher_head)
         if any(not isinstance(t, (int, float)) or t <= 0 for t in self.times):
             raise ConfigError(f"times={self.times!r} is not valid; give positive numbers")
 
@@ -172,10 +187,10 @@ def _trails(a: _Scored, ref: _Scored, higher_is_better: bool, within_se: float) 
 
 
 def _choose(scored: list[_Scored], ref: _Scored, config: PlanSearchConfig,
-            higher_is_better: bool, teacher: _Scored | None = None) -> tuple[_Scored, _Scored]:
+            higher_is_better: bool, teacher: list[_Scored]) -> tuple[_Scored, _Scored]:
     """The plan kept among ``scored`` and the new best-by-metric reference (``ref``: the best
-    metric found at the budgets before; ``teacher``: the converged teacher's scores, a second
-    reference to tie with)."""
+    metric found at the budgets before; ``teacher``: the converged teacher's scores, further
+    references to tie with)."""
     def ties(c: _Scored) -> tuple[float, float]:
         return (-c.err, -c.loss) if config.tie_break == "error" else (-c.loss, -c.err)
 
@@ -187,9 +202,8 @@ def _choose(scored: list[_Scored], ref: _Scored, config: PlanSearchConfig,
         ref = top
     if config.tie_within_se <= 0:
         return top, ref
-    refs = [ref] if teacher is None else [ref, teacher]
-    tied = [c for c in scored
-            if any(not _trails(c, r, higher_is_better, config.tie_within_se) for r in refs)]
+    refs = [(ref, config.tie_within_se)] + [(t, config.teacher_within_se) for t in teacher]
+    tied = [c for c in scored if any(not _trails(c, r, higher_is_better, se) for r, se in refs)]
     return (max(tied, key=ties) if tied else top), ref
 
 
@@ -234,10 +248,11 @@ def select_plans(
     times = candidate_times(student, last, config)
     auto = student.schedule.config.kind == "residual"
 
-    def scored(plan: Plan, states: list[Tensor]) -> _Scored:
+    def scored(plan: Plan, states: list[Tensor], head: Callable[[Tensor], Tensor] = student.head
+               ) -> _Scored:
         items, l_sum, e_sum, e_count = [], 0.0, 0.0, 0
         for z, (_, _, y, z_star) in zip(states, data, strict=True):
-            m, lo = score(student.head(z), y)
+            m, lo = score(head(z), y)
             items.append(m.detach().float().reshape(-1).cpu())
             l_sum += lo
             err = relative_error(z, z_star)
@@ -250,10 +265,17 @@ def select_plans(
         return [student.run_plan(u_s, ops, u_t, z0=z)
                 for z, (u_s, u_t, _, _) in zip(states, data, strict=True)]
 
+    def readout(c: _Scored) -> _Scored:
+        """``c`` read out by the teacher's head when that beats the student's by the tie margin."""
+        if not config.teacher_head:
+            return c
+        t = scored(c.plan + [TEACHER_HEAD], c.states, student.teacher.head)
+        return t if _trails(c, t, higher_is_better, config.tie_within_se) else c
+
     start: Plan = [("jump", student.start_time)]
     best = {1: scored(start, extend([student.initial_state(u_t) for _, u_t, _, _ in data], start))}
     ref = best[1]
-    teacher = scored([], [z_star for *_, z_star in data]) if config.tie_with_teacher else None
+    teacher = [scored([], [z_star for *_, z_star in data])] if config.tie_with_teacher else []
     for k in range(2, config.max_nfe + 1):
         prev = best[k - 1]
         cands = [prev]
@@ -262,23 +284,8 @@ def select_plans(
             if not config.error_must_not_rise or c.err <= prev.err:
                 cands.append(c)  # plan_{k-1} itself always stays in
         best[k], ref = _choose(cands, ref, config, higher_is_better, teacher)
+    best = {k: readout(v) for k, v in best.items()}
     student.plans = {k: list(v.plan) for k, v in best.items()}
     log.info("selected plans for 1..%d NFE on %d batches", config.max_nfe, len(data))
     return {str(k): {"plan": plan_to_json(v.plan), "metric": v.metric, "loss": v.loss,
                      "relative_error": v.err} for k, v in best.items()}
-
-
-def plan_to_json(plan: Plan) -> list[list]:
-    return [list(op) for op in plan]
-
-
-def plan_from_json(data: list[list]) -> Plan:
-    plan = []
-    for op in data:
-        if not op or op[0] not in ("jump", "step", "jump_auto", "solve"):
-            raise ConfigError(f"plan operation {op!r} is not valid; use jump/step/jump_auto/solve")
-        if op[0] == "solve" and (len(op) != 2 or isinstance(op[1], bool) or not isinstance(op[1], int)
-                                 or op[1] < 1):
-            raise ConfigError(f"plan operation {op!r} is not valid; give ['solve', n] with n >= 1")
-        plan.append(tuple(op))
-    return plan

@@ -9,14 +9,10 @@ time for the whole batch, so its coefficients are computed once and then read fr
 channel-wise correction MLP (``correction_hidden``, off by default) adds to ``G``. At ``t = T`` the
 scalings are ``(1, 0)`` and ``F(z*, T, x) = z*`` holds exactly (the boundary condition).
 
-Inference runs a *plan*: a list of operations starting from ``z_0``, each costing 1 NFE:
-
-- ``("jump", t)``: ``z <- F(z, t, x)``, the student's jump to the equilibrium from time ``t``;
-- ``("step",)``: ``z <- f_theta(z, u)``, one teacher step (re-entry onto the trajectory);
-- ``("jump_auto",)``: a jump whose time is read off the residual measured by the previous
-  teacher step (only after a ``step``; needs the residual-based schedule);
-- ``("solve", n)``: ``n`` steps of the teacher's own solver (its eval solver, Anderson by
-  default, tolerance 0) from ``z``: ``n`` NFE (:func:`plan_nfe`).
+Inference runs a *plan* (:mod:`cdeq.consistency.plans`): jumps ``("jump", t)``, teacher steps
+``("step",)``, residual-timed jumps ``("jump_auto",)``, ``n`` steps of the teacher's solver
+``("solve", n)``, and optionally a last ``("teacher_head",)`` that reads the state out with the
+teacher's head (:meth:`ConsistencyStudent.read`).
 
 A plan starts from zeros, or (C-DEQ+, :mod:`cdeq.plus`) from a learned initial state ``h(u)``
 placed at the time :attr:`ConsistencyStudent.start_time` matched to its residual; ``h`` runs
@@ -49,18 +45,13 @@ from ..config import Config, ConfigError, check_int
 from ..deq.model import DEQModel
 from ..solvers import get_solver
 from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _injected_state, _per_sample, relative_error
+from .plans import Plan, check_plan, plan_body, plan_nfe, reads_teacher
 from .schedule import ScheduleConfig, TimeSchedule
 
 __all__ = ["ChannelMLP", "ConsistencyStudent", "StudentConfig", "TimeEmbedding", "frozen_call",
            "plan_nfe"]
 
-Plan = list[tuple]
 log = logging.getLogger(__name__)
-
-
-def plan_nfe(plan: Plan) -> int:
-    """The layer calls of ``plan``: one per operation, ``n`` for a ``("solve", n)``."""
-    return sum(int(op[1]) if op[0] == "solve" else 1 for op in plan)
 
 
 def frozen_call(fn: Any, *args: Any) -> Any:
@@ -180,7 +171,7 @@ class ConsistencyStudent(nn.Module):
     def plans(self, plans: dict[int, Plan]) -> None:
         if 1 not in plans:
             raise ValueError(f"plans must include a 1-NFE plan; got budgets {sorted(plans)}")
-        self._plans = {int(k): list(v) for k, v in plans.items()}
+        self._plans = {int(k): check_plan(v) for k, v in plans.items()}
         self.plans_selected = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -333,7 +324,7 @@ class ConsistencyStudent(nn.Module):
         zero_state = z0 is None and self.initialiser is None  # DEQModel.initial_state is zeros
         z = self.initial_state(u_teacher) if z0 is None else z0
         last_residual = None
-        for op in plan:
+        for op in plan_body(plan):
             if op[0] == "jump":
                 z = self.F(z, op[1], u, zero_state=zero_state)
             elif op[0] == "step":
@@ -347,8 +338,8 @@ class ConsistencyStudent(nn.Module):
                     raise ValueError("a 'jump_auto' needs a preceding 'step' in the plan")
                 z = self.F(z, self.schedule.residual_time(last_residual).to(z.dtype), u)
             else:
-                raise ValueError(f"unknown plan operation {op!r}; use 'jump', 'step', 'jump_auto' or "
-                                 "'solve'")
+                raise ValueError(f"unknown plan operation {op!r}; use 'jump', 'step', 'jump_auto', "
+                                 "'solve' or a last 'teacher_head'")
             zero_state = False
         return z
 
@@ -380,7 +371,12 @@ class ConsistencyStudent(nn.Module):
         else:  # no teacher step: the teacher's injection is not needed (when the student has its own)
             u, u_t = self.inject(x), None
         z = self.run_plan(u, plan, u_t)
-        return self.head(z), z
+        return self.read(z, plan), z
+
+    def read(self, z: Tensor, plan: Plan) -> Tensor:
+        """The logits of the state ``z`` that ``plan`` reached: the student's head, or the
+        teacher's when the plan ends with ``("teacher_head",)``."""
+        return frozen_call(self.teacher.head, z) if reads_teacher(plan) else self.head(z)
 
     @torch.no_grad()
     def solve_exact(self, x: Any, solver: Any, plan: Plan | None = None) -> tuple[Tensor, Any, int]:
