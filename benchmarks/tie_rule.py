@@ -47,15 +47,17 @@ from cdeq.consistency.plans import plan_to_json
 from cdeq.pipeline import Run
 from cdeq.precision import to_device
 
-STUDENT_HEAD = {"tie_with_teacher": False, "teacher_head": False}
+STUDENT_HEAD = {"tie_with_teacher": False, "teacher_head": False, "teacher_within_se": 1.0}
 RULES = {
     "exact ties, by the loss": {"tie_within_se": 0.0, "tie_break": "loss", **STUDENT_HEAD},
     "exact ties, by the error": {"tie_within_se": 0.0, "tie_break": "error", **STUDENT_HEAD},
     "1 SE ties, by the error": {"tie_within_se": 1.0, "tie_break": "error", **STUDENT_HEAD},
     "1 SE ties with the best or the teacher, by the error": {
-        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": False},
+        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": False,
+        "teacher_within_se": 1.0},
     "the same, read out by the teacher's head where it scores higher": {
-        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": True},
+        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": True,
+        "teacher_within_se": 1.0},
     "the same, tying with the teacher only when not below it": {
         "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": True,
         "teacher_within_se": 0.0},
