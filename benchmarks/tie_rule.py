@@ -48,19 +48,17 @@ from cdeq.pipeline import Run
 from cdeq.precision import to_device
 
 STUDENT_HEAD = {"tie_with_teacher": False, "teacher_head": False, "teacher_within_se": 1.0}
+SE_TIES = {"tie_within_se": 1.0, "tie_break": "error"}
 RULES = {
     "exact ties, by the loss": {"tie_within_se": 0.0, "tie_break": "loss", **STUDENT_HEAD},
     "exact ties, by the error": {"tie_within_se": 0.0, "tie_break": "error", **STUDENT_HEAD},
-    "1 SE ties, by the error": {"tie_within_se": 1.0, "tie_break": "error", **STUDENT_HEAD},
+    "1 SE ties, by the error": {**SE_TIES, **STUDENT_HEAD},
     "1 SE ties with the best or the teacher, by the error": {
-        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": False,
-        "teacher_within_se": 1.0},
+        **SE_TIES, **STUDENT_HEAD, "tie_with_teacher": True},
     "the same, read out by the teacher's head where it scores higher": {
-        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": True,
-        "teacher_within_se": 1.0},
+        **SE_TIES, **STUDENT_HEAD, "tie_with_teacher": True, "teacher_head": True},
     "the same, tying with the teacher only when not below it": {
-        "tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True, "teacher_head": True,
-        "teacher_within_se": 0.0},
+        **SE_TIES, "tie_with_teacher": True, "teacher_head": True, "teacher_within_se": 0.0},
 }
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16)
 

@@ -19,7 +19,7 @@ from cdeq.consistency import (
     relative_error,
     select_plans,
 )
-from cdeq.consistency.plans import TEACHER_HEAD, plan_from_json, plan_nfe, plan_to_json
+from cdeq.consistency.plans import TEACHER_HEAD, check_plan, plan_nfe, plan_to_json
 from cdeq.deq import DEQModel
 from cdeq.io import CorruptFileError
 
@@ -454,7 +454,7 @@ def test_a_plan_is_checked_when_set_and_the_teacher_head_only_ends_one():
     student = ConsistencyStudent(model)
     plan = [("jump", student.start_time), TEACHER_HEAD]
     student.plans = {1: plan}
-    assert plan_nfe(plan) == 1 and plan_from_json(plan_to_json(plan)) == plan
+    assert plan_nfe(plan) == 1 and check_plan(plan_to_json(plan)) == plan
     logits, z = student.predict(x, nfe=1)
     assert torch.equal(logits, model.head(z))
     with pytest.raises(ConfigError, match="last operation"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -261,3 +262,17 @@ def test_pretrained_keeps_the_solvers_the_teacher_config_set(task, tmp_path):
     assert (loaded.solver.name, loaded.solver.options.max_iter, loaded.solver.options.tol) == \
         ("broyden", 11, 3e-3)
     assert loaded.backward_strategy.name == "phantom" and loaded.backward_strategy.config.steps == 3
+
+
+def test_export_reads_out_with_the_teachers_head_when_the_plan_says_so(student_and_x, tmp_path):
+    student, x = student_and_x
+    student = copy.deepcopy(student)
+    student.plans = {1: [("jump", 0.01), ("teacher_head",)]}
+    with torch.no_grad():
+        expected, z = student.predict(x, 1)
+        assert torch.equal(expected, student.teacher.head(z))
+        assert not torch.allclose(expected, student.head(z))  # the two heads differ here
+        assert torch.allclose(hub.OneStepStudent(student)(x), expected, atol=1e-6)
+    path, _ = hub.export_one_step(student, x, tmp_path / "student.pt2")
+    with torch.no_grad():
+        assert torch.allclose(hub.load_exported(path)(x), expected, atol=1e-5)

@@ -12,7 +12,7 @@ from cdeq import cost
 from cdeq.baselines import BaselineConfig, LearnedInit
 from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
-from cdeq.consistency.plans import plan_from_json, plan_nfe
+from cdeq.consistency.plans import check_plan, plan_nfe
 from cdeq.deq.layer import SolverSpec
 from cdeq.plus import PlusConfig, load_plus, match_start_time, train_plus
 from cdeq.solvers import get_solver
@@ -182,10 +182,10 @@ def test_a_solve_operation_is_n_steps_of_the_teachers_solver():
         start = student.run_plan(u, plan[:1])
         expected = get_solver("anderson", max_iter=3, tol=0.0).solve(model.cell, start, u).z
     assert torch.allclose(z, expected)
-    assert plan_from_json([["jump", 0.1], ["solve", 2]]) == [("jump", 0.1), ("solve", 2)]
+    assert check_plan([["jump", 0.1], ["solve", 2]]) == [("jump", 0.1), ("solve", 2)]
     for bad in (["solve"], ["solve", 0], ["solve", 1.5]):
         with pytest.raises(ConfigError, match="solve"):
-            plan_from_json([bad])
+            check_plan([bad])
 
 
 def test_long_plans_hand_over_to_the_solver_and_get_closer_to_z_star(distilled):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .consistency.plans import plan_body, reads_teacher
+from .consistency.plans import plan_body
 from .consistency.student import ConsistencyStudent
 from .io import CorruptFileError
 
@@ -43,10 +43,8 @@ class OneStepStudent(nn.Module):
         body = plan_body(plan)
         if len(body) != 1 or body[0][0] != "jump":
             raise ValueError(f"the student's 1-NFE plan {plan!r} is not a single jump")
-        self.student = student
-        self.head = student.teacher.head if reads_teacher(plan) else student.head
-        plan = body
-        t = float(plan[0][1])
+        self.student, self.plan = student, list(plan)
+        t = float(body[0][1])
         c_skip, c_out = student.schedule.scalings(torch.tensor([t], dtype=torch.float64, device="cpu"))
         self.t, self.c_skip, self.c_out = t, float(c_skip), float(c_out)
 
@@ -57,7 +55,7 @@ class OneStepStudent(nn.Module):
         if self.c_out != 0.0:
             t = torch.full((z.shape[0],), self.t, dtype=z.dtype, device=z.device)
             z = self.c_skip * z + self.c_out * s.G(z, t, u)
-        return self.head(z)
+        return s.read(z, self.plan)
 
 
 def _input_spec(x: Tensor, dynamic: bool) -> dict[str, Any]:

@@ -24,8 +24,8 @@ Plan = list[tuple]
 TEACHER_HEAD = ("teacher_head",)
 """The last operation of a plan read out by the teacher's head."""
 
-__all__ = ["TEACHER_HEAD", "Plan", "check_plan", "plan_body", "plan_from_json", "plan_nfe",
-           "plan_to_json", "plans_from_json", "plans_to_json", "reads_teacher"]
+__all__ = ["TEACHER_HEAD", "Plan", "check_plan", "plan_body", "plan_nfe", "plan_to_json",
+           "plans_from_json", "plans_to_json", "reads_teacher"]
 
 
 def plan_nfe(plan: Plan) -> int:
@@ -45,7 +45,8 @@ def plan_body(plan: Plan) -> Plan:
 
 
 def check_plan(plan: Any) -> Plan:
-    """``plan`` as a list of tuples; ``ConfigError`` naming the first invalid operation."""
+    """``plan`` (tuples, or JSON lists) as a list of tuples; ``ConfigError`` naming the first
+    invalid operation."""
     out = []
     for i, op in enumerate(plan):
         op = tuple(op) if isinstance(op, (list, tuple)) else (op,)
@@ -70,10 +71,6 @@ def plan_to_json(plan: Plan) -> list[list]:
     return [list(op) for op in plan]
 
 
-def plan_from_json(data: list[list]) -> Plan:
-    return check_plan(data)
-
-
 def plans_to_json(plans: dict[int, Plan]) -> dict[str, list[list]]:
     """A student's plans (budget -> plan) as JSON data, budgets in order."""
     return {str(k): plan_to_json(p) for k, p in sorted(plans.items())}
@@ -81,4 +78,4 @@ def plans_to_json(plans: dict[int, Plan]) -> dict[str, list[list]]:
 
 def plans_from_json(data: dict[str, list[list]]) -> dict[int, Plan]:
     """The inverse of :func:`plans_to_json`, every plan checked."""
-    return {int(k): plan_from_json(v) for k, v in data.items()}
+    return {int(k): check_plan(v) for k, v in data.items()}
