@@ -152,3 +152,18 @@ def test_a_run_releases_its_lock_when_closed_or_dropped(tmp_path):
     assert not free()
     del run
     assert free()
+
+
+def test_a_saved_module_records_the_threads_its_stage_ran_with(tmp_path):
+    """The weights depend on the intra-op thread count, so each file and the report say it."""
+    run = Run(tmp_path / "r", build_config("digits", {}, quick=True), log=lambda m: None)
+    before = torch.get_num_threads()
+    try:
+        for name, threads in (("teacher", 2), ("learned_init", 1)):
+            torch.set_num_threads(threads)
+            run.save_module(name, torch.nn.Linear(2, 2), {"work": {}})
+    finally:
+        torch.set_num_threads(before)
+    assert run.read_meta("teacher") == {"work": {}, "threads": 2}
+    assert run.stage_threads() == {"learned_init": 1, "teacher": 2}
+    run.close()

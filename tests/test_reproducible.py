@@ -51,4 +51,8 @@ def test_two_identical_quick_runs_give_the_same_report(tmp_path, capsys):
     # the budget in optimiser steps of init_batch_size (the last minibatch of an epoch may be short)
     assert a["train_work"]["learned_init"]["steps"] == math.ceil(budget / BaselineConfig().init_batch_size)
     assert a == b
+    # the weights depend on the thread count, so the report says what each stage trained with
+    assert a["train_threads"] == {name: 1 for name in (
+        "teacher", "student", "student_plus", "learned_init", "unrolled_k1", "unrolled_k2", "unrolled_k4",
+        "unrolled_any_k")}
     assert a["train_work"]["unrolled_any_k"]["samples"] == a["train_work"]["unrolled_k1"]["samples"]

@@ -369,8 +369,8 @@ class Run(RunDirectory):
             meta = self.read_meta(name)
             costs[key], work[key] = meta.get("train_time_s", 0.0), meta.get("work")
         report["train_time_s"] = {**costs, **extra_costs}
-        # optimiser steps and samples; the student's recording and plan search
-        report["train_work"] = {**work, **extra_work}
+        report["train_work"] = {**work, **extra_work}  # steps, samples; the student's recording, search
+        report["train_threads"] = self.stage_threads()
         files = write_report(report, self.dir)
         self.log("\n" + markdown_table(report))
         self.log("wrote " + ", ".join(str(p) for p in files.values()))

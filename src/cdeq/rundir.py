@@ -162,6 +162,9 @@ class RunDirectory:
         return f"`cdeq {MAKER.get(name, 'baselines')} --out {self.dir}`"
 
     def save_module(self, name: str, module: torch.nn.Module, meta: dict) -> None:
+        """Write ``DIR/NAME.safetensors`` with ``meta`` and the intra-op threads its stage ran with
+        (the weights depend on them: floating-point sums are split differently)."""
+        meta = {**meta, "threads": torch.get_num_threads()}
         if distributed.is_main():
             save_tensors(self.dir / f"{name}.safetensors", module.state_dict(), kind=name, meta=meta)
         if not self._solo:
@@ -176,6 +179,11 @@ class RunDirectory:
         except CorruptFileError as err:
             raise CorruptFileError(f"{err}. Move it away and run {self._redo(name)} to redo its stage "
                                    "(`cdeq run` with the run's settings does both by itself)") from err
+
+    def stage_threads(self) -> dict[str, int]:
+        """``{module: intra-op threads its stage ran with}`` for the saved modules that say."""
+        metas = {path.stem: self.read_meta(path.stem) for path in sorted(self.dir.glob("*.safetensors"))}
+        return {name: meta["threads"] for name, meta in metas.items() if "threads" in meta}
 
     def read_meta(self, name: str) -> dict:
         """The JSON metadata of ``DIR/NAME.safetensors`` (checked like :meth:`load_module`)."""
