@@ -4,6 +4,8 @@ Usage::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/plus_choices.py --run RUN_DIR \
         --out benchmarks/results/plus_choices_digits.json
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/plus_choices.py --held-out \
+        --run RUN/seed_0 RUN/seed_1 RUN/seed_2 --out benchmarks/results/plus_choices_TASK_held_out.json
 
 From a finished run (its teacher, C-DEQ student and recorded trajectories), builds C-DEQ+ once per
 variant (:func:`cdeq.plus.train_plus` with the run's settings changed as the variant says), selects
@@ -13,6 +15,11 @@ read. Variants: the task weight, the chain supervision (``distill.chain_k``) and
 (``distill.chain_data``), the joint epochs
 (``plus.epochs``) and the pull to ``z*`` (the consistency weights, against the task loss);
 ``--variants`` runs some of them, by name.
+
+With ``--held-out`` the plans are searched on one half of the selection batches and every variant
+is scored on the other half (the split of ``tie_rule.py``) at more budgets: the metric, the loss
+and the relative error to ``z*`` (the teacher's eval solver), beside the run's own C-DEQ, the
+anytime network and the learned initialiser; with several runs (seeds) it prints their mean ± std.
 """
 
 from __future__ import annotations
@@ -21,9 +28,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import statistics
+from pathlib import Path
+from typing import Any
 
+import tie_rule
 import torch
 
+from cdeq.consistency.inference import select_plans
 from cdeq.consistency.trajectory import TrajectoryStore
 from cdeq.pipeline import Run
 from cdeq.plus import chain_batches, train_plus
@@ -37,10 +49,12 @@ VARIANTS = {
     "chain 4 on the recorded samples only": ({"chain_k": 4, "chain_data": "recorded"}, 1.0),
     "a third of the pull to z*, task weight 1": (
         {"global_weight": 0.3, "local_weight": 0.033, "task_weight": 1.0}, 1.0),
+    "task weight 1": ({"task_weight": 1.0}, 1.0),
     "no pull to z*, task weight 1": (
         {"global_weight": 0.0, "local_weight": 0.0, "init_weight": 0.0, "task_weight": 1.0}, 1.0),
 }
 BUDGETS = (1, 2, 3, 4, 8)
+HELD_OUT_BUDGETS = tie_rule.BUDGETS
 
 
 @torch.no_grad()
@@ -59,41 +73,115 @@ def validation(run: Run, predict) -> dict[str, dict[str, float]]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="a finished run directory")
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
-                   metavar="NAME", help="variants to build (default: all)")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    run = Run(args.run)
+def build(run: Run, teacher, student, trajectories: list, name: str):
+    """C-DEQ+ trained with variant ``name``'s changes to the run's settings (plans not yet set)."""
+    cfg = run.config
+    changes, share = VARIANTS[name]
+    torch.manual_seed(cfg.seed)
+    dcfg = dataclasses.replace(cfg.distill, **changes)
+    pcfg = dataclasses.replace(cfg.plus, epochs=max(1, round(cfg.distill.epochs * share)))
+    chain = chain_batches(dcfg, run.task, cfg.record)
+    plus, _ = train_plus(student, trajectories, pcfg, dcfg, cfg.baselines, run.task.loss,
+                         seed=cfg.seed, log=lambda m: None, task_batches=chain)
+    return plus
+
+
+def on_validation(path: str, variants: list[str]) -> dict[str, Any]:
+    """Each variant's plans searched and scored on the whole selection (validation) split."""
+    run = Run(path)
     teacher = run.teacher()
     student = run.student(teacher)
     trajectories = list(TrajectoryStore(run.dir / "trajectories"))
-    cfg = run.config
-    result: dict = {"run": str(args.run), "task": cfg.task, "split": "valid", "variants": {}}
-    for name in args.variants:
-        changes, share = VARIANTS[name]
-        torch.manual_seed(cfg.seed)
-        dcfg = dataclasses.replace(cfg.distill, **changes)
-        pcfg = dataclasses.replace(cfg.plus, epochs=max(1, round(cfg.distill.epochs * share)))
-        chain = chain_batches(dcfg, run.task, cfg.record)
-        plus, _ = train_plus(student, trajectories, pcfg, dcfg, cfg.baselines, run.task.loss,
-                             seed=cfg.seed, log=lambda m: None, task_batches=chain)
+    result: dict = {"run": str(path), "task": run.config.task, "split": "valid", "variants": {}}
+    for name in variants:
+        plus = build(run, teacher, student, trajectories, name)
         run._search_plans(plus, teacher)
         result["variants"][name] = validation(run, lambda x, k, plus=plus: plus.predict(x, nfe=k))
     extra, _, _ = run._extra_methods(teacher, None)
     if "unrolled_any_k" in extra:
         result["variants"]["anytime unrolled network"] = validation(run, extra["unrolled_any_k"])
-    print(f"{cfg.task}: validation metric / loss")
-    print("variant | " + " | ".join(f"NFE {k}" for k in BUDGETS))
-    for name, per in result["variants"].items():
-        cells = [f"{per[str(k)]['metric']:.4f} / {per[str(k)]['loss']:.4f}" if str(k) in per else "-"
-                 for k in BUDGETS]
-        print(f"{name} | " + " | ".join(cells))
+    return result
+
+
+def on_held_out_half(path: str, variants: list[str]) -> dict[str, Any]:
+    """Each variant's plans searched on one half of the selection batches, scored on the other."""
+    run = Run(path)
+    teacher = run.teacher()
+    student = run.student(teacher)
+    trajectories = list(TrajectoryStore(run.dir / "trajectories"))
+    search, scored = tie_rule.split_selection(run, teacher)
+    last = run.config.record.solver.max_iter
+    plans_cfg = dataclasses.replace(run.config.plans, batches=len(search))
+    result: dict = {"run": "/".join(Path(path).resolve().parts[-2:]), "task": run.config.task,
+                    "split": "valid, held-out half", "variants": {},
+                    "search_items": sum(tie_rule.labelled_items(y) for _, y in search),
+                    "held_out_items": sum(tie_rule.labelled_items(y) for _, y, _ in scored)}
+    for name in variants:
+        plus = build(run, teacher, student, trajectories, name)
+        with run.autocast():
+            select_plans(plus, list(search), run._score, run.task.higher_is_better, last, plans_cfg)
+        result["variants"][name] = tie_rule.held_out(
+            run, lambda x, k, m=plus: m.predict(x, nfe=k), scored)
+    with run.autocast():  # the run's C-DEQ, after the variants (it is their starting point)
+        select_plans(student, list(search), run._score, run.task.higher_is_better, last, plans_cfg)
+    result["variants"]["C-DEQ (the run's)"] = tie_rule.held_out(
+        run, lambda x, k: student.predict(x, nfe=k), scored)
+    extra, _, _ = run._extra_methods(teacher, None)
+    for key, label in (("unrolled_any_k", "anytime unrolled network"), ("learned_init", "learned init")):
+        if key in extra:
+            result["variants"][label] = tie_rule.held_out(run, extra[key], scored)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", nargs="+", required=True, help="finished run directories (seeds)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   metavar="NAME", help="variants to build (default: all)")
+    p.add_argument("--held-out", action="store_true",
+                   help="search plans on half of the selection batches, score on the other half")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if not args.held_out:
+        if len(args.run) != 1:
+            p.error("give one --run without --held-out (the seeds' spread needs --held-out)")
+        result = on_validation(args.run[0], args.variants)
+        print(f"{result['task']}: validation metric / loss")
+        print("variant | " + " | ".join(f"NFE {k}" for k in BUDGETS))
+        for name, per in result["variants"].items():
+            cells = [f"{per[str(k)]['metric']:.4f} / {per[str(k)]['loss']:.4f}" if str(k) in per
+                     else "-" for k in BUDGETS]
+            print(f"{name} | " + " | ".join(cells))
+    else:
+        runs = [on_held_out_half(path, args.variants) for path in args.run]
+        result = {"split": runs[0]["split"], "task": runs[0]["task"], "runs": runs}
+        lines = [f"{result['task']}: held-out validation half ({runs[0]['held_out_items']} items; "
+                 f"plans searched on the other {runs[0]['search_items']}), mean ± std over "
+                 f"{len(runs)} runs",
+                 "", "metric:", *spread(runs, "metric"), "", "loss:", *spread(runs, "loss"), "",
+                 "relative error to z*:", *spread(runs, "relative_error")]
+        result["table"] = lines
+        print("\n".join(lines))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+
+
+def spread(runs: list[dict[str, Any]], key: str) -> list[str]:
+    """Markdown rows: each variant's mean ± std of ``key`` over the runs, per budget."""
+    rows = ["| variant | " + " | ".join(f"NFE {k}" for k in HELD_OUT_BUDGETS) + " |",
+            "|---|" + "---|" * len(HELD_OUT_BUDGETS)]
+    for name in runs[0]["variants"]:
+        cells = []
+        for k in HELD_OUT_BUDGETS:
+            vals = [r["variants"][name][str(k)][key] for r in runs if str(k) in r["variants"][name]]
+            if not vals:
+                cells.append("-")
+                continue
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ Usage::
 For each finished run (teacher, C-DEQ, C-DEQ+ and the learned initialiser), the items of the
 selection (validation) batches are split in two by a fixed interleave (images and sequences: every
 other row; graphs: every other validation node). Each rule searches the plans of C-DEQ and C-DEQ+ on
-the first half; the second half scores them at every budget: the task metric and the relative
-error to ``z*`` (the teacher's eval solver). The learned initialiser plus ``k`` solver steps is
-scored the same way. The test split is never read. Rules (``plans`` settings):
+the first half; the second half scores them at every budget: the task metric, the loss (in the
+JSON) and the relative error to ``z*`` (the teacher's eval solver). The learned initialiser plus
+``k`` solver steps is scored the same way. The test split is never read. Rules (``plans`` settings):
 
 - exact ties, broken by the loss (``tie_within_se=0``, ``tie_break=loss``);
 - exact ties, broken by the error to ``z*``;
@@ -77,18 +77,35 @@ def halves(batch: Any) -> tuple[Any, Any]:
 
 @torch.no_grad()
 def held_out(run: Run, predict, data: list) -> dict[str, dict[str, float]]:
-    """``{budget: {"metric", "relative_error"}}`` of ``predict(x, k) -> (logits, z)`` on ``data``:
-    ``(x, y, z*)`` batches."""
+    """``{budget: {"metric", "loss", "relative_error"}}`` of ``predict(x, k) -> (logits, z)`` on
+    ``data``: ``(x, y, z*)`` batches. A budget where ``predict`` returns ``None`` (a model with
+    fewer steps) ends the list."""
     out = {}
     for k in BUDGETS:
-        m = n = e = en = 0.0
+        m = n = e = en = loss = 0.0
         for x, y, z_star in data:
-            logits, z = predict(x, k)
+            got = predict(x, k)
+            if got is None:
+                return out
+            logits, z = got
             ms, c = run.task.metric_sum(logits, y)
             err = relative_error(z, z_star)
+            loss += float(run.task.loss(logits, y)) * c
             m, n, e, en = m + ms, n + c, e + float(err.sum()), en + err.numel()
-        out[str(k)] = {"metric": m / n, "relative_error": e / en}
+        out[str(k)] = {"metric": m / n, "loss": loss / n, "relative_error": e / en}
     return out
+
+
+def split_selection(run: Run, teacher) -> tuple[list, list]:
+    """The run's selection batches split in halves: ``(search, scored)``, the second as
+    ``(x, y, z*)`` with ``z*`` from the teacher's eval solver from ``z_0``."""
+    batches = [to_device(b, run.device) for b in itertools.islice(run.task.selection_batches(
+        run.config.evaluate.batch_size), run.config.plans.batches)]
+    search, score = zip(*(halves(b) for b in batches), strict=True)
+    with torch.no_grad():
+        scored = [(x, y, teacher.deq.solve(u, teacher.initial_state(u)).z)
+                  for x, y in score for u in (teacher.inject(x),)]
+    return list(search), scored
 
 
 def one_run(path: str, rules: dict[str, dict]) -> dict[str, Any]:
@@ -96,16 +113,11 @@ def one_run(path: str, rules: dict[str, dict]) -> dict[str, Any]:
     teacher = run.teacher()
     student = run.student(teacher)
     models = {"C-DEQ": student, "C-DEQ+": run.student_plus(teacher, student)}
-    batches = [to_device(b, run.device) for b in itertools.islice(run.task.selection_batches(
-        run.config.evaluate.batch_size), run.config.plans.batches)]
-    search, score = zip(*(halves(b) for b in batches), strict=True)
-    with torch.no_grad():  # z* of the held-out half, once: the teacher's eval solver from z_0
-        scored = [(x, y, teacher.deq.solve(u, teacher.initial_state(u)).z)
-                  for x, y in score for u in (teacher.inject(x),)]
+    search, scored = split_selection(run, teacher)  # z* of the held-out half, solved once
     result: dict[str, Any] = {"run": "/".join(Path(path).resolve().parts[-2:]),
                               "task": run.config.task, "seed": run.config.seed,
-                              "search_items": sum(_items(y) for _, y in search),
-                              "held_out_items": sum(_items(y) for _, y in score), "models": {}}
+                              "search_items": sum(labelled_items(y) for _, y in search),
+                              "held_out_items": sum(labelled_items(y) for _, y, _ in scored), "models": {}}
     last = run.config.record.solver.max_iter
     for name, model in models.items():
         result["models"][name] = {}
@@ -130,7 +142,7 @@ def one_run(path: str, rules: dict[str, dict]) -> dict[str, Any]:
     return result
 
 
-def _items(y: Any) -> int:
+def labelled_items(y: Any) -> int:
     """Labelled items of a batch's targets: the masked nodes of a graph, else every target."""
     return int(y[1].sum()) if isinstance(y, (tuple, list)) else int(y.numel())
 
