@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +171,8 @@ def spread(runs: list[dict[str, Any]], key: str) -> list[str]:
     rows = ["| variant | " + " | ".join(f"NFE {k}" for k in HELD_OUT_BUDGETS) + " |",
             "|---|" + "---|" * len(HELD_OUT_BUDGETS)]
     for name in runs[0]["variants"]:
-        cells = []
-        for k in HELD_OUT_BUDGETS:
-            vals = [r["variants"][name][str(k)][key] for r in runs if str(k) in r["variants"][name]]
-            if not vals:
-                cells.append("-")
-                continue
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}")
+        cells = [tie_rule.mean_sd([r["variants"][name][str(k)][key] for r in runs
+                                   if str(k) in r["variants"][name]]) for k in HELD_OUT_BUDGETS]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
 

@@ -147,17 +147,21 @@ def labelled_items(y: Any) -> int:
     return int(y[1].sum()) if isinstance(y, (tuple, list)) else int(y.numel())
 
 
+def mean_sd(vals: list[float]) -> str:
+    """``mean ± std`` of the runs' values (std 0 for one run; ``-`` for none)."""
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.4f} ± {sd:.4f}"
+
+
 def table(results: list[dict[str, Any]], key: str) -> list[str]:
     """Markdown rows: mean and spread over the runs of ``key`` at each budget."""
     rows = ["| model | rule | " + " | ".join(f"NFE {k}" for k in BUDGETS) + " |",
             "|---|---|" + "---|" * len(BUDGETS)]
     for name, rules in results[0]["models"].items():
         for rule in rules:
-            cells = []
-            for k in BUDGETS:
-                vals = [r["models"][name][rule][str(k)][key] for r in results]
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}")
+            cells = [mean_sd([r["models"][name][rule][str(k)][key] for r in results]) for k in BUDGETS]
             rows.append(f"| {name} | {rule} | " + " | ".join(cells) + " |")
     return rows
 
