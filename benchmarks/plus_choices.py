@@ -85,12 +85,16 @@ def build(run: Run, teacher, student, trajectories: list, name: str):
     return plus
 
 
-def on_validation(path: str, variants: list[str]) -> dict[str, Any]:
-    """Each variant's plans searched and scored on the whole selection (validation) split."""
+def load(path: str) -> tuple[Run, Any, Any, list]:
+    """A finished run, its teacher, its C-DEQ student and its recorded trajectories."""
     run = Run(path)
     teacher = run.teacher()
-    student = run.student(teacher)
-    trajectories = list(TrajectoryStore(run.dir / "trajectories"))
+    return run, teacher, run.student(teacher), list(TrajectoryStore(run.dir / "trajectories"))
+
+
+def on_validation(path: str, variants: list[str]) -> dict[str, Any]:
+    """Each variant's plans searched and scored on the whole selection (validation) split."""
+    run, teacher, student, trajectories = load(path)
     result: dict = {"run": str(path), "task": run.config.task, "split": "valid", "variants": {}}
     for name in variants:
         plus = build(run, teacher, student, trajectories, name)
@@ -104,25 +108,25 @@ def on_validation(path: str, variants: list[str]) -> dict[str, Any]:
 
 def on_held_out_half(path: str, variants: list[str]) -> dict[str, Any]:
     """Each variant's plans searched on one half of the selection batches, scored on the other."""
-    run = Run(path)
-    teacher = run.teacher()
-    student = run.student(teacher)
-    trajectories = list(TrajectoryStore(run.dir / "trajectories"))
+    run, teacher, student, trajectories = load(path)
     search, scored = tie_rule.split_selection(run, teacher)
     last = run.config.record.solver.max_iter
     plans_cfg = dataclasses.replace(run.config.plans, batches=len(search))
+
+    def search_half(model) -> None:
+        with run.autocast():
+            select_plans(model, list(search), run._score, run.task.higher_is_better, last, plans_cfg)
+
     result: dict = {"run": "/".join(Path(path).resolve().parts[-2:]), "task": run.config.task,
                     "split": "valid, held-out half", "variants": {},
                     "search_items": sum(tie_rule.labelled_items(y) for _, y in search),
                     "held_out_items": sum(tie_rule.labelled_items(y) for _, y, _ in scored)}
     for name in variants:
         plus = build(run, teacher, student, trajectories, name)
-        with run.autocast():
-            select_plans(plus, list(search), run._score, run.task.higher_is_better, last, plans_cfg)
+        search_half(plus)
         result["variants"][name] = tie_rule.held_out(
             run, lambda x, k, m=plus: m.predict(x, nfe=k), scored)
-    with run.autocast():  # the run's C-DEQ, after the variants (it is their starting point)
-        select_plans(student, list(search), run._score, run.task.higher_is_better, last, plans_cfg)
+    search_half(student)  # the run's C-DEQ, after the variants (it is their starting point)
     result["variants"]["C-DEQ (the run's)"] = tie_rule.held_out(
         run, lambda x, k: student.predict(x, nfe=k), scored)
     extra, _, _ = run._extra_methods(teacher, None)
