@@ -13,7 +13,8 @@ its plans as the pipeline does, and prints each variant's **validation** metric 
 3, 4 and 8 NFE (and the anytime unrolled network's, when the run has one). The test split is never
 read. Variants: the task weight, the chain supervision (``distill.chain_k``) and its data
 (``distill.chain_data``), the joint epochs
-(``plus.epochs``) and the pull to ``z*`` (the consistency weights, against the task loss);
+(``plus.epochs``), the pull to ``z*`` (the consistency weights, against the task loss) and
+C-DEQ+'s own injection (``plus.train_injection``);
 ``--variants`` runs some of them, by name.
 
 With ``--held-out`` the plans are searched on one half of the selection batches and every variant
@@ -51,6 +52,11 @@ VARIANTS = {
     "task weight 1": ({"task_weight": 1.0}, 1.0),
     "no pull to z*, task weight 1": (
         {"global_weight": 0.0, "local_weight": 0.0, "init_weight": 0.0, "task_weight": 1.0}, 1.0),
+    "three times the epochs": ({}, 3.0),
+    "no pull to z*, task weight 1, three times the epochs": (
+        {"global_weight": 0.0, "local_weight": 0.0, "init_weight": 0.0, "task_weight": 1.0}, 3.0),
+    "own injection": ({}, 1.0, {"train_injection": True}),
+    "own injection, task weight 1": ({"task_weight": 1.0}, 1.0, {"train_injection": True}),
 }
 BUDGETS = (1, 2, 3, 4, 8)
 HELD_OUT_BUDGETS = tie_rule.BUDGETS
@@ -75,10 +81,11 @@ def validation(run: Run, predict) -> dict[str, dict[str, float]]:
 def build(run: Run, teacher, student, trajectories: list, name: str):
     """C-DEQ+ trained with variant ``name``'s changes to the run's settings (plans not yet set)."""
     cfg = run.config
-    changes, share = VARIANTS[name]
+    changes, share, *plus_changes = VARIANTS[name]  # distill changes, epoch share, plus changes
     torch.manual_seed(cfg.seed)
     dcfg = dataclasses.replace(cfg.distill, **changes)
-    pcfg = dataclasses.replace(cfg.plus, epochs=max(1, round(cfg.distill.epochs * share)))
+    pcfg = dataclasses.replace(cfg.plus, epochs=max(1, round(cfg.distill.epochs * share)),
+                               **(plus_changes[0] if plus_changes else {}))
     chain = chain_batches(dcfg, run.task, cfg.record)
     plus, _ = train_plus(student, trajectories, pcfg, dcfg, cfg.baselines, run.task.loss,
                          seed=cfg.seed, log=lambda m: None, task_batches=chain)

@@ -209,14 +209,15 @@ def test_the_plus_choices_benchmark_runs_on_a_finished_run(quick_run, tmp_path, 
     per = got["variants"]["no pull to z*, task weight 1"]
     assert set(per) == {str(k) for k in bench.BUDGETS}
     assert all(0.0 <= v["metric"] <= 1.0 and v["loss"] > 0 for v in per.values())
+    variant = "own injection, task weight 1"  # a plus setting (C-DEQ+'s own injection) changed too
     monkeypatch.setattr(sys, "argv", ["plus_choices.py", "--held-out", "--run", str(quick_run),
-                                      str(quick_run), "--out", str(out), "--variants", "task weight 1"])
+                                      str(quick_run), "--out", str(out), "--variants", variant])
     bench.main()
     got = json.loads(out.read_text())
     runs = got["runs"]
     assert len(runs) == 2 and runs[0]["variants"] == runs[1]["variants"]  # same run, same scores
-    assert {"task weight 1", "C-DEQ (the run's)", "learned init"} <= set(runs[0]["variants"])
-    per = runs[0]["variants"]["task weight 1"]
+    assert {variant, "C-DEQ (the run's)", "learned init"} <= set(runs[0]["variants"])
+    per = runs[0]["variants"][variant]
     assert set(per) == {str(k) for k in bench.HELD_OUT_BUDGETS}
     assert all(0.0 <= v["metric"] <= 1.0 and v["relative_error"] >= 0.0 for v in per.values())
     assert any("± 0.0000" in line for line in got["table"])  # two equal runs: no spread

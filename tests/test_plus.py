@@ -13,6 +13,7 @@ from cdeq.baselines import BaselineConfig, LearnedInit
 from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
 from cdeq.consistency.plans import check_plan, plan_nfe
+from cdeq.consistency.student import StudentConfig
 from cdeq.deq.layer import SolverSpec
 from cdeq.plus import PlusConfig, load_plus, match_start_time, train_plus
 from cdeq.solvers import get_solver
@@ -121,6 +122,40 @@ def test_joint_distillation_trains_the_start_jump_and_leaves_c_deq_alone(distill
     with torch.no_grad():
         assert torch.equal(empty.predict(x, nfe=1)[1], z_plus)
     assert empty.reentry_time == plus.reentry_time
+
+
+def test_c_deq_plus_with_its_own_injection_trains_it_and_counts_both(distilled):
+    task, model, student, trajectories = distilled
+    teacher_before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = PlusConfig(init_hidden=16, init_conv=False, init_epochs=2, epochs=2, train_injection=True)
+    torch.manual_seed(0)
+    plus, info = train_plus(student, trajectories, config,
+                            DistillConfig(epochs=2, batch_size=64, chain_k=2), BaselineConfig(),
+                            task.loss, log=lambda m: None)
+    assert student.injection is None and plus.injection is not None
+    assert all(torch.equal(teacher_before[k], v) for k, v in model.state_dict().items())
+    moved = [not torch.equal(a, b) for a, b in zip(plus.injection.parameters(),
+                                                    model.injection.parameters(), strict=True)]
+    assert any(moved)  # the copy was trained, the teacher's was not
+    x = task.x[384:]
+    with torch.no_grad():
+        inj = cost.count_flops(lambda: model.inject(x)).total
+        shared = dataclasses.replace(config, train_injection=False)
+        same = load_plus(student, shared, info["start"])
+        state = {k: v for k, v in plus.state_dict().items() if not k.startswith("injection.")}
+        same.load_state_dict(state)
+        plans = {1: [("jump", plus.start_time)], 2: [("step",), ("jump", plus.start_time)]}
+        plus.plans, same.plans = plans, dict(plans)
+        diff = {k: cost.count_flops(lambda k=k: plus.predict(x, nfe=k)).total
+                - cost.count_flops(lambda k=k: same.predict(x, nfe=k)).total for k in (1, 2)}
+    # h(u) and the jumps read the student's own injection in place of the teacher's; a teacher
+    # step needs the teacher's too
+    assert diff == {1: 0, 2: inj}
+    empty = load_plus(student, config, info["start"])
+    empty.load_state_dict(plus.state_dict())
+    with torch.no_grad():
+        empty.plans = dict(plans)
+        assert torch.equal(empty.predict(x, nfe=2)[1], plus.predict(x, nfe=2)[1])
 
 
 def test_the_cost_of_a_c_deq_plus_call_includes_the_initialiser():
@@ -276,3 +311,10 @@ def test_the_joint_stage_draws_one_training_batch_per_step_and_counts_its_sample
     assert len(y) == 64
     with pytest.raises(ConfigError, match="chain_data"):
         DistillConfig(chain_data="all")
+
+
+@pytest.mark.parametrize("make", [lambda: PlusConfig(train_injection="yes"),
+                                  lambda: StudentConfig(train_injection=1)])
+def test_an_injection_switch_that_is_not_a_bool_is_refused(make):
+    with pytest.raises(ConfigError, match="train_injection=.* must be true or false"):
+        make()

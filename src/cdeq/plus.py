@@ -59,6 +59,10 @@ class PlusConfig(Config):
         epochs: epochs of the joint distillation of student and ``h`` (0: ``distill.epochs``);
             its other settings are the ``distill`` section's (``start_weight``, ``init_weight``
             and ``chain_k`` included).
+        train_injection: give C-DEQ+ its own trainable copy of the input injection, starting
+            from the teacher's (as ``student.train_injection`` does for C-DEQ); ``h`` and the
+            jumps read it. Teacher steps read the teacher's, so a plan with teacher steps runs
+            both injections, and its cost counts the second.
     """
 
     enabled: bool = True
@@ -66,9 +70,11 @@ class PlusConfig(Config):
     init_conv: bool = True
     init_epochs: int = 10
     epochs: int = 0
+    train_injection: bool = False
 
     def validate(self) -> None:
         check_bool("enabled", self.enabled)
+        check_bool("train_injection", self.train_injection)
         check_int("init_hidden", self.init_hidden, minimum=1)
         check_int("init_epochs", self.init_epochs, minimum=1)
         check_int("epochs", self.epochs, minimum=0)
@@ -93,8 +99,8 @@ def match_start_time(student: ConsistencyStudent, init: LearnedInit,
     index: list[int] = []
     for batch in trajectories:
         batch = to_device(batch, model_device(student))
-        u = teacher.inject(batch.x)
-        z = init.init_state(teacher, u)
+        u_s, u = student.teacher_inputs(batch.x)
+        z = init.init_state(teacher, u_s)  # h reads the student's injection
         h_res.append(relative_error(z, teacher.cell(z, u)).float())  # the residual
         idx = torch.tensor(batch.index, device=batch.residual.device).expand_as(batch.residual)
         rec_res.append(batch.residual.float())
@@ -140,8 +146,11 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
     training batches (:func:`chain_batches`), on the student's device. Returns ``(student_plus,
     info)``; ``info`` holds the matched start, the training work and the training time."""
     log = log or logger.info
-    plus = _shaped_like(student)
-    plus.load_state_dict(student.state_dict())
+    plus = _shaped_like(student, config.train_injection)
+    missing, unexpected = plus.load_state_dict(student.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("injection.") for k in missing):
+        raise RuntimeError(f"the C-DEQ student's state does not fit C-DEQ+: missing {missing}, "
+                           f"unexpected {unexpected}")  # only an added injection may be missing
     init = initialiser(student, config)
     init_config = dataclasses.replace(baseline_config, init_hidden=config.init_hidden,
                                       init_conv=config.init_conv)
@@ -169,9 +178,12 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
                   "train_time_s": fitted["train_time_s"] + sum(history["epoch_time"])}
 
 
-def _shaped_like(student: ConsistencyStudent) -> ConsistencyStudent:
-    """A new student on ``student``'s teacher, schedule, settings and device (fresh weights)."""
-    return ConsistencyStudent(student.teacher, student.schedule, student.config).to(model_device(student))
+def _shaped_like(student: ConsistencyStudent, train_injection: bool = False) -> ConsistencyStudent:
+    """A new student on ``student``'s teacher, schedule, settings and device (fresh weights; its
+    own copy of the teacher's injection when ``student`` has one or ``train_injection``)."""
+    config = dataclasses.replace(student.config,
+                                 train_injection=student.config.train_injection or train_injection)
+    return ConsistencyStudent(student.teacher, student.schedule, config).to(model_device(student))
 
 
 class _Jumped:
@@ -189,7 +201,7 @@ def load_plus(student: ConsistencyStudent, config: PlusConfig, start: dict[str, 
               ) -> ConsistencyStudent:
     """An empty C-DEQ+ student shaped like ``student`` (to load a saved state into); ``start``:
     the matched times (``train_plus``'s ``info["start"]``)."""
-    plus = _shaped_like(student)
+    plus = _shaped_like(student, config.train_injection)
     plus.attach_initialiser(initialiser(student, config), float(start["time"]))
     if "reentry" in start:
         plus.reentry_time = float(start["reentry"]["time"])

@@ -334,8 +334,7 @@ def _start_loss(student: ConsistencyStudent, mb: TrajectoryBatch, u: Any, weight
     """C-DEQ+'s start term: the jump from ``h(u)`` at ``student.start_time`` to ``z*`` (and its
     task loss), plus ``h(u)``'s own distance to ``z*``; ``weight``: the rows' consistency weights.
     The chain's task loss is on ``chain_batch`` (training ``(x, y)``) when given."""
-    u_t = u if student.injection is None else student.teacher_inputs(mb.x)[1]
-    z_h = student.initial_state(u_t)
+    z_h = student.initial_state(u)
     t = torch.full((mb.batch_size,), student.start_time, dtype=z_h.dtype, device=z_h.device)
     out = student.F(z_h, t, u)
     loss = config.global_weight * (relative_distance(out, mb.z_star, mb.z_star, config.distance)
@@ -345,8 +344,8 @@ def _start_loss(student: ConsistencyStudent, mb: TrajectoryBatch, u: Any, weight
                                             * weight).sum()
     if config.chain_k > 1 and chain_batch is not None:
         x, y, part = distributed.shard(*chain_batch)
-        u_s, u_c = student.teacher_inputs(x)
-        first = student.F(student.initial_state(u_c), student.start_time, u_s)
+        u_s = _inject(student, x)
+        first = student.F(student.initial_state(u_s), student.start_time, u_s)
         loss = loss + part * _chain_task_loss(student, first, u_s, y, config.chain_k, task_loss,
                                               student.reentry_time)
     elif config.chain_k > 1:

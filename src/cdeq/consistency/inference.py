@@ -273,7 +273,7 @@ def select_plans(
         return t if _trails(c, t, higher_is_better, config.tie_within_se) else c
 
     start: Plan = [("jump", student.start_time)]
-    best = {1: scored(start, extend([student.initial_state(u_t) for _, u_t, _, _ in data], start))}
+    best = {1: scored(start, extend([student.initial_state(u_s) for u_s, _, _, _ in data], start))}
     ref = best[1]
     teacher = [scored([], [z_star for *_, z_star in data])] if config.tie_with_teacher else []
     for k in range(2, config.max_nfe + 1):

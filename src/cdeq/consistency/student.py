@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, ConfigError, check_int
+from ..config import Config, check_bool, check_int
 from ..deq.model import DEQModel
 from ..solvers import get_solver
 from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _injected_state, _per_sample, relative_error
@@ -95,8 +95,8 @@ class StudentConfig(Config):
         check_int("time_features", self.time_features, minimum=2)
         check_int("time_hidden", self.time_hidden, minimum=1)
         check_int("correction_hidden", self.correction_hidden, minimum=0)
-        if not isinstance(self.input_mix, bool):
-            raise ConfigError(f"input_mix={self.input_mix!r} is not valid; it must be true or false")
+        check_bool("input_mix", self.input_mix)
+        check_bool("train_injection", self.train_injection)
 
 
 class ConsistencyStudent(nn.Module):
@@ -307,7 +307,8 @@ class ConsistencyStudent(nn.Module):
 
     # --- inference ------------------------------------------------------------------------------
     def initial_state(self, u: Any) -> Tensor:
-        """A plan's start: zeros, or ``h(u)`` with an initialiser (``u``: the teacher's injection)."""
+        """A plan's start: zeros, or ``h(u)`` with an initialiser (``u``: the student's injection,
+        which is the teacher's unless the student has its own copy)."""
         if self.initialiser is not None:
             return self.initialiser.init_state(self.teacher, u)
         return self.teacher.initial_state(u)
@@ -322,7 +323,7 @@ class ConsistencyStudent(nn.Module):
         uses without arithmetic on it, or ``h(u)``); returns the state ``(B, ...)``."""
         u_teacher = u if u_teacher is None else u_teacher
         zero_state = z0 is None and self.initialiser is None  # DEQModel.initial_state is zeros
-        z = self.initial_state(u_teacher) if z0 is None else z0
+        z = self.initial_state(u) if z0 is None else z0
         last_residual = None
         for op in plan_body(plan):
             if op[0] == "jump":
@@ -366,12 +367,16 @@ class ConsistencyStudent(nn.Module):
     def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
         """``(logits, z)`` using at most ``nfe`` layer calls."""
         plan = self.plan_for(nfe)
-        if self.initialiser is not None or any(op[0] in ("step", "solve") for op in plan):
-            u, u_t = self.teacher_inputs(x)  # h(u) and teacher steps read the teacher's injection
-        else:  # no teacher step: the teacher's injection is not needed (when the student has its own)
-            u, u_t = self.inject(x), None
+        u, u_t = self.plan_inputs(x, plan)
         z = self.run_plan(u, plan, u_t)
         return self.read(z, plan), z
+
+    def plan_inputs(self, x: Any, plan: Plan) -> tuple[Any, Any]:
+        """``(u_student, u_teacher)`` to run ``plan`` on ``x``; ``u_teacher`` (which only teacher
+        steps read) is ``None`` for a plan without them, so an own injection runs alone."""
+        if any(op[0] in ("step", "solve") for op in plan):
+            return self.teacher_inputs(x)
+        return self.inject(x), None
 
     def read(self, z: Tensor, plan: Plan) -> Tensor:
         """The logits of the state ``z`` that ``plan`` reached: the student's head, or the
