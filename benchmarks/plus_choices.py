@@ -19,8 +19,10 @@ C-DEQ+'s own injection (``plus.train_injection``);
 
 With ``--held-out`` the plans are searched on one half of the selection batches and every variant
 is scored on the other half (the split of ``tie_rule.py``) at more budgets: the metric, the loss
-and the relative error to ``z*`` (the teacher's eval solver), beside the run's own C-DEQ, the
-anytime network and the learned initialiser; with several runs (seeds) it prints their mean ± std.
+and the relative error to ``z*`` (the teacher's eval solver), beside the run's own C-DEQ and
+C-DEQ+ (their plans searched on the same half; C-DEQ+ also with the plan its chain trains, no
+search), the anytime network and the learned initialiser; with several runs (seeds) it prints
+their mean ± std.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ def build(run: Run, teacher, student, trajectories: list, name: str):
     return plus
 
 
+def chain_plan(plus):
+    """``(x, k) -> (logits, z)`` of the plan the joint stage's chain trains: a jump from ``h(u)``
+    at the start time, then ``k - 1`` jumps at the re-entry time (no search)."""
+
+    @torch.no_grad()
+    def fn(x, k: int):
+        plan = [("jump", plus.start_time)] + [("jump", plus.reentry_time)] * (k - 1)
+        u, u_t = plus.plan_inputs(x, plan)
+        z = plus.run_plan(u, plan, u_t)
+        return plus.read(z, plan), z
+
+    return fn
+
+
 def load(path: str) -> tuple[Run, Any, Any, list]:
     """A finished run, its teacher, its C-DEQ student and its recorded trajectories."""
     run = Run(path)
@@ -136,6 +152,14 @@ def on_held_out_half(path: str, variants: list[str]) -> dict[str, Any]:
     search_half(student)  # the run's C-DEQ, after the variants (it is their starting point)
     result["variants"]["C-DEQ (the run's)"] = tie_rule.held_out(
         run, lambda x, k: student.predict(x, nfe=k), scored)
+    if (run.dir / "student_plus.safetensors").exists():  # the run's own C-DEQ+, as trained
+        plus = run.student_plus(teacher, student)
+        search_half(plus)
+        result["variants"]["C-DEQ+ (the run's)"] = tie_rule.held_out(
+            run, lambda x, k: plus.predict(x, nfe=k), scored)
+        if plus.reentry_time is not None:  # trained with a chain (distill.chain_k > 1)
+            result["variants"]["C-DEQ+ (the run's), its chain's plan"] = tie_rule.held_out(
+                run, chain_plan(plus), scored)
     extra, _, _ = run._extra_methods(teacher, None)
     for key, label in (("unrolled_any_k", "anytime unrolled network"), ("learned_init", "learned init")):
         if key in extra:

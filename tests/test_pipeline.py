@@ -216,7 +216,8 @@ def test_the_plus_choices_benchmark_runs_on_a_finished_run(quick_run, tmp_path, 
     got = json.loads(out.read_text())
     runs = got["runs"]
     assert len(runs) == 2 and runs[0]["variants"] == runs[1]["variants"]  # same run, same scores
-    assert {variant, "C-DEQ (the run's)", "learned init"} <= set(runs[0]["variants"])
+    assert {variant, "C-DEQ (the run's)", "C-DEQ+ (the run's)", "C-DEQ+ (the run's), its chain's plan",
+            "learned init"} <= set(runs[0]["variants"])
     per = runs[0]["variants"][variant]
     assert set(per) == {str(k) for k in bench.HELD_OUT_BUDGETS}
     assert all(0.0 <= v["metric"] <= 1.0 and v["relative_error"] >= 0.0 for v in per.values())
