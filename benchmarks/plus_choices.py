@@ -100,10 +100,7 @@ def chain_plan(plus):
 
     @torch.no_grad()
     def fn(x, k: int):
-        plan = [("jump", plus.start_time)] + [("jump", plus.reentry_time)] * (k - 1)
-        u, u_t = plus.plan_inputs(x, plan)
-        z = plus.run_plan(u, plan, u_t)
-        return plus.read(z, plan), z
+        return plus.apply_plan(x, [("jump", plus.start_time)] + [("jump", plus.reentry_time)] * (k - 1))
 
     return fn
 

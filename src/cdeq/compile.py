@@ -41,8 +41,7 @@ class PlanModule(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Any) -> Tensor:
-        u, u_teacher = self.student.plan_inputs(x, self.plan)
-        return self.student.read(self.student.run_plan(u, self.plan, u_teacher), self.plan)
+        return self.student.apply_plan(x, self.plan)[0]
 
 
 def default_mode(device: torch.device | str) -> str | None:

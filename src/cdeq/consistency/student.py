@@ -366,17 +366,17 @@ class ConsistencyStudent(nn.Module):
     @torch.no_grad()
     def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
         """``(logits, z)`` using at most ``nfe`` layer calls."""
-        plan = self.plan_for(nfe)
-        u, u_t = self.plan_inputs(x, plan)
+        return self.apply_plan(x, self.plan_for(nfe))
+
+    def apply_plan(self, x: Any, plan: Plan) -> tuple[Tensor, Tensor]:
+        """``(logits, z)`` of ``plan`` run on ``x``. The teacher's injection runs only for a plan
+        with teacher steps (they alone read it), so an own injection runs alone otherwise."""
+        if any(op[0] in ("step", "solve") for op in plan):
+            u, u_t = self.teacher_inputs(x)
+        else:
+            u, u_t = self.inject(x), None
         z = self.run_plan(u, plan, u_t)
         return self.read(z, plan), z
-
-    def plan_inputs(self, x: Any, plan: Plan) -> tuple[Any, Any]:
-        """``(u_student, u_teacher)`` to run ``plan`` on ``x``; ``u_teacher`` (which only teacher
-        steps read) is ``None`` for a plan without them, so an own injection runs alone."""
-        if any(op[0] in ("step", "solve") for op in plan):
-            return self.teacher_inputs(x)
-        return self.inject(x), None
 
     def read(self, z: Tensor, plan: Plan) -> Tensor:
         """The logits of the state ``z`` that ``plan`` reached: the student's head, or the
