@@ -8,7 +8,7 @@ Every variant distils a fresh student from the same teacher and trajectories wit
 changed from the run's configuration, chooses its plans on training data, and is evaluated at
 budgets 1, 2 and 4 on the validation split (where the defaults are chosen) and on the test split
 (reported only). Each variant's 1-NFE call is costed in layer-call equivalents (FLOPs) and timed
-against the others, interleaved, by :func:`cdeq.cost.time_methods` (one thread). Prints a table and
+against the others, interleaved, by :func:`cdeq.run.cost.time_methods` (one thread). Prints a table and
 writes JSON.
 """
 
@@ -33,9 +33,9 @@ from cdeq.consistency import (
     distill,
     select_plans,
 )
-from cdeq.cost import time_methods
-from cdeq.evaluate import EvalConfig, evaluate
-from cdeq.pipeline import Run
+from cdeq.run.cost import time_methods
+from cdeq.run.evaluate import EvalConfig, evaluate
+from cdeq.run.stages import Run
 
 VARIANTS: dict[str, dict] = {
     "run config": {},

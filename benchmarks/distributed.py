@@ -25,7 +25,7 @@ SETTINGS = ["threads=1", "teacher.epochs=3", "teacher.patience=0", "task_config.
 
 
 def one_run(processes: int, out: Path) -> dict[str, float]:
-    from cdeq.io import load_checkpoint
+    from cdeq.engine.io import load_checkpoint
 
     cli = ["-m", "cdeq.cli", "run", "digits", "--quick", "--out", str(out), "--set", *SETTINGS]
     prefix = [sys.executable] if processes == 1 else [

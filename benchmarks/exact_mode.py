@@ -15,9 +15,9 @@ On held-out batches the exact-mode solver (the run's ``evaluate.exact_solver`` a
 
 For each start it prints the relative error to ``z*``, the NFE spent before the solver, the solver's
 NFE to tolerance and the total against the cold start. The student's plans are also costed in
-layer-call equivalents (FLOPs, :mod:`cdeq.cost`: a student call is dearer than a layer call), and
+layer-call equivalents (FLOPs, :mod:`cdeq.run.cost`: a student call is dearer than a layer call), and
 the cold and warm exact solves are timed on one batch, interleaved, with
-:func:`cdeq.cost.time_methods` (one thread, 20 repeats). Writes JSON.
+:func:`cdeq.run.cost.time_methods` (one thread, 20 repeats). Writes JSON.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from cdeq.consistency.plans import plan_nfe
-from cdeq.cost import count_flops, time_methods
-from cdeq.pipeline import Run
+from cdeq.run.cost import count_flops, time_methods
+from cdeq.run.stages import Run
 from cdeq.solvers import get_solver
 
 

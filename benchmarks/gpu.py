@@ -10,7 +10,7 @@ figures hold, but no accuracy is measured here (the output says which weights we
 Rows, each ``x -> logits`` at batch 1 and 256 (``--batches``):
 
 - ``cdeq@k`` for k in 1, 2, 4: the student's plan for k layer calls, eager and compiled
-  (:func:`cdeq.compile.compile_plan`: ``mode="reduce-overhead"`` on CUDA);
+  (:func:`cdeq.hub.compile.compile_plan`: ``mode="reduce-overhead"`` on CUDA);
 - ``picard@k``, ``anderson@k``: the teacher's solver truncated at k calls (``tol=0``, no host
   synchronisation inside: ``check_every=k``);
 - ``teacher``: Anderson run to ``tol`` (max 30 calls) with ``check_every`` 1 and 8 (the
@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from cdeq.compile import PlanModule, compile_plan
 from cdeq.consistency import ConsistencyStudent
 from cdeq.deq import DEQModel
-from cdeq.precision import autocast, resolve_device
+from cdeq.engine.precision import autocast, resolve_device
+from cdeq.hub.compile import PlanModule, compile_plan
 from cdeq.solvers import get_solver
 from cdeq.tasks.images import ConvDEQCell, ConvInjection, PoolHead
 from cdeq.tasks.text import CausalTransformerCell, LMHead, TextInjection
@@ -78,7 +78,7 @@ def untrained_student(model: DEQModel) -> ConsistencyStudent:
 
 def load_run(run_dir: str) -> tuple[DEQModel, ConsistencyStudent, Callable[[int], torch.Tensor], int]:
     """Teacher, student and an input maker (test-shaped random images) from a finished image run."""
-    from cdeq.pipeline import Run
+    from cdeq.run.stages import Run
 
     run = Run(Path(run_dir))
     teacher, student = run.teacher(), run.student()

@@ -8,7 +8,8 @@ Usage::
         --run RUN/seed_0 RUN/seed_1 RUN/seed_2 --out benchmarks/results/plus_choices_TASK_held_out.json
 
 From a finished run (its teacher, C-DEQ student and recorded trajectories), builds C-DEQ+ once per
-variant (:func:`cdeq.plus.train_plus` with the run's settings changed as the variant says), selects
+variant (:func:`cdeq.consistency.plus.train_plus` with the run's settings changed as the variant
+says), selects
 its plans as the pipeline does, and prints each variant's **validation** metric and loss at 1, 2,
 3, 4 and 8 NFE (and the anytime unrolled network's, when the run has one). The test split is never
 read. Variants: the task weight, the chain supervision (``distill.chain_k``) and its data
@@ -37,10 +38,10 @@ from typing import Any
 import tie_rule
 import torch
 
-from cdeq.consistency.inference import select_plans
+from cdeq.consistency.plus import train_plus
+from cdeq.consistency.search import select_plans
 from cdeq.consistency.trajectory import TrajectoryStore
-from cdeq.pipeline import Run
-from cdeq.plus import chain_batches, train_plus
+from cdeq.run.stages import Run, chain_batches
 
 VARIANTS = {
     "chain 0, task weight 0.1, a third of the epochs": ({"chain_k": 0}, 1 / 3),
@@ -89,7 +90,7 @@ def build(run: Run, teacher, student, trajectories: list, name: str):
     pcfg = dataclasses.replace(cfg.plus, epochs=max(1, round(cfg.distill.epochs * share)),
                                **(plus_changes[0] if plus_changes else {}))
     chain = chain_batches(dcfg, run.task, cfg.record)
-    plus, _ = train_plus(student, trajectories, pcfg, dcfg, cfg.baselines, run.task.loss,
+    plus, _ = train_plus(student, trajectories, pcfg, dcfg, run.task.loss,
                          seed=cfg.seed, log=lambda m: None, task_batches=chain)
     return plus
 

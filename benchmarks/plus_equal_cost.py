@@ -22,8 +22,8 @@ import json
 import statistics
 from pathlib import Path
 
-from cdeq.pipeline import Run
-from cdeq.report import COST_SLACK
+from cdeq.run.report import COST_SLACK
+from cdeq.run.stages import Run
 
 COSTS = (1, 2, 3, 4)
 
@@ -39,7 +39,7 @@ def at_equal_cost(sweep: Path) -> dict[str, dict | None]:
         run.close()
         for c in COSTS:
             fit = [k for k in search if k in calls and calls[k] <= c * COST_SLACK]
-            # on the search batches a larger budget is never worse (cdeq.consistency.inference)
+            # on the search batches a larger budget is never worse (cdeq.consistency.search)
             k = max(fit, key=int) if fit else None
             per_cost[c].append(None if k is None else (search[k]["loss"], search[k]["metric"], k,
                                                        calls[k]))

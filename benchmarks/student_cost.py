@@ -9,10 +9,10 @@ For each task's cell at its preset's model size (random weights from the task's 
 ``--sizes quick`` for the quick presets), on a batch of ``--batch`` inputs (images, text; a graph
 is its whole graph):
 
-- **FLOPs** (:mod:`cdeq.cost`, through :func:`cdeq.evaluate.measure_flops`, the report's
+- **FLOPs** (:mod:`cdeq.run.cost`, through :func:`cdeq.run.evaluate.measure_flops`, the report's
   ``cost.layer_calls["cdeq"]["1"]``): a 1-call student prediction less the shared injection and
   head, divided by one teacher layer call;
-- **time** (:func:`cdeq.cost.time_methods`: one thread, warm-up, methods interleaved, ``--repeats``
+- **time** (:func:`cdeq.run.cost.time_methods`: one thread, warm-up, methods interleaved, ``--repeats``
   rounds; median and interquartile range): the student's 1-call plan's jump from ``z_0`` against
   one teacher layer call from the same ``z_0``, the injection and head left out of both; with
   ``--block N`` each timed sample is ``N`` calls in a row (as a serving loop makes them), and
@@ -48,10 +48,10 @@ from torch import Tensor
 
 from cdeq.consistency.conditioning import _broadcast, _per_sample
 from cdeq.consistency.student import ConsistencyStudent, StudentConfig
-from cdeq.cost import time_methods
 from cdeq.deq.model import DEQModel
-from cdeq.evaluate import EvalConfig, measure_flops, predictors
-from cdeq.pipeline import build_config
+from cdeq.run.cost import time_methods
+from cdeq.run.evaluate import EvalConfig, measure_flops, predictors
+from cdeq.run.stages import build_config
 from cdeq.tasks import TASKS
 
 STAND_IN = {"mnist": (1, 28, 28, 10), "cifar10": (3, 32, 32, 10)}
@@ -163,8 +163,8 @@ def measure(name: str, quick: bool, batch: int, repeats: int, folder: Path, bloc
 
 def compare(runs: list[str], budgets: tuple[int, ...] = (1, 2, 4)) -> list[dict[str, Any]]:
     """Validation metric and error to ``z*`` of each finished run's student at ``budgets``."""
-    from cdeq.evaluate import _sweep
-    from cdeq.pipeline import Run
+    from cdeq.run.evaluate import _sweep
+    from cdeq.run.stages import Run
 
     rows = []
     for path in runs:

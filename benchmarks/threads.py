@@ -9,7 +9,7 @@ same setting's idle time.
 
 Thread settings:
 
-- ``1``, ``2``: ``threads=1`` / ``threads=2`` through :func:`cdeq.threads.apply_thread_policy`.
+- ``1``, ``2``: ``threads=1`` / ``threads=2`` through :func:`cdeq.engine.threads.apply_thread_policy`.
 - ``2-passive``: ``threads=2`` with ``OMP_WAIT_POLICY=PASSIVE`` in the worker's environment (the
   OpenMP runtime reads it when ``import torch`` loads it, so it must be set before Python starts).
 - ``auto``: ``threads=0``, the automatic policy (it samples the load while the busy processes run).
@@ -45,9 +45,9 @@ def worker(threads: int, steps: int) -> None:
     """Train the demo teacher for ``steps`` steps; print one JSON line with the times."""
     import torch
 
+    from cdeq.engine.threads import apply_thread_policy
+    from cdeq.run.teacher import TeacherConfig, train_teacher
     from cdeq.tasks.images import DigitsTask
-    from cdeq.threads import apply_thread_policy
-    from cdeq.training import TeacherConfig, train_teacher
 
     used = apply_thread_policy(threads)
     task = DigitsTask(DigitsTask.Config())

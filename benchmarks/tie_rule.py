@@ -42,10 +42,10 @@ from typing import Any
 import torch
 
 from cdeq.consistency.conditioning import relative_error
-from cdeq.consistency.inference import select_plans
 from cdeq.consistency.plans import plan_to_json
-from cdeq.pipeline import Run
-from cdeq.precision import to_device
+from cdeq.consistency.search import select_plans
+from cdeq.engine.precision import to_device
+from cdeq.run.stages import Run
 
 STUDENT_HEAD = {"tie_with_teacher": False, "teacher_head": False, "teacher_within_se": 1.0}
 SE_TIES = {"tie_within_se": 1.0, "tie_break": "error"}

@@ -16,10 +16,10 @@ from cdeq.cli import main
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
 from cdeq.consistency.trajectory import UnconvergedWarning, residual_summary, warn_unconverged
 from cdeq.deq.layer import SolverSpec
-from cdeq.pipeline import Run, RunConfig
+from cdeq.run.stages import Run, RunConfig
+from cdeq.run.teacher import TeacherConfig, train_teacher
 from cdeq.tasks import TASKS
 from cdeq.tasks.base import Task
-from cdeq.training import TeacherConfig, train_teacher
 
 D_IN, CLASSES = 6, 3
 
@@ -249,8 +249,8 @@ def test_out_naming_an_existing_file_is_a_clear_error(tmp_path, capsys, command)
 
 
 def test_a_state_dict_mismatch_keeps_every_line_of_the_message(tmp_path):
-    from cdeq.io import save_tensors
-    from cdeq.pipeline import build_config
+    from cdeq.engine.io import save_tensors
+    from cdeq.run.stages import build_config
 
     run = Run(tmp_path, build_config("digits", {}, quick=True), log=lambda m: None)
     other = build_config("digits", {"task_config": {"channels": 16}}, quick=True)

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdeq import DEQModel
-from cdeq.baselines import (
+from cdeq.consistency import RecordConfig, record
+from cdeq.deq.layer import SolverSpec
+from cdeq.engine.config import ConfigError
+from cdeq.run.baselines import (
     BaselineConfig,
     LearnedInit,
     UnrolledNet,
@@ -19,10 +22,7 @@ from cdeq.baselines import (
     train_unrolled,
     unrolled_method,
 )
-from cdeq.config import ConfigError
-from cdeq.consistency import RecordConfig, record
-from cdeq.deq.layer import SolverSpec
-from cdeq.pipeline import Run, RunConfig
+from cdeq.run.stages import Run, RunConfig
 from cdeq.solvers import get_solver
 from cdeq.tasks.base import Task
 
@@ -90,8 +90,9 @@ def test_learned_init_fits_z_star_and_helps_the_truncated_solver():
     cfg = RecordConfig(solver=SolverSpec(name="anderson", max_iter=40, tol=1e-6), batch_size=128)
     trajectories = record(model, task.train_batches(128, shuffle=False), cfg)
     bcfg = BaselineConfig.from_dict({"init_hidden": 32, "init_optim": {"lr": 1e-2}})
-    init = LearnedInit.for_teacher(model, bcfg)
-    info = train_learned_init(init, model, trajectories, bcfg, samples=60 * 384, log=lambda m: None)
+    init = LearnedInit.for_teacher(model, bcfg.init_hidden, bcfg.init_conv)
+    info = train_learned_init(init, model, trajectories, 60 * 384, batch_size=bcfg.init_batch_size,
+                              optim=bcfg.init_optim, log=lambda m: None)
     # 60 epochs of the 384 recorded samples in minibatches of 64: 6 steps each
     assert info["work"] == {"steps": 360, "samples": 60 * 384, "epochs": 60, "layer_calls_per_sample": 0}
     assert info["losses"][-1] < 0.3 * info["losses"][0]

@@ -7,8 +7,8 @@ import doctest
 
 import pytest
 
-import cdeq.config
-from cdeq.config import (
+import cdeq.engine.config
+from cdeq.engine.config import (
     Config,
     ConfigError,
     check_choice,
@@ -144,7 +144,7 @@ def test_solver_options_inherit_the_common_checks():
 
 
 def test_docstring_examples():
-    result = doctest.testmod(cdeq.config)
+    result = doctest.testmod(cdeq.engine.config)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -206,7 +206,7 @@ def test_values_of_the_right_type_are_kept():
 
 
 def test_the_run_configuration_rejects_the_issue_probes():
-    from cdeq.pipeline import build_config
+    from cdeq.run.stages import build_config
 
     with pytest.raises(ConfigError, match=r"teacher\.train_solver='foo' is not valid; expected a "
                                           r"mapping of SolverSpec settings.*teacher\.train_solver\.name=foo"):
@@ -220,7 +220,7 @@ def test_the_run_configuration_rejects_the_issue_probes():
 
 
 def test_merged_merges_sections_and_replaces_solver_options():
-    from cdeq.config import merged
+    from cdeq.engine.config import merged
 
     base = {"a": {"b": 1, "c": 2}, "solver": {"name": "anderson", "options": {"memory": 5}}}
     out = merged(base, {"a": {"c": 3}, "solver": {"name": "picard", "options": {"damping": 0.5}}})

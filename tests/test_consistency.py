@@ -21,7 +21,7 @@ from cdeq.consistency import (
 )
 from cdeq.consistency.plans import TEACHER_HEAD, check_plan, plan_nfe, plan_to_json
 from cdeq.deq import DEQModel
-from cdeq.io import CorruptFileError
+from cdeq.engine.io import CorruptFileError
 
 
 class MLPCell(nn.Module):
@@ -173,7 +173,7 @@ def test_a_resumed_recording_counts_the_layer_calls_of_every_shard(tmp_path):
     """A recording killed after some shards and resumed reports the layer calls of one recording
     done in one go: the kept shards' calls come from their own files, not from the rerun."""
     from cdeq.consistency.trajectory import record_counted
-    from cdeq.fit import LayerCalls
+    from cdeq.engine.fit import LayerCalls
 
     model, x, y = tiny_problem(n=64)
     cfg = RecordConfig.from_dict({"solver": {"max_iter": 10}, "batch_size": 16})
@@ -248,9 +248,10 @@ def test_predict_refuses_multi_step_without_selected_plans():
     model, x, y = tiny_problem(n=64)
     student = ConsistencyStudent(model)
     assert student.predict(x, nfe=1)[0].shape == (64, 4)
-    with pytest.raises(ValueError, match=r"select_plans\(train_batches"):
+    with pytest.raises(ValueError, match=r"select_plans\(val_batches"):
         student.predict(x, nfe=4)
-    log = student.select_plans([(x, y)], loss=nn.functional.cross_entropy, max_nfe=3)
+    log = select_plans(student, [(x, y)], loss=nn.functional.cross_entropy,
+                       config=PlanSearchConfig(max_nfe=3))
     assert set(log) == {"1", "2", "3"} and student.plans_selected
     assert student.predict(x, nfe=4)[0].shape == (64, 4)  # the selected 3-NFE plan
     assert len(student.plan_for(4)) <= 3
@@ -261,10 +262,11 @@ def test_predict_refuses_multi_step_without_selected_plans():
 def test_plans_selected_without_labels_track_the_teacher():
     model, x, _ = tiny_problem(n=64)
     student = ConsistencyStudent(model)
-    log = student.select_plans([x], max_nfe=2)  # inputs alone: scored against the converged teacher
+    # inputs alone: scored against the converged teacher
+    log = select_plans(student, [x], config=PlanSearchConfig(max_nfe=2))
     assert log["2"]["metric"] <= log["1"]["metric"]
     with pytest.raises(ValueError, match=r"\(x, y\) batches"):
-        student.select_plans([x], loss=nn.functional.cross_entropy)
+        select_plans(student, [x], loss=nn.functional.cross_entropy)
 
 
 def test_deq_model_takes_any_cell_and_infers_the_state():
@@ -351,7 +353,7 @@ def test_plan_search_tie_break_by_the_error_to_z_star():
 def test_a_gain_below_its_standard_error_is_a_tie():
     """Hand count: ``a`` trails ``ref`` on one item of four by 1, a mean of 0.25 with standard
     error std([0, 0, 1, 0]) / 2 = 0.25; a gain of exactly one standard error is not a tie."""
-    from cdeq.consistency.inference import _Scored, _trails
+    from cdeq.consistency.search import _Scored, _trails
 
     def scored(items):
         return _Scored([], [], float(sum(items)) / len(items), 0.0, 0.0, torch.tensor(items))
@@ -470,7 +472,7 @@ def test_the_teacher_margin_decides_whether_a_plan_below_the_teacher_ties():
     item below the converged teacher (80), within one standard error of it. With
     ``teacher_within_se=1`` ``c`` ties with the teacher and wins on the error; with the default
     margin 0 it trails the teacher and the better-scoring ``b`` is kept."""
-    from cdeq.consistency.inference import _choose, _Scored
+    from cdeq.consistency.search import _choose, _Scored
 
     def scored(ones: list[int], err: float) -> _Scored:
         items = torch.zeros(100)

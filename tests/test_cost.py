@@ -9,9 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from cdeq import get_solver
 from cdeq.consistency.schedule import ScheduleConfig, TimeSchedule
 from cdeq.consistency.student import ConsistencyStudent, StudentConfig
-from cdeq.cost import count_flops, teacher_accuracy_cost, time_methods
 from cdeq.deq import DEQModel
-from cdeq.evaluate import EvalConfig, measure_flops, predictors, truncated_states
+from cdeq.run.cost import count_flops, teacher_accuracy_cost, time_methods
+from cdeq.run.evaluate import EvalConfig, measure_flops, predictors, truncated_states
 
 
 class ConvCell(nn.Module):
@@ -182,7 +182,7 @@ def test_teacher_accuracy_cost_picks_cheapest_within_tolerance_on_validation():
 
 
 def test_without_timing_drops_every_wall_clock_figure():
-    from cdeq.cost import without_timing
+    from cdeq.run.cost import without_timing
 
     rep = _report({"1": 0.898, "2": 0.95}, {"1": 0.5, "2": 0.85, "4": 0.899})
     rep["teacher_accuracy_cost"] = teacher_accuracy_cost(rep)

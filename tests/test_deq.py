@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from cdeq.config import ConfigError
 from cdeq.deq import (
     DEQ,
     ImplicitBackward,
@@ -24,6 +23,7 @@ from cdeq.deq import (
     jacobian_frobenius,
     spectral_radius,
 )
+from cdeq.engine.config import ConfigError
 from cdeq.solvers import Anderson, Broyden, Picard, get_solver
 
 D64 = torch.float64
@@ -386,7 +386,7 @@ def test_solver_spec_rejects_unknown_keys_and_values():
 
 
 def test_a_partial_nested_section_keeps_the_fields_own_defaults():
-    from cdeq.training import TeacherConfig
+    from cdeq.run.teacher import TeacherConfig
 
     default = TeacherConfig().train_solver
     cfg = TeacherConfig.from_dict({"train_solver": {"max_iter": 7}})
@@ -419,8 +419,8 @@ def test_get_backward_rejects_unknown_names_and_keys():
 def test_register_backward_makes_a_user_strategy_available_with_its_fields_as_keys():
     import dataclasses
 
-    from cdeq.config import Config
     from cdeq.deq import BACKWARDS, BackwardStrategy, register_backward
+    from cdeq.engine.config import Config
 
     @dataclasses.dataclass
     class ScaledOptions(Config):

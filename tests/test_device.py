@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from cdeq.config import ConfigError
 from cdeq.deq import DEQ, jacobian_frobenius, spectral_radius
-from cdeq.precision import autocast, resolve_device
+from cdeq.engine.config import ConfigError
+from cdeq.engine.precision import autocast, resolve_device
 from cdeq.solvers import get_solver, loop
 
 NAMES = ["picard", "anderson", "broyden"]
@@ -360,7 +360,7 @@ def tiny_student():
 
 
 def test_compiled_plan_traces_and_matches_eager():
-    from cdeq.compile import PlanModule, compile_plan, default_mode
+    from cdeq.hub.compile import PlanModule, compile_plan, default_mode
 
     student, x = tiny_student()
     assert default_mode("cpu") is None and default_mode("cuda") == "reduce-overhead"
@@ -379,7 +379,7 @@ def test_compiled_plan_traces_and_matches_eager():
                     reason="inductor compiles C++ for each plan: minutes on a loaded 2-core CPU; "
                            "set CDEQ_TEST_COMPILE=1 to run it")
 def test_compiled_plan_with_inductor_matches_eager():
-    from cdeq.compile import PlanModule, compile_plan
+    from cdeq.hub.compile import PlanModule, compile_plan
 
     student, x = tiny_student()
     torch._dynamo.reset()
@@ -419,7 +419,7 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         text[0]["batch"] * 8 / text[0]["median_s"])
 
 
-@pytest.mark.parametrize("module", ["cdeq.precision", "cdeq.compile", "cdeq.solvers.loop"])
+@pytest.mark.parametrize("module", ["cdeq.engine.precision", "cdeq.hub.compile", "cdeq.solvers.loop"])
 def test_docstring_examples(module):
     import doctest
     import importlib
@@ -431,7 +431,7 @@ def test_docstring_examples(module):
 # --- the run's device and precision ---------------------------------------------------------------
 def test_to_device_moves_nested_batches_and_dataclasses():
     from cdeq.consistency.trajectory import TrajectoryBatch
-    from cdeq.precision import to_device
+    from cdeq.engine.precision import to_device
 
     x = (torch.randn(3, 2), [torch.ones(3)], {"mask": torch.zeros(3, dtype=torch.bool)}, "name")
     moved = to_device(x, "meta")
@@ -465,7 +465,8 @@ def test_a_task_on_a_device_yields_its_batches_there():
 
 
 def test_clock_synchronises_cuda_only_when_cuda_is_in_use(monkeypatch):
-    from cdeq import cost, precision
+    from cdeq.engine import precision
+    from cdeq.run import cost
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
@@ -487,7 +488,7 @@ def test_clock_synchronises_cuda_only_when_cuda_is_in_use(monkeypatch):
 
 def test_device_and_precision_keys_are_checked(tmp_path, capsys):
     from cdeq.cli import main
-    from cdeq.pipeline import RunConfig, build_config
+    from cdeq.run.stages import RunConfig, build_config
 
     cfg = build_config("digits", {"precision": "bf16"}, quick=True)
     assert cfg.device == "cpu"  # the default: the GPU path is opt-in
@@ -524,12 +525,15 @@ def test_the_quick_pipeline_runs_in_bf16_on_cpu(tmp_path, monkeypatch, capsys):
     import logging
     import math
 
-    from cdeq import baselines, pipeline, training
     from cdeq.cli import main
+    from cdeq.run import baselines
+    from cdeq.run import stages as pipeline
+    from cdeq.run import teacher as training
 
     distill = importlib.import_module("cdeq.consistency.distill")  # the module, not the function
+    initialiser = importlib.import_module("cdeq.consistency.initialiser")
     loops, casts = [], []
-    for module in (training, distill, baselines):
+    for module in (training, distill, initialiser, baselines):
         real_fit = module.fit
         monkeypatch.setattr(module, "fit", lambda *a, real_fit=real_fit, **k: (
             loops.append((k["name"], a[3].precision)), real_fit(*a, **k))[1])

@@ -22,7 +22,7 @@ TOL = 1e-5
 def train(out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    from cdeq import distributed
+    from cdeq.engine import distributed
 
     distributed.init()
     wrapped = []  # the modules DistributedDataParallel was built for (none in one process)
@@ -44,7 +44,7 @@ def train(out: str) -> None:
 
 def _train_both():
     from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
-    from cdeq.training import TeacherConfig, train_teacher
+    from cdeq.run.teacher import TeacherConfig, train_teacher
 
     torch.set_num_threads(1)
     task = ToyTask()
@@ -89,7 +89,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_shard_without_process_group_is_identity():
-    from cdeq import distributed
+    from cdeq.engine import distributed
 
     x, y = torch.randn(5, 2), torch.arange(5)
     assert distributed.world_size() == 1 and distributed.is_main()

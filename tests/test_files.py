@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cdeq.cli import main
-from cdeq.io import BusyError, acquire_lock, atomic_write_text, hold_lock, release_lock, save_tensors
-from cdeq.pipeline import Run, build_config
+from cdeq.engine.io import BusyError, acquire_lock, atomic_write_text, hold_lock, release_lock, save_tensors
+from cdeq.run.stages import Run, build_config
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def _env() -> dict:
 
 def _hold(run: Path) -> subprocess.Popen:
     """Another process that holds the lock of the run directory ``run`` until killed."""
-    code = ("import sys, time; from cdeq.io import acquire_lock; acquire_lock(sys.argv[1]); "
+    code = ("import sys, time; from cdeq.engine.io import acquire_lock; acquire_lock(sys.argv[1]); "
             "print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run / ".lock")], env=_env(),
                             stdout=subprocess.PIPE, text=True)
@@ -113,7 +113,7 @@ def test_the_lock_is_counted_within_one_process(tmp_path):
     acquire_lock(path)
     acquire_lock(path)  # a second Run object of the same process: no deadlock
     release_lock(path)
-    code = "import sys; from cdeq.io import acquire_lock; acquire_lock(sys.argv[1])"
+    code = "import sys; from cdeq.engine.io import acquire_lock; acquire_lock(sys.argv[1])"
     busy = subprocess.run([sys.executable, "-c", code, str(path)], env=_env(), capture_output=True,
                           text=True)
     assert busy.returncode != 0 and f"PID {os.getpid()}" in busy.stderr  # still held once
@@ -138,7 +138,7 @@ def test_reading_a_run_needs_no_lock_but_its_stages_do(tmp_path):
 
 
 def test_a_run_releases_its_lock_when_closed_or_dropped(tmp_path):
-    code = "import sys; from cdeq.io import acquire_lock; acquire_lock(sys.argv[1])"
+    code = "import sys; from cdeq.engine.io import acquire_lock; acquire_lock(sys.argv[1])"
 
     def free() -> bool:
         return subprocess.run([sys.executable, "-c", code, str(tmp_path / "r" / ".lock")],

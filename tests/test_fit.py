@@ -1,4 +1,4 @@
-"""The one training loop (cdeq.fit): its schedule, resume, early stopping, clipping, bf16 autocast,
+"""The one training loop (cdeq.engine.fit): its schedule, resume, early stopping, clipping, bf16 autocast,
 and the distillation pieces built on it (pair samplers, the student's trainable parameters)."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from toys import ToyTask
 
-from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
 from cdeq.consistency.distill import trainable_parameters
 from cdeq.consistency.pairs import PAIR_SAMPLERS, PairSampler, get_pair_sampler, register_pair_sampler
-from cdeq.fit import Hooks, LayerCalls, OptimConfig, build_optimizer, fit
-from cdeq.training import TeacherConfig, train_teacher, validation_loss
+from cdeq.engine.config import ConfigError
+from cdeq.engine.fit import Hooks, LayerCalls, OptimConfig, build_optimizer, fit
+from cdeq.run.teacher import TeacherConfig, train_teacher, validation_loss
 
 X = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
 
@@ -247,7 +247,7 @@ def test_a_task_without_validation_trains_every_epoch(caplog):
 def test_teacher_config_accepts_every_registered_backward():
     """The allowed backward names come from the registry, not a copy of it."""
     from cdeq.deq.backward import BACKWARDS, BackwardStrategy, register_backward
-    from cdeq.training import TeacherConfig
+    from cdeq.run.teacher import TeacherConfig
 
     with pytest.raises(ConfigError, match=r"backward='mine' is not valid.*'implicit'"):
         TeacherConfig(backward="mine")

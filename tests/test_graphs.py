@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import cdeq
-from cdeq.config import ConfigError
+from cdeq.engine.config import ConfigError
+from cdeq.run.teacher import TeacherConfig, train_teacher
 from cdeq.solvers.base import take_rows
 from cdeq.tasks.base import TASKS
 from cdeq.tasks.datadir import data_dir
@@ -27,7 +28,6 @@ from cdeq.tasks.graphs import (
     perturb_graph,
     random_split,
 )
-from cdeq.training import TeacherConfig, train_teacher
 
 PLANETOID = data_dir() / "planetoid"
 FACEBOOK = data_dir() / "facebook"
@@ -101,7 +101,7 @@ def test_features_row_normalised_and_batch_layout():
 
 
 def test_batches_survive_trajectory_storage():
-    from cdeq.io import flatten, unflatten
+    from cdeq.engine.io import flatten, unflatten
 
     torch.manual_seed(0)
     g = small_graph(25)

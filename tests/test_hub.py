@@ -13,9 +13,9 @@ from torch import nn
 
 import cdeq
 from cdeq import hub
-from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent
-from cdeq.io import CorruptFileError
+from cdeq.engine.config import ConfigError
+from cdeq.engine.io import CorruptFileError
 from cdeq.tasks import TASKS
 
 TASK_CFG = {"channels": 8, "hidden_mult": 1, "train_subset": 64, "test_subset": 16}
@@ -121,7 +121,7 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--model", str(out), "--out", str(tmp_path / "s.pt2"),
                  "--pretrained", str(tmp_path / "pre")]) == 0
     assert "wrote" in capsys.readouterr().out
-    from cdeq.pipeline import Run
+    from cdeq.run.stages import Run
 
     run = Run(out)
     x, _ = next(iter(run.task.test_batches(5)))
@@ -244,7 +244,7 @@ def test_pretrained_keeps_the_solvers_the_teacher_config_set(task, tmp_path):
     """A run's TeacherConfig replaces the model's default solvers; a pretrained directory records
     the solvers the teacher ran with and the loaded teacher runs them too (a task's model, rebuilt
     by the task, or a user's modules, rebuilt from their recipe)."""
-    from cdeq.training import TeacherConfig, configure_teacher
+    from cdeq.run.teacher import TeacherConfig, configure_teacher
 
     if task is None:
         teacher = user_pipeline(WideCell(6))[0].teacher

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdeq.config import ConfigError
+from cdeq.engine.config import ConfigError
 from cdeq.tasks.images import (
     ConvDEQCell,
     DataError,

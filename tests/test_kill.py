@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from cdeq.io import load_tensors
+from cdeq.engine.io import load_tensors
 
 KILLS = 5
 SETTINGS = ["threads=1", "baselines.enabled=false",  # the quick preset on less data: shorter reruns

@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from cdeq import pipeline
 from cdeq.cli import main
-from cdeq.pipeline import Run, RunConfig, build_config
+from cdeq.run import stages as pipeline
+from cdeq.run.stages import Run, RunConfig, build_config
 
 TINY = ["teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=64",
         "distill.epochs=1", "evaluate.budgets=[1,2]", "plans.max_nfe=2"]
@@ -169,7 +169,7 @@ def test_a_run_may_restart_or_load_on_another_device(quick_run):
     is not "another configuration", and a run recorded on CUDA loads on the CPU when asked."""
     import torch
 
-    from cdeq.config import ConfigError
+    from cdeq.engine.config import ConfigError
 
     path = quick_run / "config.json"
     written = path.read_text()

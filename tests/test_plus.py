@@ -8,14 +8,15 @@ import pytest
 import torch
 from test_baselines import ToyTask, _model
 
-from cdeq import cost
-from cdeq.baselines import BaselineConfig, LearnedInit
-from cdeq.config import ConfigError
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
+from cdeq.consistency.initialiser import LearnedInit
 from cdeq.consistency.plans import check_plan, plan_nfe
+from cdeq.consistency.plus import PlusConfig, load_plus, match_start_time, train_plus
+from cdeq.consistency.search import PlanSearchConfig, select_plans
 from cdeq.consistency.student import StudentConfig
 from cdeq.deq.layer import SolverSpec
-from cdeq.plus import PlusConfig, load_plus, match_start_time, train_plus
+from cdeq.engine.config import ConfigError
+from cdeq.run import cost
 from cdeq.solvers import get_solver
 
 
@@ -96,11 +97,10 @@ def test_joint_distillation_trains_the_start_jump_and_leaves_c_deq_alone(distill
     task, model, student, trajectories = distilled
     before = {k: v.clone() for k, v in student.state_dict().items()}
     config = PlusConfig(init_hidden=16, init_conv=False, init_epochs=30, epochs=4)
-    bcfg = BaselineConfig.from_dict({"init_optim": {"lr": 1e-2}})
     torch.manual_seed(0)
     # chain_k = 0: the start term's distance to z* alone (the chain's task loss trades some of it)
     plus, info = train_plus(student, trajectories, config,
-                            DistillConfig(epochs=4, batch_size=64, chain_k=0), bcfg, task.loss,
+                            DistillConfig(epochs=4, batch_size=64, chain_k=0), task.loss,
                             log=lambda m: None)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert info["work"]["joint"]["epochs"] == 4 and info["work"]["init"]["samples"] == 30 * 384
@@ -130,8 +130,8 @@ def test_c_deq_plus_with_its_own_injection_trains_it_and_counts_both(distilled):
     config = PlusConfig(init_hidden=16, init_conv=False, init_epochs=2, epochs=2, train_injection=True)
     torch.manual_seed(0)
     plus, info = train_plus(student, trajectories, config,
-                            DistillConfig(epochs=2, batch_size=64, chain_k=2), BaselineConfig(),
-                            task.loss, log=lambda m: None)
+                            DistillConfig(epochs=2, batch_size=64, chain_k=2), task.loss,
+                            log=lambda m: None)
     assert student.injection is None and plus.injection is not None
     assert all(torch.equal(teacher_before[k], v) for k, v in model.state_dict().items())
     moved = [not torch.equal(a, b) for a, b in zip(plus.injection.parameters(),
@@ -178,7 +178,7 @@ def test_the_cost_of_a_c_deq_plus_call_includes_the_initialiser():
 
 def test_a_run_builds_and_reports_c_deq_plus(tmp_path):
     from cdeq.cli import main
-    from cdeq.pipeline import Run
+    from cdeq.run.stages import Run
 
     out = tmp_path / "run"
     args = ["teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=64",
@@ -227,7 +227,7 @@ def test_long_plans_hand_over_to_the_solver_and_get_closer_to_z_star(distilled):
     task, model, student, _ = distilled
     student = copy.deepcopy(student)
     batches = [x for x, _ in task.test_batches(64)][:1]  # inputs alone: scored against the teacher
-    student.select_plans(batches, max_nfe=8)
+    select_plans(student, batches, config=PlanSearchConfig(max_nfe=8))
     assert student.plans[8][-1][0] == "solve" and plan_nfe(student.plans[8]) <= 8
     x = batches[0]
     z_star = _z_star(model, x)
@@ -283,7 +283,7 @@ def test_the_chain_can_read_a_training_batch_instead_of_the_recorded_one(distill
 
 
 def test_the_joint_stage_draws_one_training_batch_per_step_and_counts_its_samples(distilled):
-    from cdeq.plus import chain_batches
+    from cdeq.run.stages import chain_batches
 
     task, model, student, trajectories = distilled
     drawn = []
@@ -295,7 +295,7 @@ def test_the_joint_stage_draws_one_training_batch_per_step_and_counts_its_sample
 
     config = PlusConfig(init_hidden=8, init_conv=False, init_epochs=1, epochs=2)
     dcfg = DistillConfig(epochs=2, batch_size=64)
-    plus, info = train_plus(student, trajectories, config, dcfg, BaselineConfig(), task.loss,
+    plus, info = train_plus(student, trajectories, config, dcfg, task.loss,
                             log=lambda m: None, task_batches=batches)
     joint = info["work"]["joint"]
     assert len(drawn) == joint["steps"] == 2 * 384 // 64  # one per step, over more than one pass

@@ -6,10 +6,10 @@ Lipschitz constant ``rho``) every solver either returns a fixed point within tol
 sample as not converged; the distance to the true fixed point obeys ``|z - z*| <= |f(z) - z| /
 (1 - rho)``; Picard, whose convergence the contraction guarantees, always converges.
 
-Random ``--set KEY=VALUE`` pairs (every key of :class:`~cdeq.pipeline.RunConfig` and of the task's
+Random ``--set KEY=VALUE`` pairs (every key of :class:`~cdeq.run.stages.RunConfig` and of the task's
 config, found from the dataclass fields; values of every type but the key's own) with random
 tasks, ``--data``, ``--name`` and ``--quick`` never give a traceback: the configuration building of
-``cdeq run`` raises a :class:`~cdeq.config.ConfigError` that names one of the keys.
+``cdeq run`` raises a :class:`~cdeq.engine.config.ConfigError` that names one of the keys.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdeq.cli import _resolve_task, _user_config, build_parser
-from cdeq.config import Config, ConfigError
-from cdeq.pipeline import RunConfig, build_config
+from cdeq.engine.config import Config, ConfigError
+from cdeq.run.stages import RunConfig, build_config
 from cdeq.solvers import get_solver
 from cdeq.tasks import TASKS
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from cdeq.cli import main
-from cdeq.config import ConfigError
-from cdeq.report import equal_cost, markdown_table
-from cdeq.summary import BEGIN, END, replace_block, summarize, write_summary
-from cdeq.sweep import aggregate
+from cdeq.engine.config import ConfigError
+from cdeq.run.report import equal_cost, markdown_table
+from cdeq.run.seeds import aggregate
+from cdeq.run.summary import BEGIN, END, replace_block, summarize, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -54,7 +54,7 @@ def test_equal_cost_takes_the_best_budget_within_the_cost():
 
 
 def test_new_report_renders_cost_tables_and_old_reports_still_render():
-    from cdeq.cost import teacher_accuracy_cost
+    from cdeq.run.cost import teacher_accuracy_cost
 
     rep = _report()
     rep["teacher_accuracy_cost"] = teacher_accuracy_cost(rep)

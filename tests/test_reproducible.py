@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from cdeq.baselines import BaselineConfig
 from cdeq.cli import main
+from cdeq.run.baselines import BaselineConfig
 
 
 def _timing(key: str) -> bool:

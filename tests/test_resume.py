@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from cdeq.cli import _overrides, main
-from cdeq.io import CorruptFileError, load_checkpoint, load_tensors, save_checkpoint
-from cdeq.pipeline import Run, build_config
+from cdeq.engine.io import CorruptFileError, load_checkpoint, load_tensors, save_checkpoint
+from cdeq.run.stages import Run, build_config
 
 TOL = 1e-4
 TEACHER = ["teacher.epochs=4", "task_config.train_subset=128", "task_config.test_subset=16"]

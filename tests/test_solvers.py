@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from cdeq.config import ConfigError
+from cdeq.engine.config import ConfigError
 from cdeq.solvers import (
     SOLVERS,
     Anderson,

@@ -1,6 +1,6 @@
 """A student call costs at most 1.10 teacher layer calls in FLOPs, on every task's cell.
 
-The count is the report's (``cost.layer_calls["cdeq"]["1"]``, :func:`cdeq.evaluate.measure_flops`)
+The count is the report's (``cost.layer_calls["cdeq"]["1"]``, :func:`cdeq.run.evaluate.measure_flops`)
 for the 1-call plan, at the quick and the full presets' model sizes, random weights everywhere
 (the student's time embedding too, so no zero initialisation hides an op). The builders are the
 ones of ``benchmarks/student_cost.py``, which also times the calls.
@@ -87,9 +87,9 @@ def test_a_student_saved_without_the_input_mix_loads_as_the_same_function(folder
 def test_c_deq_plus_one_call_fits_a_cost_of_one_on_images(name, folder):
     """With the image presets' initialiser, C-DEQ+'s 1-call plan, h(u) included, fits a cost of
     one layer call (within the equal-cost tables' slack), so a k-call plan fits a cost of k."""
-    from cdeq.plus import initialiser
-    from cdeq.report import COST_SLACK
-    from cdeq.runconfig import build_config
+    from cdeq.consistency.plus import initialiser
+    from cdeq.run.config import build_config
+    from cdeq.run.report import COST_SLACK
 
     teacher, x = _cell(name, False, folder)
     student = bench.students(teacher)["new"]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cdeq.checks
 import cdeq.consistency.trajectory
+import cdeq.engine.checks
 from cdeq import cli
-from cdeq.config import ConfigError
+from cdeq.engine.config import ConfigError
 from cdeq.tasks import TASKS, Task
 from cdeq.tasks.datadir import data_dir, data_file
 
@@ -29,18 +29,18 @@ def test_data_dir_is_read_at_call_time(tmp_path, monkeypatch):
 
 def test_input_checks_live_in_their_own_module():
     with pytest.raises(ValueError, match="NaN/inf"):
-        cdeq.checks.check_finite_inputs((torch.ones(2), {"a": torch.tensor([float("nan")])}), "here")
-    cdeq.checks.check_finite_inputs(torch.ones(3), "here")
+        cdeq.engine.checks.check_finite_inputs((torch.ones(2), {"a": torch.tensor([float("nan")])}), "here")
+    cdeq.engine.checks.check_finite_inputs(torch.ones(3), "here")
     with pytest.raises(ValueError, match=r"class indices in \[0, 2\]"):
-        cdeq.checks.check_labels(torch.zeros(4, 3), torch.tensor([0, 1, 3, 2]), "here")
-    cdeq.checks.check_labels(torch.zeros(4, 3), torch.tensor([0, 1, 2, 2]), "here")
-    assert cdeq.consistency.trajectory.check_labels is cdeq.checks.check_labels  # one definition
+        cdeq.engine.checks.check_labels(torch.zeros(4, 3), torch.tensor([0, 1, 3, 2]), "here")
+    cdeq.engine.checks.check_labels(torch.zeros(4, 3), torch.tensor([0, 1, 2, 2]), "here")
+    assert cdeq.consistency.trajectory.check_labels is cdeq.engine.checks.check_labels  # one definition
 
 
 @pytest.mark.parametrize("quick", [False, True])
 @pytest.mark.parametrize("task", sorted(set(TASKS) - {"text", "planetoid", "images"}))
 def test_every_preset_builds_a_valid_run_config(task, quick):
-    pipeline = pytest.importorskip("cdeq.pipeline")
+    pipeline = pytest.importorskip("cdeq.run.stages")
     config = pipeline.build_config(task, {}, quick=quick)
     assert config.task == task
     assert TASKS[task].run_defaults(quick) == TASKS[task].run_defaults(quick)  # fresh copies
@@ -85,7 +85,7 @@ class _FakeRun:
 
 
 def test_cli_asks_the_task_for_sub_runs_and_data_readers(tmp_path, monkeypatch):
-    pipeline = pytest.importorskip("cdeq.pipeline")
+    pipeline = pytest.importorskip("cdeq.run.stages")
     monkeypatch.setattr(pipeline, "Run", _FakeRun)
     _FakeRun.made = []
     assert cli.main(["run", "cora", "--quick", "--out", str(tmp_path / "c")]) == 0
@@ -107,4 +107,4 @@ def test_unknown_task_is_still_a_config_error(tmp_path, capsys):
     assert cli.main(["run", "nosuch", "--out", str(tmp_path / "n")]) == 2
     assert "unknown task" in capsys.readouterr().err
     with pytest.raises(ConfigError):
-        pytest.importorskip("cdeq.pipeline").build_config("nosuch", {})
+        pytest.importorskip("cdeq.run.stages").build_config("nosuch", {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdeq.config import ConfigError
+from cdeq.engine.config import ConfigError
 from cdeq.tasks.base import TASKS
 from cdeq.tasks.text import (
     UNK,
@@ -207,7 +207,7 @@ def test_variational_dropout_mask_is_shared(char_file):
 
 
 def test_training_reduces_loss(char_file):
-    from cdeq.training import TeacherConfig, evaluate_model, train_teacher
+    from cdeq.run.teacher import TeacherConfig, evaluate_model, train_teacher
 
     torch.manual_seed(0)
     task = TextTask(TextConfig(data=str(char_file), **{**TINY, "epoch_windows": 64}))
@@ -269,7 +269,7 @@ def test_quick_preset_and_shakespeare():
 
 @pytest.mark.parametrize("quick", [False, True])
 def test_run_defaults_are_valid(quick):
-    pipeline = pytest.importorskip("cdeq.pipeline")
+    pipeline = pytest.importorskip("cdeq.run.stages")
     config = pipeline.build_config("shakespeare", {}, quick=quick)
     assert config.teacher.backward == "jacobian_free"
     assert config.teacher.train_solver.name == "anderson"
@@ -328,7 +328,7 @@ def test_folder_splits_are_kept_apart(wiki_dir, monkeypatch):
 
 def test_model_solvers_come_from_the_configuration(char_file):
     """The built model's solvers are the run configuration's (quick: eval max_iter 20, not 40)."""
-    pipeline = pytest.importorskip("cdeq.pipeline")
+    pipeline = pytest.importorskip("cdeq.run.stages")
     for quick in (True, False):
         config = pipeline.build_config("text", {"task_config": {"data": str(char_file), **TINY}},
                                        quick=quick)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdeq import threads
-from cdeq.config import ConfigError
-from cdeq.threads import apply_thread_policy, busy_cores, choose_threads, cpu_times
+from cdeq.engine import threads
+from cdeq.engine.config import ConfigError
+from cdeq.engine.threads import apply_thread_policy, busy_cores, choose_threads, cpu_times
 
 
 @pytest.mark.parametrize(("cores", "busy", "expected"), [
@@ -101,7 +101,7 @@ def test_explicit_request_or_environment_does_not_sample_the_load(monkeypatch):
 
 
 def test_a_run_samples_the_load_when_a_stage_starts_not_when_it_is_built(monkeypatch, tmp_path):
-    from cdeq.pipeline import Run, build_config
+    from cdeq.run.stages import Run, build_config
 
     samples = []
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -9,7 +9,6 @@ Example:
     >>> logits = pipe(x, nfe=2)                                             # doctest: +SKIP
 """
 
-from .config import Config, ConfigError
 from .consistency import (
     ConsistencyStudent,
     DistillConfig,
@@ -23,11 +22,26 @@ from .consistency import (
     select_plans,
 )
 from .deq import DEQ, DEQModel, ImplicitBackward, JacobianFreeBackward, PhantomBackward, SolverSpec
-from .describe import saveable
-from .hub import Pipeline
+from .engine.config import Config, ConfigError
+from .engine.deprecation import install_aliases
+from .hub.describe import saveable
+from .hub.pipeline import Pipeline
 from .solvers import Solver, SolverResult, get_solver, register_solver
 
 __version__ = "0.1.0"
+
+# Where the modules of cdeq 0.1's flat layout live now: the old paths import with a warning.
+install_aliases(__name__, {
+    "config": "cdeq.engine.config", "io": "cdeq.engine.io", "fit": "cdeq.engine.fit",
+    "precision": "cdeq.engine.precision", "distributed": "cdeq.engine.distributed",
+    "threads": "cdeq.engine.threads", "progress": "cdeq.engine.progress", "checks": "cdeq.engine.checks",
+    "consistency.inference": "cdeq.consistency.search", "plus": "cdeq.consistency.plus",
+    "export": "cdeq.hub.export", "compile": "cdeq.hub.compile", "describe": "cdeq.hub.describe",
+    "runconfig": "cdeq.run.config", "rundir": "cdeq.run.directory", "pipeline": "cdeq.run.stages",
+    "training": "cdeq.run.teacher", "baselines": "cdeq.run.baselines", "evaluate": "cdeq.run.evaluate",
+    "cost": "cdeq.run.cost", "report": "cdeq.run.report", "summary": "cdeq.run.summary",
+    "sweep": "cdeq.run.seeds",
+})
 
 __all__ = [
     "DEQ",

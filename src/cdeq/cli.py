@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, merged
-from .io import BusyError
+from .engine.config import ConfigError, merged
+from .engine.io import BusyError
 
 
 def _parse_value(text: str) -> Any:
@@ -102,7 +102,7 @@ def _resolve_task(task: str, args: argparse.Namespace, user: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import Run, build_config
+    from .run.stages import Run, build_config
     from .tasks import TASKS
 
     user = _user_config(args)
@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{task}{'-quick' if args.quick else ''}")
     for sub, cfg_user in TASKS[task].variants(user):  # e.g. a graph's two settings
         if getattr(args, "seeds", 0):  # whole pipelines per seed into DIR/seed_<i>/, then DIR/report.json
-            from .sweep import run_seeds
+            from .run.seeds import run_seeds
 
             run_seeds(task, cfg_user, args.seeds, out if sub is None else out / sub, args.quick)
             continue
@@ -139,7 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from .pipeline import Run, build_config
+    from .run.stages import Run, build_config
 
     out = Path(args.out)
     config = None
@@ -154,7 +154,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import Run
+    from .run.stages import Run
 
     run = Run(args.model, device=args.device)
     _ = run.threads  # generation computes: the run's thread policy, as in a stage
@@ -172,17 +172,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .hub import export_run, save_run_pretrained
+    from .run.export import export_run, save_run_pretrained
 
     path, method = export_run(args.model, args.out)
     print(f"wrote {path} ({method}; x -> logits with 1 NFE)")
     if args.pretrained:
-        print(f"wrote {save_run_pretrained(args.model, args.pretrained)} (cdeq.hub.from_pretrained)")
+        print(f"wrote {save_run_pretrained(args.model, args.pretrained)} (cdeq.Pipeline.from_pretrained)")
     return 0
 
 
 def cmd_summarize(args: argparse.Namespace) -> int:
-    from .summary import write_summary
+    from .run.summary import write_summary
 
     text = write_summary(args.runs, args.out)
     print(f"wrote {args.out}" if args.out else text, end="\n" if args.out else "")
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         with console_logging():
             if args.command in ("run", "demo", "train", "record", "distill", "plus", "baselines",
                                 "evaluate"):
-                from . import distributed
+                from .engine import distributed
 
                 distributed.init()  # under torchrun: join the process group (a no-op otherwise)
             return args.fn(args)

@@ -2,9 +2,9 @@
 
 from .distill import DistillConfig, distill, relative_distance
 from .ema import EMA
-from .inference import PlanSearchConfig, loss_score, relative_error, select_plans
 from .pairs import PAIR_SAMPLERS, PairSampler
 from .schedule import ScheduleConfig, TimeSchedule
+from .search import PlanSearchConfig, loss_score, relative_error, select_plans
 from .student import ConsistencyStudent, Plan, StudentConfig, frozen_call
 from .trajectory import RecordConfig, TrajectoryBatch, TrajectoryStore, record, record_batch
 

@@ -7,7 +7,7 @@ For a recorded point ``z_n`` at time ``t_n`` and the next recorded point ``z_m``
         [+ w_s (w_g d(F(h(u), t_h), z*) + w_task task(h(F(h(u), t_h)), y) + w_i d(h(u), z*))]
 
 The last term exists only for a student with a learned initial state ``h(u)`` (C-DEQ+, see
-:mod:`cdeq.plus`): the jump from ``h(u)`` at the start time ``t_h`` is trained to land on ``z*``,
+:mod:`cdeq.consistency.plus`): the jump from ``h(u)`` at the start time ``t_h`` is trained to land on ``z*``,
 and ``h`` with it (jointly), kept near ``z*`` itself by ``w_i``.
 
 ``d`` is the squared distance relative to ``|z*|^2`` (so ``sqrt(d)`` is the relative error) or its
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from .. import distributed
-from ..config import Config, check_choice, check_int, check_positive, check_range
-from ..fit import Hooks, OptimConfig, fit, model_device
-from ..precision import to_device
+from ..engine import distributed
+from ..engine.config import Config, check_choice, check_int, check_positive, check_range
+from ..engine.fit import Hooks, OptimConfig, batch_rows, fit, model_device
+from ..engine.precision import to_device
 from .ema import EMA
 from .pairs import PairSampler, get_pair_sampler
 from .student import ConsistencyStudent
@@ -45,7 +45,7 @@ class DistillConfig(Config):
 
     Attributes:
         epochs, batch_size: the loop's length and minibatch (of recorded samples).
-        optim: the optimiser loop (:class:`cdeq.fit.OptimConfig`).
+        optim: the optimiser loop (:class:`cdeq.engine.fit.OptimConfig`).
         global_weight, local_weight, task_weight, kl_weight: the loss weights.
         ema_decay: decay of the target network for the local term.
         distance: ``mse`` (relative squared error) or ``huber`` (pseudo-Huber of it).
@@ -64,7 +64,7 @@ class DistillConfig(Config):
             minibatch; ``train``: a minibatch of the training split of the same size (the chain
             needs no trajectory), so no training sample is left out when the recording holds a
             subset; ``auto`` (default): ``train`` when ``record.max_samples`` caps the recording,
-            otherwise ``recorded`` (:func:`cdeq.plus.chain_batches`).
+            otherwise ``recorded`` (:func:`cdeq.consistency.plus.chain_batches`).
         train_cell, train_head: fine-tune the copied layer / head, or freeze them.
     """
 
@@ -175,7 +175,7 @@ def distill(
     resume_state: dict | None = None,
     task_batches: TaskBatches | None = None,
 ) -> dict[str, list]:
-    """Train ``student`` in place on recorded ``trajectories`` with :func:`cdeq.fit.fit`; returns the
+    """Train ``student`` in place on recorded ``trajectories`` with :func:`cdeq.engine.fit.fit`; returns the
     history (per epoch: ``loss``, ``global``, ``local``, ``task``, ``samples``, cumulative ``steps``,
     ``epoch_time``).
 
@@ -190,8 +190,6 @@ def distill(
             Their samples count in the history's ``samples``. A resumed run draws them afresh
             (the stream is seeded with ``seed + start_epoch``).
     """
-    from ..training import batch_rows
-
     if config.task_weight > 0 and task_loss is None:
         raise ValueError("task_weight > 0 needs task_loss=(logits, y) -> loss")
     for p in student.cell.parameters():

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from ..config import check_range
+from ..engine.config import check_range
 
 
 class EMA:

@@ -10,14 +10,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..config import Config, ConfigError, check_int, check_positive
+from ..engine.config import Config, ConfigError, check_int, check_positive
 
 
 @dataclasses.dataclass
 class PairSampler(Config):
     """Draws ``(n, m)`` recorded-point indices with ``n < m <= L``; ``m = L`` is ``z*``.
 
-    The draws use the loop's generator, on its device (the CPU in :func:`cdeq.fit.fit`: the same
+    The draws use the loop's generator, on its device (the CPU in :func:`cdeq.engine.fit.fit`: the same
     draws on every rank, after a resume and on any device); the caller moves the indices to the
     data's device.
     """

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ConfigError
+from ..engine.config import ConfigError
 
 Plan = list[tuple]
 TEACHER_HEAD = ("teacher_head",)

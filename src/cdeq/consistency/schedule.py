@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Config, ConfigError, check_choice, check_positive
+from ..engine.config import Config, ConfigError, check_choice, check_positive
 
 
 @dataclasses.dataclass

@@ -14,17 +14,18 @@ Inference runs a *plan* (:mod:`cdeq.consistency.plans`): jumps ``("jump", t)``, 
 ``("solve", n)``, and optionally a last ``("teacher_head",)`` that reads the state out with the
 teacher's head (:meth:`ConsistencyStudent.read`).
 
-A plan starts from zeros, or (C-DEQ+, :mod:`cdeq.plus`) from a learned initial state ``h(u)``
+A plan starts from zeros, or (C-DEQ+, :mod:`cdeq.consistency.plus`) from a learned initial state ``h(u)``
 placed at the time :attr:`ConsistencyStudent.start_time` matched to its residual; ``h`` runs
 inside every prediction and its FLOPs count in the student's cost.
 
-Plans for more than one call are chosen on data (``student.select_plans(batches, loss=...)``);
+Plans for more than one call are chosen on data (``cdeq.Pipeline(student).select_plans(batches,
+loss=...)``, :mod:`cdeq.consistency.search`);
 until then ``predict`` refuses ``nfe > 1``.
 
 Example:
     >>> student = ConsistencyStudent(teacher)                             # doctest: +SKIP
     >>> student.predict(x, nfe=1)           # doctest: +SKIP
-    >>> student.select_plans(train_batches, loss=F.cross_entropy, max_nfe=4)  # doctest: +SKIP
+    >>> select_plans(student, val_batches, loss=F.cross_entropy)  # doctest: +SKIP
     >>> student.predict(x, nfe=4)           # doctest: +SKIP
     >>> student.run_plan(u, [("jump", student.schedule.t_min), ("step",), ("jump", 3.5)])  # doctest: +SKIP
 """
@@ -35,14 +36,13 @@ import copy
 import dataclasses
 import logging
 import numbers
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, check_bool, check_int
 from ..deq.model import DEQModel
+from ..engine.config import Config, check_bool, check_int
 from ..solvers import get_solver
 from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _injected_state, _per_sample, relative_error
 from .plans import Plan, check_plan, plan_body, plan_nfe, reads_teacher
@@ -178,19 +178,6 @@ class ConsistencyStudent(nn.Module):
         """The student's own parameters that require grad (the teacher's are never included)."""
         teacher = {id(p) for p in self.teacher.parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in teacher]
-
-    def select_plans(self, batches: Iterable[Any], loss: Callable[[Tensor, Any], Tensor] | None = None,
-                     max_nfe: int = 4, **kwargs: Any) -> dict[str, Any]:
-        """Choose multi-step plans on ``batches`` (training or validation data, never test).
-
-        ``batches``: ``(x, y)`` pairs with ``loss`` (a task loss ``(logits, y) -> mean``), or, with
-        no ``loss``, inputs ``x`` (or pairs, labels ignored) scored against the converged
-        teacher. ``kwargs`` go to :func:`cdeq.consistency.select_plans`. Returns the search log.
-        """
-        from .inference import PlanSearchConfig, select_plans
-
-        config = kwargs.pop("config", None) or PlanSearchConfig(max_nfe=max_nfe)
-        return select_plans(self, batches, loss=loss, config=config, **kwargs)
 
     # --- the consistency function -------------------------------------------------------------
     def inject(self, x: Any) -> Any:
@@ -356,8 +343,8 @@ class ConsistencyStudent(nn.Module):
         if nfe > top and not self.plans_selected:
             raise ValueError(
                 f"nfe={nfe}: this student has only its 1-NFE plan, because no multi-step plans were "
-                "selected; call student.select_plans(train_batches, loss=task_loss) (or "
-                "cdeq.Pipeline(student).select_plans(...)) first, or use nfe=1")
+                "selected; call cdeq.Pipeline(student).select_plans(val_batches, loss=task_loss) "
+                "first, or use nfe=1")
         if nfe > top:
             log.debug("nfe=%d is above the largest selected plan; using the %d-NFE plan", nfe, top)
         fitting = [k for k in self.plans if k <= nfe]

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checks import check_finite_inputs, check_labels  # noqa: F401 (check_labels: distill imports it here)
-from ..config import Config, ConfigError, check_choice, check_int
 from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
-from ..fit import model_device
-from ..io import (
+from ..engine.checks import check_finite_inputs, check_labels  # noqa: F401 (check_labels: distill imports it here)
+from ..engine.config import Config, ConfigError, check_choice, check_int
+from ..engine.fit import model_device
+from ..engine.io import (
     CorruptFileError,
     flatten,
     load_tensors,
@@ -40,8 +40,8 @@ from ..io import (
     unflatten,
     write_json,
 )
-from ..precision import to_device
-from ..progress import progress
+from ..engine.precision import to_device
+from ..engine.progress import progress
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

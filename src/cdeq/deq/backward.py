@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..config import Config, ConfigError, check_int, check_keys, check_positive, check_range
-from ..precision import caller_autocast
+from ..engine.config import Config, ConfigError, check_int, check_keys, check_positive, check_range
+from ..engine.precision import caller_autocast
 from ..solvers import Solver, SolverResult, get_solver
 
 
@@ -60,7 +60,7 @@ def register_backward(cls: type[BackwardStrategy]) -> type[BackwardStrategy]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
     if not (dataclasses.is_dataclass(cls.Options) and issubclass(cls.Options, Config)):
-        raise ValueError(f"{cls.__name__}.Options must be a cdeq.config.Config dataclass")
+        raise ValueError(f"{cls.__name__}.Options must be a cdeq.engine.config.Config dataclass")
     BACKWARDS[cls.name] = cls
     return cls
 

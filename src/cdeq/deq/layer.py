@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, ConfigError, check_int, check_positive
+from ..engine.config import Config, ConfigError, check_int, check_positive
 from ..solvers import SOLVERS, Solver, SolverResult, get_solver
 from .backward import BackwardStrategy, get_backward
 

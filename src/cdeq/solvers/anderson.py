@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import check_int, check_positive, check_range
+from ..engine.config import check_int, check_positive, check_range
 from .base import Solver, SolverOptions, register_solver
 
 

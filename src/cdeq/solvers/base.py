@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..config import Config, ConfigError, check_choice, check_int, check_positive
+from ..engine.config import Config, ConfigError, check_choice, check_int, check_positive
 from . import loop
-from .loop import NonFiniteError, take_rows  # noqa: F401  (re-exported: older import path)
+from .loop import NonFiniteError, SolverResult, take_rows  # noqa: F401  (re-exported)
 
 FixedPointFn = Callable[..., Tensor]
 """``f(z, x) -> z'`` with ``z`` of shape ``(B, ...)``; ``x`` may be omitted (``None``)."""
@@ -63,46 +63,6 @@ class SolverOptions(Config):
             raise ConfigError(f"compact={self.compact!r} is not valid; it must be true or false")
         check_int("check_every", self.check_every, minimum=1)
         check_choice("on_nonfinite", self.on_nonfinite, ["warn", "raise", "ignore"])
-
-
-@dataclasses.dataclass
-class SolverResult:
-    """What every solver returns.
-
-    Attributes:
-        z: ``(B, ...)`` the solution: ``f(z_j)`` at the evaluated iterate ``z_j`` of lowest
-            residual (for a contraction at least as close to ``z*`` as ``z_j``).
-        nfe: ``(B,)`` evaluations of ``f`` spent on each sample.
-        residual: ``(B,)`` residual of the best iterate, in the solver's ``stop_mode``.
-        abs_residual: ``(B,)`` its absolute residual ``|f(z_j) - z_j|``.
-        converged: ``(B,)`` bool, residual at most ``tol`` with every value finite.
-        diverged: ``(B,)`` bool, a non-finite iterate or value was met.
-        trace: ``(K, B)`` residual after each evaluation (frozen samples repeat their last value).
-        trajectory: ``(L, B, ...)`` recorded iterates, or ``None``. Index ``k < max_iter`` is the
-            iterate ``z_k`` (``z_0`` is the start; a stopped sample repeats its last iterate) and
-            index ``max_iter`` is the solution ``z``.
-        trajectory_index: the iterate index of each recorded entry.
-    """
-
-    z: Tensor
-    nfe: Tensor
-    residual: Tensor
-    abs_residual: Tensor
-    converged: Tensor
-    diverged: Tensor
-    trace: Tensor
-    trajectory: Tensor | None = None
-    trajectory_index: list[int] | None = None
-
-    def stats(self) -> dict[str, float]:
-        """Batch summary for logging: mean NFE, mean/max residual, converged fraction."""
-        finite = torch.where(torch.isfinite(self.residual), self.residual, torch.inf)
-        return {
-            "nfe": float(self.nfe.float().mean()),
-            "residual_mean": float(self.residual.float().mean()),
-            "residual_max": float(finite.float().max()),
-            "converged": float(self.converged.float().mean()),
-        }
 
 
 def _record_indices(record: Record, max_iter: int) -> list[int] | None:

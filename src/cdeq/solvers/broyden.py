@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import check_int
+from ..engine.config import check_int
 from .base import Solver, SolverOptions, register_solver
 
 

@@ -26,7 +26,47 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..precision import caller_autocast, full_precision, working_dtype
+from ..engine.precision import caller_autocast, full_precision, working_dtype
+
+
+@dataclasses.dataclass
+class SolverResult:
+    """What every solver returns.
+
+    Attributes:
+        z: ``(B, ...)`` the solution: ``f(z_j)`` at the evaluated iterate ``z_j`` of lowest
+            residual (for a contraction at least as close to ``z*`` as ``z_j``).
+        nfe: ``(B,)`` evaluations of ``f`` spent on each sample.
+        residual: ``(B,)`` residual of the best iterate, in the solver's ``stop_mode``.
+        abs_residual: ``(B,)`` its absolute residual ``|f(z_j) - z_j|``.
+        converged: ``(B,)`` bool, residual at most ``tol`` with every value finite.
+        diverged: ``(B,)`` bool, a non-finite iterate or value was met.
+        trace: ``(K, B)`` residual after each evaluation (frozen samples repeat their last value).
+        trajectory: ``(L, B, ...)`` recorded iterates, or ``None``. Index ``k < max_iter`` is the
+            iterate ``z_k`` (``z_0`` is the start; a stopped sample repeats its last iterate) and
+            index ``max_iter`` is the solution ``z``.
+        trajectory_index: the iterate index of each recorded entry.
+    """
+
+    z: Tensor
+    nfe: Tensor
+    residual: Tensor
+    abs_residual: Tensor
+    converged: Tensor
+    diverged: Tensor
+    trace: Tensor
+    trajectory: Tensor | None = None
+    trajectory_index: list[int] | None = None
+
+    def stats(self) -> dict[str, float]:
+        """Batch summary for logging: mean NFE, mean/max residual, converged fraction."""
+        finite = torch.where(torch.isfinite(self.residual), self.residual, torch.inf)
+        return {
+            "nfe": float(self.nfe.float().mean()),
+            "residual_mean": float(self.residual.float().mean()),
+            "residual_max": float(finite.float().max()),
+            "converged": float(self.converged.float().mean()),
+        }
 
 
 class NonFiniteError(FloatingPointError):
@@ -146,8 +186,6 @@ def check(loop: LoopState, x: Any, compact: bool) -> bool:
 
 def run(solver: Any, f: Any, z0: Tensor, x: Any, wanted: list[int] | None, limit: int) -> Any:
     """The loop of :meth:`Solver.solve` (arguments validated there); returns a ``SolverResult``."""
-    from .base import SolverResult
-
     opts = solver.options
     batch, shape = z0.shape[0], tuple(z0.shape[1:])
     wanted_set = set(wanted or ())

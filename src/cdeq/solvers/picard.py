@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..config import check_range
+from ..engine.config import check_range
 from .base import Solver, SolverOptions, register_solver
 
 

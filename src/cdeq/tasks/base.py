@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..config import Config
 from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
+from ..engine.config import Config
 
 Batch = tuple[Any, Any]
 
@@ -145,7 +145,7 @@ class Task:
 
 class OnDevice:
     """``task`` with its batches on ``device``: the five batch methods yield each batch moved there
-    (:func:`cdeq.precision.to_device`: tensors, and tuples such as a graph's ``(features,
+    (:func:`cdeq.engine.precision.to_device`: tensors, and tuples such as a graph's ``(features,
     adjacency)``); every other attribute is the task's own. The data stay where the task keeps
     them (the CPU); each batch is copied when it is used.
     """
@@ -162,7 +162,7 @@ class OnDevice:
             return value
 
         def batches(*args: Any, **kwargs: Any) -> Iterable[Batch]:
-            from ..precision import to_device
+            from ..engine.precision import to_device
 
             inner = value(*args, **kwargs)  # called now: NotImplementedError is raised here
             return (to_device(batch, self.device) for batch in inner)

@@ -173,7 +173,7 @@ def graph_batch(graph: Graph, mask: Tensor, normalize_features: bool = True
                 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """``((features (N, F), adjacency (N, N)), (labels (N,), mask (N,)))``.
 
-    Both matrices are coalesced sparse COO tensors (storable by :func:`cdeq.io.flatten`); the
+    Both matrices are coalesced sparse COO tensors (storable by :func:`cdeq.engine.io.flatten`); the
     model's injection turns them into CSR for fast products.
     """
     x = (normalized_features(graph.features, normalize_features),

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...config import Config, ConfigError, check_choice, check_int, check_range
 from ...deq.model import DEQModel
+from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
 from ..base import Batch, Task, register_task
 from ..datadir import data_dir
 from . import presets

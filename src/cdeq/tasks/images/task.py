@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...config import Config, ConfigError, check_choice, check_int, check_range
 from ...deq.model import DEQModel
+from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
 from ..base import Task, register_task
 from ..datadir import data_dir
 from . import presets

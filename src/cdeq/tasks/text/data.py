@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...config import check_choice, check_range
+from ...engine.config import check_choice, check_range
 from ..base import Batch
 from ..datadir import data_file
 

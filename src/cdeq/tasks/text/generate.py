@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...config import check_int
-from ...precision import clock
+from ...engine.config import check_int
+from ...engine.precision import clock
 
 __all__ = ["Generation", "generate"]
 

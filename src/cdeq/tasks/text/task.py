@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...config import Config, ConfigError, check_choice, check_int, check_range
 from ...deq.model import DEQModel
-from ...fit import model_device
+from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
+from ...engine.fit import model_device
 from ..base import Batch, Task, register_task
 from . import presets
 from .data import SPLITS, find_shakespeare, load_corpus, window_starts, windows

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .consistency.plans import plan_body
-from .consistency.student import ConsistencyStudent
-from .io import CorruptFileError
+from ..consistency.plans import plan_body
+from ..consistency.student import ConsistencyStudent
+from ..engine.io import CorruptFileError
 
 SPEC = "cdeq_input.json"
 
@@ -145,16 +145,3 @@ def load_exported(path: str | os.PathLike) -> ExportedStudent:
                                    f"file ({err})") from err
     spec = json.loads(extra[SPEC]) if extra[SPEC] else {}  # files from before the spec: no check
     return ExportedStudent(module, spec.get("shape"), spec.get("dtype"))
-
-
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, batch: int = 2) -> tuple[Path, str]:
-    """Export the one-step student of a finished run (example input: its first test batch)."""
-    from .pipeline import Run
-
-    run = Run(run_dir, device="cpu")
-    student = run.student()
-    x, _ = next(iter(run.task.test_batches(batch)))
-    if not isinstance(x, Tensor):
-        raise ValueError(f"export needs a task whose inputs are one tensor; {run.config.task!r} "
-                         f"gives {type(x).__name__}")
-    return export_one_step(student, x, out)

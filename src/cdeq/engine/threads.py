@@ -6,7 +6,7 @@ The automatic policy (``threads=0``) therefore counts the cores this process may
 (``os.sched_getaffinity``), subtracts the cores other processes keep busy right now (sampled from
 ``/proc/stat`` over a short window; the 1-minute load average where that is unavailable), and
 uses what is left, at least one thread. ``OMP_NUM_THREADS`` set by the user wins over the
-automatic choice; an explicit ``threads=N`` wins over both. A run (:class:`cdeq.pipeline.Run`)
+automatic choice; an explicit ``threads=N`` wins over both. A run (:class:`cdeq.run.stages.Run`)
 applies the policy once, when its first stage starts (or ``run.threads`` is read), so read-only
 uses of a run directory (describe, summarize, loading a model) never wait for the sample.
 
@@ -15,7 +15,7 @@ read once, when ``import torch`` loads the OpenMP runtime, so it cannot be chang
 can only be set in the environment before Python starts. :func:`wait_policy` reports it.
 
 Example:
-    >>> from cdeq.threads import choose_threads
+    >>> from cdeq.engine.threads import choose_threads
     >>> choose_threads(0, cores=2, busy=1.0)   # one of two cores taken by another process
     1
     >>> choose_threads(0, cores=2, busy=0.1)

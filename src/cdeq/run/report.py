@@ -5,7 +5,7 @@ costs (layer-call equivalents from FLOPs, median wall time), the best metric of 
 equal cost, and the teacher-accuracy cost. The plot is a Pareto view: the metric against
 layer-call equivalents and against wall time, every method on one figure. Reports written before
 the cost fields existed render without the columns they lack. An aggregate of several seeds
-(:mod:`cdeq.sweep`) carries ``*_std`` fields beside the means; its cells read ``mean ± std``.
+(:mod:`cdeq.run.seeds`) carries ``*_std`` fields beside the means; its cells read ``mean ± std``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_bytes, atomic_write_text, write_json
+from ..engine.io import atomic_write_bytes, atomic_write_text, write_json
 
 LABELS = {"picard": "Picard", "anderson": "Anderson", "broyden": "Broyden", "cdeq": "C-DEQ",
           "cdeq_plus": "C-DEQ+",

@@ -6,19 +6,19 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from ..consistency.distill import DistillConfig
+from ..consistency.plus import PlusConfig
+from ..consistency.schedule import ScheduleConfig
+from ..consistency.search import PlanSearchConfig
+from ..consistency.student import StudentConfig
+from ..consistency.trajectory import RecordConfig
+from ..engine.config import Config, ConfigError, check_int, merged
+from ..engine.fit import OptimConfig
+from ..engine.precision import check_device, check_precision
+from ..tasks import TASKS, Task
 from .baselines import BaselineConfig
-from .config import Config, ConfigError, check_int, merged
-from .consistency.distill import DistillConfig
-from .consistency.inference import PlanSearchConfig
-from .consistency.schedule import ScheduleConfig
-from .consistency.student import StudentConfig
-from .consistency.trajectory import RecordConfig
 from .evaluate import EvalConfig
-from .fit import OptimConfig
-from .plus import PlusConfig
-from .precision import check_device, check_precision
-from .tasks import TASKS, Task
-from .training import TeacherConfig
+from .teacher import TeacherConfig
 
 
 @dataclasses.dataclass

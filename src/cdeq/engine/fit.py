@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -334,3 +335,26 @@ def _record(history: dict[str, list], sums: dict[str, float], step: int, seconds
 
 
 __all__ = ["Hooks", "LayerCalls", "OptimConfig", "build_optimizer", "fit", "model_device"]
+
+
+def budget_steps(samples: int, batch_size: int, steps_per_epoch: int) -> tuple[int, int]:
+    """``(steps, epochs)`` for a budget of ``samples`` training samples in batches of ``batch_size``
+    over epochs of ``steps_per_epoch`` steps (at least one step)."""
+    if samples < 1:
+        raise ValueError(f"samples={samples!r}: a training budget needs at least one sample (in a run, "
+                         "give baselines.samples, or distil the student first: its distillation "
+                         "samples set the budget)")
+    steps = max(1, math.ceil(samples / batch_size))
+    return steps, math.ceil(steps / max(1, steps_per_epoch))
+
+
+def training_work(history: dict[str, list], layer_calls: int) -> dict[str, Any]:
+    """A training run's work for the files' metadata: optimiser steps and samples, and the forward
+    layer calls per training sample."""
+    return {"steps": int(history["steps"][-1]), "samples": int(sum(history["samples"])),
+            "epochs": len(history["steps"]), "layer_calls_per_sample": layer_calls}
+
+
+def batch_rows(y: Any) -> int:
+    """Training samples in a batch: the leading dimension of ``y`` (one for a graph's labels)."""
+    return int(y.shape[0]) if isinstance(y, Tensor) and y.dim() > 0 else 1

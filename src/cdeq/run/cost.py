@@ -24,7 +24,7 @@ shared machine hits every method alike), after a warm-up, with ``torch.set_num_t
 fixed for the measurement; the median and interquartile range of the repeats are reported.
 ``torch.utils.benchmark.Timer`` times one statement at a time and cannot interleave, hence this
 harness; it uses ``time.perf_counter`` as the benchmark module does on CPU, after a CUDA
-synchronisation when CUDA is in use (:func:`cdeq.precision.clock`).
+synchronisation when CUDA is in use (:func:`cdeq.engine.precision.clock`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .precision import clock
+from ..engine.precision import clock
 
 _aten = torch.ops.aten
 _FREE = {"clone", "copy_", "_to_copy", "fill_", "zero_", "zeros_like", "ones_like", "empty_like",

@@ -5,7 +5,7 @@ script that made it::
 
     DIR/model.safetensors   the student's state dict (teacher included), versioned + checksummed
     DIR/config.json         how to rebuild the teacher: each module's import path and init
-                            arguments (``cdeq.describe``), or a registered task and its config;
+                            arguments (``cdeq.hub.describe``), or a registered task and its config;
                             the teacher's solvers and backward as it ran them (``solvers``,
                             applied on load), schedule, student config and inference plans
 
@@ -34,20 +34,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
-from .consistency.plans import plans_from_json, plans_to_json
-from .consistency.schedule import ScheduleConfig, TimeSchedule
-from .consistency.student import ConsistencyStudent, Plan, StudentConfig
-from .deq.layer import SolverSpec
-from .deq.model import DEQModel
+from ..consistency.plans import plans_from_json, plans_to_json
+from ..consistency.schedule import ScheduleConfig, TimeSchedule
+from ..consistency.search import PlanSearchConfig, select_plans
+from ..consistency.student import ConsistencyStudent, Plan, StudentConfig
+from ..deq.layer import SolverSpec
+from ..deq.model import DEQModel
+from ..engine.config import ConfigError
+from ..engine.io import CorruptFileError, load_tensors, read_json, save_tensors, write_json
+from ..engine.precision import resolve_device
+from ..solvers import Solver
 from .describe import build, describe
-from .export import ExportedStudent, OneStepStudent, export_one_step, export_run, load_exported
-from .io import CorruptFileError, load_tensors, read_json, save_tensors, write_json
-from .precision import resolve_device
-from .solvers import Solver
 
-__all__ = ["ExportedStudent", "OneStepStudent", "Pipeline", "export_one_step", "export_run",
-           "from_pretrained", "load_exported", "load_student", "save_pretrained", "save_run_pretrained"]
+__all__ = ["Pipeline", "from_pretrained", "load_student", "save_pretrained"]
 log = logging.getLogger(__name__)
 HUB_FORMAT = 2
 READS = (1, 2)
@@ -74,7 +73,7 @@ def _solver_json(spec: Any) -> Any:
 
 
 def teacher_recipe(teacher: DEQModel, channels: int, channel_dim: int) -> dict[str, Any]:
-    """The JSON that rebuilds ``teacher``'s architecture (see :mod:`cdeq.describe`)."""
+    """The JSON that rebuilds ``teacher``'s architecture (see :mod:`cdeq.hub.describe`)."""
     deq = {k: _solver_json(v) for k, v in teacher.deq_kwargs.items()}
     bad = [k for k, v in deq.items() if not isinstance(v, (str, int, float, dict))]
     if bad:
@@ -110,8 +109,8 @@ def solver_settings(teacher: DEQModel) -> dict[str, Any]:
 
 def apply_solver_settings(teacher: DEQModel, settings: dict[str, Any]) -> None:
     """Give ``teacher`` the solvers and backward of :func:`solver_settings`' JSON."""
-    from .deq.backward import get_backward
-    from .solvers import get_solver
+    from ..deq.backward import get_backward
+    from ..solvers import get_solver
 
     teacher.deq.solver = get_solver(settings["solver"])
     teacher.deq.eval_solver = get_solver(settings["eval_solver"])
@@ -129,7 +128,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
             isinstance(cfg, dict) and {"task", "distill"} <= set(cfg))):
         raise ConfigError(f"{directory} is a cdeq run directory, not a pretrained directory; make one "
                           f"from it with `{MAKE_PRETRAINED}`, or load the run's student with "
-                          f"cdeq.pipeline.Run({str(directory)!r}).student()")
+                          f"cdeq.run.stages.Run({str(directory)!r}).student()")
     if fmt not in READS:
         raise CorruptFileError(f"{cfg_path} has hub format {fmt!r}; this cdeq reads formats {list(READS)} "
                                "(written by save_pretrained)")
@@ -138,14 +137,14 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyStudent:
     """Rebuild the student saved in a pretrained directory (in eval mode), on ``device``
-    (a name for :func:`cdeq.precision.resolve_device`, or a :class:`torch.device`)."""
+    (a name for :func:`cdeq.engine.precision.resolve_device`, or a :class:`torch.device`)."""
     directory = Path(directory)
     cfg = _read_config(directory)
     cfg_path = directory / CONFIG
     if "teacher" in cfg:
         teacher = build_teacher(cfg["teacher"])
     else:
-        from .tasks import TASKS
+        from ..tasks import TASKS
 
         name = cfg.get("task")
         if name not in TASKS:
@@ -200,10 +199,15 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
 
     def select_plans(self, batches: Iterable[Any], loss: Callable[[Tensor, Any], Tensor] | None = None,
                      max_nfe: int = 4, **kwargs: Any) -> Pipeline:
-        """Choose plans for ``1..max_nfe`` NFE on training/validation ``batches``; returns ``self``.
+        """Choose plans for ``1..max_nfe`` NFE on ``batches`` (validation or training data, never
+        test); returns ``self``.
 
-        See :meth:`ConsistencyStudent.select_plans`; the search log is kept in ``self.search``."""
-        self.search = self.student.select_plans(batches, loss=loss, max_nfe=max_nfe, **kwargs)
+        ``batches``: ``(x, y)`` pairs with ``loss`` (a task loss ``(logits, y) -> mean``), or, with
+        no ``loss``, inputs ``x`` (or pairs, labels ignored) scored against the converged teacher.
+        ``kwargs`` go to :func:`cdeq.consistency.search.select_plans`; the search log is kept in
+        ``self.search``."""
+        config = kwargs.pop("config", None) or PlanSearchConfig(max_nfe=max_nfe)
+        self.search = select_plans(self.student, batches, loss=loss, config=config, **kwargs)
         return self
 
     def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
@@ -219,7 +223,7 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
         s = self.student
         cfg: dict[str, Any] = {"cdeq_hub_format": HUB_FORMAT, "library": "cdeq"}
         if self.task is not None:
-            from .tasks import TASKS
+            from ..tasks import TASKS
 
             if self.task not in TASKS:
                 raise ConfigError(f"unknown task {self.task!r}; choose from {sorted(TASKS)}, or leave "
@@ -300,11 +304,3 @@ def save_pretrained(student: ConsistencyStudent, directory: str | os.PathLike, t
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ConsistencyStudent:
     """The student of ``Pipeline.from_pretrained(directory, device)`` (in eval mode)."""
     return Pipeline.from_pretrained(directory, device).student
-
-
-def save_run_pretrained(run_dir: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """The student of a finished run directory, written as a pretrained directory."""
-    from .pipeline import Run
-
-    run = Run(run_dir, device="cpu")
-    return save_pretrained(run.student(), directory, run.config.task, run.config.task_config)

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Config, ConfigError, check_bool, check_choice, check_int, check_positive
-from ..fit import model_device
-from ..precision import to_device
+from ..engine.config import Config, ConfigError, check_bool, check_choice, check_int, check_positive
+from ..engine.fit import model_device
+from ..engine.precision import to_device
 from .conditioning import relative_error
 from .plans import TEACHER_HEAD, Plan, plan_to_json
 from .student import ConsistencyStudent

@@ -13,7 +13,7 @@ the student's training work (the same optimiser samples, steps x batch, as its d
   (the task loss after each step, averaged); budget ``k`` stops after ``k`` steps. Like C-DEQ it
   is one model for every budget.
 
-All are wired into :func:`cdeq.evaluate.evaluate` through :func:`learned_init_method`,
+All are wired into :func:`cdeq.run.evaluate.evaluate` through :func:`learned_init_method`,
 :func:`unrolled_method` and :func:`anytime_method` (``extra_methods``); the pipeline's
 ``baselines`` stage trains them (:func:`train_baselines`).
 """
@@ -23,22 +23,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import Config, ConfigError, check_bool, check_int, check_positive
-from .consistency.student import ChannelMLP
-from .consistency.trajectory import TrajectoryBatch
-from .deq.model import DEQModel
-from .fit import OptimConfig, fit, model_device
-from .precision import to_device
-from .solvers import get_solver
-from .solvers.base import take_rows
-from .tasks.base import Task, on_device
+from ..consistency.initialiser import LearnedInit, train_learned_init
+from ..deq.model import DEQModel
+from ..engine.config import Config, ConfigError, check_bool, check_int, check_positive
+from ..engine.fit import OptimConfig, batch_rows, budget_steps, fit, model_device, training_work
+from ..engine.precision import to_device
+from ..solvers import get_solver
+from ..tasks.base import Task, on_device
 
 logger = logging.getLogger(__name__)
 
@@ -94,130 +91,6 @@ def unrolled_nets(config: BaselineConfig) -> list[tuple[str, int, bool]]:
     """``(file name, k, anytime)`` of every unrolled network the configuration asks for."""
     nets = [(f"unrolled_k{k}", k, False) for k in config.unrolled_ks]
     return nets + ([("unrolled_any_k", config.anytime_k, True)] if config.anytime_k else [])
-
-
-def budget_steps(samples: int, batch_size: int, steps_per_epoch: int) -> tuple[int, int]:
-    """``(steps, epochs)`` for a budget of ``samples`` training samples in batches of ``batch_size``
-    over epochs of ``steps_per_epoch`` steps (at least one step)."""
-    if samples < 1:
-        raise ValueError("a baseline needs a training budget: give baselines.samples, or distil the "
-                         "student first (its distillation samples set the budget)")
-    steps = max(1, math.ceil(samples / batch_size))
-    return steps, math.ceil(steps / max(1, steps_per_epoch))
-
-
-def _work(history: dict[str, list], layer_calls: int) -> dict[str, Any]:
-    """A training run's work for the files' metadata: optimiser steps and samples, and the forward
-    layer calls per training sample."""
-    return {"steps": int(history["steps"][-1]), "samples": int(sum(history["samples"])),
-            "epochs": len(history["steps"]), "layer_calls_per_sample": layer_calls}
-
-
-# --- the learned initialiser -------------------------------------------------------------------
-def injection_tensor(u: Any, state_shape: Sequence[int]) -> Tensor:
-    """The tensor of ``u`` shaped like the state (``u`` itself, or e.g. the features of a graph's
-    ``(features, adjacency)`` pair)."""
-    if isinstance(u, Tensor) and tuple(u.shape) == tuple(state_shape):
-        return u
-    if isinstance(u, (tuple, list)):
-        for item in u:
-            if isinstance(item, Tensor) and not item.is_sparse and tuple(item.shape) == tuple(state_shape):
-                return item
-    raise TypeError(f"the learned initialiser needs a tensor in the injection shaped like the state "
-                    f"{tuple(state_shape)}")
-
-
-class LearnedInit(nn.Module):
-    """``h(u) -> z_init``: a channel-wise MLP of ``u`` (plus a depthwise 3x3 convolution of ``u`` for
-    ``(B, C, H, W)`` states). Generic over tasks through the cell's ``channels``/``channel_dim``;
-    it costs no layer call."""
-
-    def __init__(self, channels: int, channel_dim: int, hidden: int = 128, conv: bool = True) -> None:
-        super().__init__()
-        self.channel_dim = channel_dim
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels) if (
-            conv and channel_dim == 1) else None
-        c_in = 2 * channels if self.conv is not None else channels
-        self.mlp = ChannelMLP(c_in, hidden, channels, channel_dim)
-        # ChannelMLP zeroes its last layer (h(u) = 0 = the cold start at initialisation); a small
-        # random last layer lets the first steps move the hidden layer too.
-        nn.init.normal_(self.mlp.net[-1].weight, 0, 1e-3)
-
-    @classmethod
-    def for_teacher(cls, teacher: DEQModel, config: BaselineConfig) -> LearnedInit:
-        return cls(int(teacher.cell.channels), int(teacher.cell.channel_dim), config.init_hidden,
-                   config.init_conv)
-
-    def forward(self, u: Tensor) -> Tensor:
-        h = u
-        if self.conv is not None and u.dim() == 4:
-            h = torch.cat([u, self.conv(u)], dim=1)
-        return self.mlp(h)
-
-    def init_state(self, teacher: DEQModel, u: Any) -> Tensor:
-        """``h(u)`` for the teacher's injection ``u`` (any structure holding the state-shaped tensor)."""
-        shape = tuple(teacher.initial_state(u).shape)  # any cell: its state_shape, or u's shape
-        return self(injection_tensor(u, shape)).reshape(shape)
-
-
-def _rel_sq(z: Tensor, ref: Tensor) -> Tensor:
-    b = z.shape[0]
-    return (z - ref).reshape(b, -1).pow(2).sum(1) / (ref.reshape(b, -1).pow(2).sum(1) + 1e-12)
-
-
-def _init_data(teacher: DEQModel, trajectories: Iterable[TrajectoryBatch], max_residual: float
-               ) -> list[tuple[Any, Tensor, int]]:
-    """``(u, z*, n)`` of each recorded batch's converged samples (residual <= ``max_residual``)."""
-    data = []
-    with torch.no_grad():
-        for batch in trajectories:
-            batch = to_device(batch, model_device(teacher))  # read to the CPU
-            keep = batch.star_residual <= max_residual
-            if not bool(keep.any()):
-                continue
-            idx = keep.nonzero().flatten()
-            u = teacher.inject(batch.x)
-            data.append((take_rows(u, idx, batch.batch_size), batch.z_star[idx].float(),
-                         int(idx.numel())))
-    if not data:
-        raise ValueError("no recorded sample converged below max_residual: nothing to fit the "
-                         "learned initialiser to")
-    return data
-
-
-def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Iterable[TrajectoryBatch],
-                       config: BaselineConfig, samples: int, seed: int = 0,
-                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fit ``init`` to the recorded ``z*`` (relative squared error) for ``samples`` training samples
-    (``ceil(samples / init_batch_size)`` optimiser steps). Returns ``{"losses": per-epoch means,
-    "work": steps/samples/epochs, "train_time_s"}``."""
-    teacher.eval()
-    data = _init_data(teacher, trajectories, config.max_residual)
-    size = config.init_batch_size
-    per_epoch = sum(math.ceil(n / size) for _, _, n in data)
-    steps, epochs = budget_steps(samples, size, per_epoch)
-
-    def batches(epoch: int, gen: torch.Generator):
-        for i in torch.randperm(len(data), generator=gen, device=gen.device).tolist():
-            u, z_star, n = data[i]
-            for idx in torch.randperm(n, generator=gen, device=gen.device).split(size):
-                idx = idx.to(z_star.device)
-                yield take_rows(u, idx, n), z_star[idx]
-
-    def step(batch: tuple[Any, Tensor], progress_: float) -> tuple[Tensor, dict[str, Any]]:
-        u, z_star = batch
-        loss = _rel_sq(init.init_state(teacher, u), z_star).mean()
-        return loss, {"loss": loss.detach(), "samples": z_star.shape[0]}
-
-    history = fit(init, step, batches, config.init_optim, epochs=epochs, steps_per_epoch=per_epoch,
-                  max_steps=steps, seed=seed, name="learned initialiser", sync=False,
-                  log=logger.debug,
-                  hint="lower baselines.init_optim.lr")
-    losses = history["loss"]
-    (log or logger.info)(f"learned initialiser: {steps} steps ({len(losses)} epochs) in "
-              f"{sum(history['epoch_time']):.0f}s, relative squared error {losses[0]:.4f} -> "
-              f"{losses[-1]:.4f} (relative error {math.sqrt(losses[-1]):.3f})")
-    return {"losses": losses, "work": _work(history, 0), "train_time_s": sum(history["epoch_time"])}
 
 
 @torch.no_grad()
@@ -299,8 +172,6 @@ def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, samples
     """Fine-tune ``net`` on the task loss (training split) for ``samples`` training samples
     (``ceil(samples / unrolled_batch_size)`` optimiser steps). Returns ``{"losses": per-epoch
     means, "work": steps/samples/epochs, "train_time_s"}``."""
-    from .training import batch_rows
-
     task = on_device(task, model_device(net))  # batches where the network is
     size = config.unrolled_batch_size
     per_epoch = max(1, sum(1 for _ in task.train_batches(size, shuffle=False)))
@@ -320,7 +191,7 @@ def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, samples
     (log or logger.info)(f"{name}: {steps} steps ({len(losses)} epochs) in "
                          f"{sum(history['epoch_time']):.0f}s, task loss {losses[0]:.4f} -> "
                          f"{losses[-1]:.4f}")
-    return {"losses": losses, "work": _work(history, net.k),
+    return {"losses": losses, "work": training_work(history, net.k),
             "train_time_s": sum(history["epoch_time"])}
 
 
@@ -361,6 +232,5 @@ def anytime_method(net: UnrolledNet) -> Callable[[Any, int], tuple[Tensor, Tenso
     return fn
 
 
-__all__ = ["BaselineConfig", "LearnedInit", "UnrolledNet", "anytime_method", "budget_steps",
-           "injection_tensor", "learned_init_method", "select_init_solvers", "task_loss",
-           "train_learned_init", "train_unrolled", "unrolled_method"]
+__all__ = ["BaselineConfig", "LearnedInit", "UnrolledNet", "anytime_method", "learned_init_method",
+           "select_init_solvers", "task_loss", "train_learned_init", "train_unrolled", "unrolled_method"]

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..engine.config import ConfigError
+from ..engine.io import atomic_write_text, read_json
 from .cost import teacher_accuracy_cost
-from .io import atomic_write_text, read_json
 from .report import EQUAL_COSTS, TRUNCATED_LABEL, equal_cost, fmt, label
 
 BEGIN = "<!-- cdeq summarize: begin (generated from the report files; edit the prose outside) -->"

@@ -6,7 +6,7 @@
     DIR/teacher.safetensors (+ .json)   stage ``train``   (checkpoint: DIR/teacher.ckpt)
     DIR/trajectories/shard_*.safetensors, manifest.json, work.json, work/*.json  stage ``record``
     DIR/student.safetensors (+ .json)   stage ``distill`` (checkpoint: DIR/student.ckpt)
-    DIR/student_plus.safetensors (+ .json)  stage ``plus`` (C-DEQ+, :mod:`cdeq.plus`)
+    DIR/student_plus.safetensors (+ .json)  stage ``plus`` (C-DEQ+, :mod:`cdeq.consistency.plus`)
                                         stage ``plans`` chooses both students' plans again
     DIR/learned_init, unrolled_*.safetensors (+ .json)  stage ``baselines``
     DIR/report.json, table.md, plot.png stage ``evaluate``
@@ -18,8 +18,8 @@ checkpoint is renamed ``NAME.corrupt-<time>`` and its stage redone, and shards m
 trajectories are recorded again.
 
 One process writes a run directory at a time: writing a configuration and every stage hold the OS
-lock ``DIR/.lock`` (a second process gets :class:`cdeq.io.BusyError` naming the holder's PID; see
-:mod:`cdeq.rundir`). Loading a finished run (:meth:`Run.teacher`, :meth:`Run.student`, ``cdeq
+lock ``DIR/.lock`` (a second process gets :class:`cdeq.engine.io.BusyError` naming the holder's PID; see
+:mod:`cdeq.run.directory`). Loading a finished run (:meth:`Run.teacher`, :meth:`Run.student`, ``cdeq
 export``, ``cdeq generate``) takes no lock: every file is replaced atomically, so a reader sees
 whole files.
 """
@@ -33,26 +33,44 @@ from typing import Any
 
 import torch
 
-from . import distributed
-from .consistency.distill import distill
-from .consistency.inference import select_plans
-from .consistency.plans import plans_from_json, plans_to_json
-from .consistency.schedule import TimeSchedule
-from .consistency.student import ConsistencyStudent
-from .consistency.trajectory import TrajectoryStore, record_counted, residual_summary, warn_unconverged
-from .deq.model import DEQModel
+from ..consistency.distill import DistillConfig, TaskBatches, distill
+from ..consistency.plans import plans_from_json, plans_to_json
+from ..consistency.schedule import TimeSchedule
+from ..consistency.search import select_plans
+from ..consistency.student import ConsistencyStudent
+from ..consistency.trajectory import (
+    RecordConfig,
+    TrajectoryStore,
+    record_counted,
+    residual_summary,
+    warn_unconverged,
+)
+from ..deq.model import DEQModel
+from ..engine import distributed
+from ..engine.fit import LayerCalls
+from ..engine.io import read_json, write_json
+from ..engine.precision import autocast, clock, resolve_device
+from ..engine.threads import apply_thread_policy
+from ..tasks.base import Task, on_device
+from .config import RunConfig, build_config, with_defaults
+from .directory import RunDirectory, writes
 from .evaluate import evaluate, exact_mode
-from .fit import LayerCalls
-from .io import read_json, write_json
-from .precision import autocast, clock, resolve_device
 from .report import markdown_table, write_report
-from .runconfig import RunConfig, build_config, with_defaults
-from .rundir import RunDirectory, writes
-from .tasks.base import Task, on_device
-from .threads import apply_thread_policy
-from .training import configure_teacher, evaluate_model, train_teacher
+from .teacher import configure_teacher, evaluate_model, train_teacher
 
 __all__ = ["Run", "RunConfig", "build_config"]
+
+def chain_batches(distill_config: DistillConfig, task: Task, record_config: RecordConfig
+                  ) -> TaskBatches | None:
+    """The training batches C-DEQ+'s chain task term reads (``distill.chain_data``), or ``None``
+    for the recorded minibatch: ``train``, or ``auto`` when ``record.max_samples`` caps the
+    recording (it holds a subset of the training split)."""
+    choice = distill_config.chain_data
+    if choice == "recorded" or (choice == "auto" and record_config.max_samples <= 0):
+        return None
+    size = distill_config.batch_size
+    return lambda gen: task.train_batches(size, shuffle=True, generator=gen)
+
 
 class Run(RunDirectory):
     """A run directory and the stages that fill it (the directory's mechanics: :class:`RunDirectory`).
@@ -115,7 +133,7 @@ class Run(RunDirectory):
         return self._task
 
     def autocast(self) -> Any:
-        """The run's precision (:func:`cdeq.precision.autocast`) for recording and inference."""
+        """The run's precision (:func:`cdeq.engine.precision.autocast`) for recording and inference."""
         return autocast(self.config.precision, self.device)
 
     def teacher(self) -> DEQModel:
@@ -217,9 +235,9 @@ class Run(RunDirectory):
 
     @writes
     def plus(self) -> ConsistencyStudent:
-        """Stage ``plus``: C-DEQ+ from the distilled student (:mod:`cdeq.plus`), its plans chosen
+        """Stage ``plus``: C-DEQ+ from the distilled student (:mod:`cdeq.consistency.plus`), its plans chosen
         on the selection (validation) data."""
-        from .plus import chain_batches, train_plus
+        from ..consistency.plus import train_plus
 
         cfg = self.config
         teacher = self.teacher()
@@ -228,7 +246,7 @@ class Run(RunDirectory):
         chain = chain_batches(cfg.distill, self.task, cfg.record)
         torch.manual_seed(cfg.seed)
         plus, info = train_plus(self.student(teacher), trajectories, cfg.plus, cfg.distill,
-                                cfg.baselines, self.task.loss, seed=cfg.seed, log=self.log,
+                                self.task.loss, seed=cfg.seed, log=self.log,
                                 task_batches=chain)
         search, calls = self._search_plans(plus, teacher)
         self.save_module("student_plus", plus, {
@@ -241,7 +259,7 @@ class Run(RunDirectory):
                      student: ConsistencyStudent | None = None) -> ConsistencyStudent:
         """The trained C-DEQ+ student (stage ``plus``), eval mode; ``student``: the C-DEQ student
         when already loaded (only its shape is used)."""
-        from .plus import load_plus
+        from ..consistency.plus import load_plus
         meta = self.read_meta("student_plus")
         plus = load_plus(student or self.student(teacher), self.config.plus, meta["start"])
         self.load_module("student_plus", plus)
@@ -272,7 +290,7 @@ class Run(RunDirectory):
     @writes
     def baselines(self, redo: bool = True) -> None:
         """Stage ``baselines``: the learned initialiser, the unrolled k-step networks and the anytime
-        unrolled network (see :mod:`cdeq.baselines`), trained from the teacher, each for the
+        unrolled network (see :mod:`cdeq.run.baselines`), trained from the teacher, each for the
         student's distillation samples (or ``baselines.samples``)."""
         from . import baselines as bl
 
@@ -281,11 +299,12 @@ class Run(RunDirectory):
         samples = bcfg.samples or self._student_samples()
         if redo or not self.done("learned_init", "the learned initialiser"):
             torch.manual_seed(cfg.seed)
-            init = bl.LearnedInit.for_teacher(teacher, bcfg).to(self.device)
+            init = bl.LearnedInit.for_teacher(teacher, bcfg.init_hidden, bcfg.init_conv).to(self.device)
             store = TrajectoryStore(self.dir / "trajectories")
             trajectories = list(store) if store.fits_in_memory() else store
-            info = bl.train_learned_init(init, teacher, trajectories, bcfg, samples, seed=cfg.seed,
-                                         log=self.log)
+            info = bl.train_learned_init(init, teacher, trajectories, samples,
+                                         batch_size=bcfg.init_batch_size, optim=bcfg.init_optim,
+                                         max_residual=bcfg.max_residual, seed=cfg.seed, log=self.log)
             with self.autocast():
                 solvers = bl.select_init_solvers(
                     init, teacher, self.task, self.task.selection_batches(cfg.evaluate.batch_size),
@@ -329,7 +348,8 @@ class Run(RunDirectory):
             costs["cdeq_plus"] = own.get("train_time_s", 0.0) + meta.get("train_time_s", 0.0)
             work["cdeq_plus"] = {"from_cdeq": own.get("work"), **meta.get("work", {})}
         if (self.dir / "learned_init.safetensors").exists():
-            init = bl.LearnedInit.for_teacher(teacher, self.config.baselines).to(self.device)
+            init = bl.LearnedInit.for_teacher(teacher, self.config.baselines.init_hidden,
+                                             self.config.baselines.init_conv).to(self.device)
             meta = self.load_module("learned_init", init)
             methods["learned_init"] = bl.learned_init_method(
                 init, teacher, {int(k): s for k, s in meta["solvers"].items()})

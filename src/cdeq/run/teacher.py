@@ -1,4 +1,4 @@
-"""Teacher training: :func:`cdeq.fit.fit` over a task's batches with the DEQ's backward strategy,
+"""Teacher training: :func:`cdeq.engine.fit.fit` over a task's batches with the DEQ's backward strategy,
 stopped early on the validation loss (the best epoch's weights are kept)."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .checks import check_finite_inputs, check_labels
-from .config import Config, check_choice, check_int, check_positive
-from .deq.backward import BACKWARDS
-from .deq.layer import SolverSpec
-from .deq.regularizers import jacobian_frobenius
-from .fit import Hooks, OptimConfig, fit, model_device
-from .tasks.base import Task, on_device
+from ..deq.backward import BACKWARDS
+from ..deq.layer import SolverSpec
+from ..deq.regularizers import jacobian_frobenius
+from ..engine import distributed
+from ..engine.checks import check_finite_inputs, check_labels
+from ..engine.config import Config, check_choice, check_int, check_positive
+from ..engine.fit import Hooks, OptimConfig, batch_rows, fit, model_device
+from ..tasks.base import Task, on_device
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class TeacherConfig(Config):
     Attributes:
         epochs: the most epochs; early stopping may end training sooner.
         batch_size: the global training batch.
-        optim: the optimiser loop (:class:`cdeq.fit.OptimConfig`).
+        optim: the optimiser loop (:class:`cdeq.engine.fit.OptimConfig`).
         patience, min_delta: stop after ``patience`` epochs whose validation loss did not improve on
             the best by more than ``min_delta`` (patience 0: run every epoch); the best epoch's
             weights are kept either way.
@@ -70,7 +70,7 @@ class TeacherConfig(Config):
 
 def configure_teacher(model: nn.Module, config: TeacherConfig) -> None:
     """Set the model's DEQ solvers and backward strategy from ``config``."""
-    from .deq.backward import get_backward
+    from ..deq.backward import get_backward
 
     backward = {"name": config.backward, **config.backward_options}
     model.deq.solver = config.train_solver.build()
@@ -79,11 +79,6 @@ def configure_teacher(model: nn.Module, config: TeacherConfig) -> None:
     if isinstance(getattr(model, "deq_kwargs", None), dict):  # what saving the model records
         model.deq_kwargs.update(solver=config.train_solver, eval_solver=config.eval_solver,
                                 backward=backward)
-
-
-def batch_rows(y: Any) -> int:
-    """Training samples in a batch: the leading dimension of ``y`` (one for a graph's labels)."""
-    return int(y.shape[0]) if isinstance(y, Tensor) and y.dim() > 0 else 1
 
 
 def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callable:

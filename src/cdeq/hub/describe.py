@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import ConfigError
+from ..engine.config import ConfigError
 
 _JSON = (bool, int, float, str, type(None))
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
@@ -130,7 +130,7 @@ def describe(module: Any) -> dict[str, Any] | None:
         return None
     if inspect.isfunction(module):
         return {"function": import_path(module)}
-    from .deq.model import FunctionCell
+    from ..deq.model import FunctionCell
 
     if isinstance(module, FunctionCell):
         return describe(module.fn)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .consistency.plans import Plan, plan_nfe
-from .consistency.student import ConsistencyStudent
+from ..consistency.plans import Plan, plan_nfe
+from ..consistency.student import ConsistencyStudent
 
 
 class PlanModule(nn.Module):

@@ -1,10 +1,10 @@
 """A run directory: its lock, its ``config.json``, its log and the files its stages leave.
 
-:class:`RunDirectory` holds what every stage of :class:`cdeq.pipeline.Run` needs around the
+:class:`RunDirectory` holds what every stage of :class:`cdeq.run.stages.Run` needs around the
 stage itself:
 
 - one writer at a time: :meth:`RunDirectory.locked` holds the OS lock ``DIR/.lock`` (see
-  :func:`cdeq.io.acquire_lock`); a second process gets :class:`cdeq.io.BusyError` naming the PID
+  :func:`cdeq.engine.io.acquire_lock`); a second process gets :class:`cdeq.engine.io.BusyError` naming the PID
   that holds it;
 - ``config.json`` is written once the configuration and the data are known to be good, and an
   existing one must hold the same configuration (:meth:`RunDirectory.adopt_config`), unless no
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from . import distributed
-from .config import ConfigError
-from .consistency.trajectory import TrajectoryStore
-from .io import (
+from ..consistency.trajectory import TrajectoryStore
+from ..engine import distributed
+from ..engine.config import ConfigError
+from ..engine.io import (
     CorruptFileError,
     acquire_lock,
     load_checkpoint,

@@ -1,7 +1,8 @@
 """C-DEQ+: the consistency student started from a learned estimate of the equilibrium.
 
-A cheap initialiser ``h(u)`` (:class:`cdeq.baselines.LearnedInit`: a channel-wise MLP of the input
-injection, plus a depthwise 3x3 convolution for image states) predicts ``z*`` without a layer call.
+A cheap initialiser ``h(u)`` (:class:`cdeq.consistency.initialiser.LearnedInit`: a channel-wise
+MLP of the input injection, plus a depthwise 3x3 convolution for image states) predicts ``z*``
+without a layer call.
 The student's plans start from ``h(u)`` instead of zeros, its first jump at the time ``t_h``
 *matched to the estimate's residual*: of the recorded trajectory points, the one whose median
 relative residual on the training data is nearest (in log) to ``h(u)``'s lends its time (the
@@ -22,7 +23,7 @@ equilibrium excluded). In sequence, from a distilled C-DEQ student:
    training data like C-DEQ's.
 
 It is one model for every budget, like C-DEQ; each prediction runs ``h`` and its FLOPs count in
-the method's cost (:mod:`cdeq.cost`).
+the method's cost (:mod:`cdeq.run.cost`).
 """
 
 from __future__ import annotations
@@ -36,15 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .baselines import BaselineConfig, LearnedInit, train_learned_init
-from .config import Config, check_bool, check_int
-from .consistency.conditioning import relative_error
-from .consistency.distill import DistillConfig, TaskBatches, distill
-from .consistency.student import ConsistencyStudent
-from .consistency.trajectory import RecordConfig, TrajectoryBatch
-from .fit import model_device
-from .precision import to_device
-from .tasks.base import Task
+from ..engine.config import Config, check_bool, check_int
+from ..engine.fit import OptimConfig, model_device
+from ..engine.precision import to_device
+from .conditioning import relative_error
+from .distill import DistillConfig, TaskBatches, distill
+from .initialiser import LearnedInit, train_learned_init
+from .student import ConsistencyStudent
+from .trajectory import TrajectoryBatch
 
 logger = logging.getLogger(__name__)
 
@@ -124,20 +124,8 @@ def _recorded_samples(trajectories: Sequence[TrajectoryBatch] | Any) -> int:
     return int(trajectories.manifest()["samples"])  # a TrajectoryStore
 
 
-def chain_batches(distill_config: DistillConfig, task: Task, record_config: RecordConfig
-                  ) -> TaskBatches | None:
-    """The training batches the chain's task term reads (``distill.chain_data``), or ``None``
-    for the recorded minibatch: ``train``, or ``auto`` when ``record.max_samples`` caps the
-    recording (it holds a subset of the training split)."""
-    choice = distill_config.chain_data
-    if choice == "recorded" or (choice == "auto" and record_config.max_samples <= 0):
-        return None
-    size = distill_config.batch_size
-    return lambda gen: task.train_batches(size, shuffle=True, generator=gen)
-
-
 def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBatch] | Any,
-               config: PlusConfig, distill_config: DistillConfig, baseline_config: BaselineConfig,
+               config: PlusConfig, distill_config: DistillConfig,
                task_loss: Callable[[Tensor, Any], Tensor], seed: int = 0,
                log: Callable[[str], None] | None = None, task_batches: TaskBatches | None = None
                ) -> tuple[ConsistencyStudent, dict[str, Any]]:
@@ -152,11 +140,11 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
         raise RuntimeError(f"the C-DEQ student's state does not fit C-DEQ+: missing {missing}, "
                            f"unexpected {unexpected}")  # only an added injection may be missing
     init = initialiser(student, config)
-    init_config = dataclasses.replace(baseline_config, init_hidden=config.init_hidden,
-                                      init_conv=config.init_conv)
-    fitted = train_learned_init(init, student.teacher, trajectories, init_config,
-                                config.init_epochs * _recorded_samples(trajectories), seed=seed,
-                                log=log)
+    fitted = train_learned_init(init, student.teacher, trajectories,
+                                config.init_epochs * _recorded_samples(trajectories),
+                                optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0,
+                                                  precision=distill_config.optim.precision),
+                                max_residual=distill_config.max_residual, seed=seed, log=log)
     start = match_start_time(plus, init, trajectories)
     log(f"C-DEQ+: h(u) has median relative residual {start['init_residual']:.3g}, nearest the "
         f"recorded iterate {start['point_index']} ({start['point_residual']:.3g}); start time "
@@ -208,4 +196,4 @@ def load_plus(student: ConsistencyStudent, config: PlusConfig, start: dict[str, 
     return plus
 
 
-__all__ = ["PlusConfig", "chain_batches", "initialiser", "load_plus", "match_start_time", "train_plus"]
+__all__ = ["PlusConfig", "initialiser", "load_plus", "match_start_time", "train_plus"]

@@ -108,8 +108,8 @@ def run_seeds(task: str, user: dict[str, Any], seeds: int, out: str | Path, quic
               ) -> dict[str, Any]:
     """Run ``seeds`` whole pipelines into ``out/seed_<seed>/`` and write their aggregate into
     ``out``; returns the aggregate report."""
-    from .config import ConfigError, merged
-    from .pipeline import Run, build_config
+    from ..engine.config import ConfigError, merged
+    from .stages import Run, build_config
 
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds {seeds!r} is not valid; give a positive number of seeds")

@@ -4,7 +4,7 @@ For every budget ``k``, on the validation split and on the test split: the teach
 ``k`` NFE with each solver, the C-DEQ student with its plan of at most ``k`` NFE, the baselines,
 the task metric and the relative error to the reference equilibrium ``z*``; the converged
 teacher. On the test split also the exact mode (student warm start against the teacher solver
-from ``z_0``). Then what each prediction costs (:mod:`cdeq.cost`): FLOPs per sample, layer-call
+from ``z_0``). Then what each prediction costs (:mod:`cdeq.run.cost`): FLOPs per sample, layer-call
 equivalents and interleaved wall time, and the teacher-accuracy cost chosen on validation figures.
 """
 
@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..consistency.search import relative_error
+from ..consistency.student import ConsistencyStudent
+from ..deq.layer import SolverSpec
+from ..deq.model import DEQModel
+from ..engine.config import Config, ConfigError, check_int, check_positive
+from ..engine.fit import model_device
+from ..engine.progress import progress
+from ..solvers import SOLVERS, get_solver
+from ..tasks.base import Task, on_device
 from . import cost
-from .config import Config, ConfigError, check_int, check_positive
-from .consistency.inference import relative_error
-from .consistency.student import ConsistencyStudent
-from .deq.layer import SolverSpec
-from .deq.model import DEQModel
-from .fit import model_device
-from .progress import progress
-from .solvers import SOLVERS, get_solver
-from .tasks.base import Task, on_device
 
 
 @dataclasses.dataclass
@@ -340,7 +340,7 @@ def predictors(teacher: DEQModel, student: ConsistencyStudent | None, config: Ev
 
 def measure_flops(teacher: DEQModel, preds: dict[str, dict[str, Predictor]], x: Any) -> dict[str, Any]:
     """FLOPs per sample of every predictor on batch ``x`` and its layer-call equivalents:
-    ``(FLOPs - injection - head) / one teacher layer call`` (see :mod:`cdeq.cost`)."""
+    ``(FLOPs - injection - head) / one teacher layer call`` (see :mod:`cdeq.run.cost`)."""
     per = 1.0 / cost.batch_size(x)
     u = teacher.inject(x)
     z0 = teacher.initial_state(u)
@@ -363,13 +363,13 @@ def measure_flops(teacher: DEQModel, preds: dict[str, dict[str, Predictor]], x: 
         "flops": flops,
         "layer_calls": {name: {k: calls(f) for k, f in per_k.items()} for name, per_k in flops.items()},
         "counted": "dense products (torch.utils.flop_counter formulas) + bias adds + sparse products "
-                   "(2 nnz d) + elementwise ops, reductions, norms and solves (cdeq.cost)",
+                   "(2 nnz d) + elementwise ops, reductions, norms and solves (cdeq.run.cost)",
     }
 
 
 def measure_time(preds: dict[str, dict[str, Predictor]], config: EvalConfig, x: Any,
                  also: set[tuple[str, str]] = frozenset()) -> dict[str, Any]:
-    """Interleaved wall time of every predictor on batch ``x`` (:func:`cdeq.cost.time_methods`)
+    """Interleaved wall time of every predictor on batch ``x`` (:func:`cdeq.run.cost.time_methods`)
     at the timing budgets, and of the ``(method, budget)`` pairs in ``also`` (the teacher-accuracy
     picks by FLOPs, so that the speed-up in time has both its ends measured)."""
     timed = {str(k) for k in (config.timing_budgets or config.budgets)}

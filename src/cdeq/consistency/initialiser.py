@@ -1,0 +1,144 @@
+"""A learned initial state ``h(u) ~ z*``: a small network of the input injection, no layer call.
+
+C-DEQ+ (:mod:`cdeq.consistency.plus`) starts the student's jumps from it; the learned-initialiser
+baseline (:mod:`cdeq.run.baselines`, as in HyperDEQ / Skip-DEQ) runs solver steps from it. Both
+fit it the same way: :func:`train_learned_init`, the relative squared error to the recorded ``z*``.
+
+Example:
+    >>> init = LearnedInit.for_teacher(teacher, hidden=32)                 # doctest: +SKIP
+    >>> train_learned_init(init, teacher, trajectories, samples=20_000)    # doctest: +SKIP
+    >>> z0 = init.init_state(teacher, teacher.inject(x))                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..deq.model import DEQModel
+from ..engine.fit import OptimConfig, budget_steps, fit, model_device, training_work
+from ..engine.precision import to_device
+from ..solvers.loop import take_rows
+from .conditioning import ChannelMLP
+from .trajectory import TrajectoryBatch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LearnedInit", "injection_tensor", "train_learned_init"]
+
+
+def injection_tensor(u: Any, state_shape: Sequence[int]) -> Tensor:
+    """The tensor of ``u`` shaped like the state (``u`` itself, or e.g. the features of a graph's
+    ``(features, adjacency)`` pair)."""
+    if isinstance(u, Tensor) and tuple(u.shape) == tuple(state_shape):
+        return u
+    if isinstance(u, (tuple, list)):
+        for item in u:
+            if isinstance(item, Tensor) and not item.is_sparse and tuple(item.shape) == tuple(state_shape):
+                return item
+    raise TypeError(f"the learned initialiser needs a tensor in the injection shaped like the state "
+                    f"{tuple(state_shape)}")
+
+
+class LearnedInit(nn.Module):
+    """``h(u) -> z_init``: a channel-wise MLP of ``u`` (plus a depthwise 3x3 convolution of ``u`` for
+    ``(B, C, H, W)`` states). Generic over tasks through the cell's ``channels``/``channel_dim``;
+    it costs no layer call."""
+
+    def __init__(self, channels: int, channel_dim: int, hidden: int = 128, conv: bool = True) -> None:
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels) if (
+            conv and channel_dim == 1) else None
+        c_in = 2 * channels if self.conv is not None else channels
+        self.mlp = ChannelMLP(c_in, hidden, channels, channel_dim)
+        # ChannelMLP zeroes its last layer (h(u) = 0 = the cold start at initialisation); a small
+        # random last layer lets the first steps move the hidden layer too.
+        nn.init.normal_(self.mlp.net[-1].weight, 0, 1e-3)
+
+    @classmethod
+    def for_teacher(cls, teacher: DEQModel, hidden: int = 128, conv: bool = True) -> LearnedInit:
+        """An initialiser for ``teacher``'s state (its cell's ``channels`` and ``channel_dim``)."""
+        return cls(int(teacher.cell.channels), int(teacher.cell.channel_dim), hidden, conv)
+
+    def forward(self, u: Tensor) -> Tensor:
+        h = u
+        if self.conv is not None and u.dim() == 4:
+            h = torch.cat([u, self.conv(u)], dim=1)
+        return self.mlp(h)
+
+    def init_state(self, teacher: DEQModel, u: Any) -> Tensor:
+        """``h(u)`` for the teacher's injection ``u`` (any structure holding the state-shaped tensor)."""
+        shape = tuple(teacher.initial_state(u).shape)  # any cell: its state_shape, or u's shape
+        return self(injection_tensor(u, shape)).reshape(shape)
+
+
+def _rel_sq(z: Tensor, ref: Tensor) -> Tensor:
+    b = z.shape[0]
+    return (z - ref).reshape(b, -1).pow(2).sum(1) / (ref.reshape(b, -1).pow(2).sum(1) + 1e-12)
+
+
+def _init_data(teacher: DEQModel, trajectories: Iterable[TrajectoryBatch], max_residual: float
+               ) -> list[tuple[Any, Tensor, int]]:
+    """``(u, z*, n)`` of each recorded batch's converged samples (residual <= ``max_residual``)."""
+    data = []
+    with torch.no_grad():
+        for batch in trajectories:
+            batch = to_device(batch, model_device(teacher))  # read to the CPU
+            keep = batch.star_residual <= max_residual
+            if not bool(keep.any()):
+                continue
+            idx = keep.nonzero().flatten()
+            u = teacher.inject(batch.x)
+            data.append((take_rows(u, idx, batch.batch_size), batch.z_star[idx].float(),
+                         int(idx.numel())))
+    if not data:
+        raise ValueError("no recorded sample converged below max_residual: nothing to fit the "
+                         "learned initialiser to")
+    return data
+
+
+def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Iterable[TrajectoryBatch],
+                       samples: int, *, batch_size: int = 64, optim: OptimConfig | None = None,
+                       max_residual: float = 1e-2, seed: int = 0,
+                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fit ``init`` to the recorded ``z*`` (relative squared error) for ``samples`` training samples
+    (``ceil(samples / batch_size)`` optimiser steps of ``optim``, by default Adam at 2e-3 without
+    weight decay or clipping); recorded samples whose ``z*`` residual is above ``max_residual``
+    are left out. Returns ``{"losses": per-epoch means, "work": steps/samples/epochs,
+    "train_time_s"}``."""
+    optim = optim or OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)
+    teacher.eval()
+    data = _init_data(teacher, trajectories, max_residual)
+    size = batch_size
+    per_epoch = sum(math.ceil(n / size) for _, _, n in data)
+    steps, epochs = budget_steps(samples, size, per_epoch)
+
+    def batches(epoch: int, gen: torch.Generator):
+        for i in torch.randperm(len(data), generator=gen, device=gen.device).tolist():
+            u, z_star, n = data[i]
+            for idx in torch.randperm(n, generator=gen, device=gen.device).split(size):
+                idx = idx.to(z_star.device)
+                yield take_rows(u, idx, n), z_star[idx]
+
+    def step(batch: tuple[Any, Tensor], progress_: float) -> tuple[Tensor, dict[str, Any]]:
+        u, z_star = batch
+        loss = _rel_sq(init.init_state(teacher, u), z_star).mean()
+        return loss, {"loss": loss.detach(), "samples": z_star.shape[0]}
+
+    history = fit(init, step, batches, optim, epochs=epochs, steps_per_epoch=per_epoch,
+                  max_steps=steps, seed=seed, name="learned initialiser", sync=False,
+                  log=logger.debug,
+                  hint="lower the initialiser's learning rate")
+    losses = history["loss"]
+    (log or logger.info)(f"learned initialiser: {steps} steps ({len(losses)} epochs) in "
+              f"{sum(history['epoch_time']):.0f}s, relative squared error {losses[0]:.4f} -> "
+              f"{losses[-1]:.4f} (relative error {math.sqrt(losses[-1]):.3f})")
+    return {"losses": losses, "work": training_work(history, 0), "train_time_s": sum(history["epoch_time"])}
+
+
