@@ -250,6 +250,9 @@ def evaluate(task: Task, teacher: DEQModel, student: ConsistencyStudent | None,
     report["latency_ms"] = {"batch_size": float(cost.batch_size(x)), **{
         (name if k is None else f"{name}@{k}"): v["median_ms"] for name, k, v in _timed(report)}}
     report["teacher_accuracy_cost"] = cost.teacher_accuracy_cost(report, tol)
+    data = task.data_report(teacher)
+    if data:
+        report["data"] = data
     return report
 
 

@@ -134,6 +134,12 @@ class Task:
             out["backward"] = teacher["backward"]
         return out
 
+    def data_report(self, teacher: DEQModel | None = None) -> dict[str, Any]:
+        """What the data readers found that the report keeps (files skipped, a sampled graph's
+        distance to the full graph, which needs the trained ``teacher``); ``{}`` by default.
+        Called after the evaluation, so it covers every batch the run read."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """The task's name, metric, settings and (where the task counts them) split sizes."""
         out = {"task": self.name, "metric": self.metric, "higher_is_better": self.higher_is_better,

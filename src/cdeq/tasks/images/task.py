@@ -1,9 +1,13 @@
 """Image classification tasks: ``digits`` (the default demo), ``mnist``, ``cifar10`` and ``images``
-(a user's ``.npz`` or IDX folder).
+(a user's ``.npz``, IDX folder or image folder).
 
 Splits: the test split is the data's own; a seeded ``valid_fraction`` of the training split
 (after ``train_subset``) is held out for validation, the rest trains. Images are standardised per
 channel with the training split's mean and standard deviation.
+
+An image folder (``dataset="folder"``, :mod:`.folder`) is streamed: its files are decoded per
+batch in DataLoader workers, never held in memory together; its ``val/`` folder, when present, is
+the validation split.
 
 Example:
     >>> task = DigitsTask(ImageConfig())                     # doctest: +SKIP
@@ -29,6 +33,7 @@ from ..base import Task, register_task
 from ..datadir import data_dir
 from . import presets
 from .data import DataError, load_cifar10_archive, load_digits_split, load_idx_folder, load_npz, to_nchw
+from .folder import FolderData, is_image_folder
 from .model import ConvDEQCell, ConvInjection, PoolHead
 
 __all__ = ["Cifar10Task", "DigitsTask", "ImageConfig", "ImageTask", "MnistTask", "load_arrays"]
@@ -37,14 +42,19 @@ __all__ = ["Cifar10Task", "DigitsTask", "ImageConfig", "ImageTask", "MnistTask",
 @dataclasses.dataclass
 class ImageConfig(Config):
     """Attributes:
-        dataset: ``digits``, ``mnist``, ``cifar10``, or ``npz``/``idx`` with ``data``.
-        data: path of a user's ``.npz`` / IDX folder (or overrides a built-in file).
+        dataset: ``digits``, ``mnist``, ``cifar10``, or ``npz``/``idx``/``folder`` with ``data``.
+        data: path of a user's ``.npz`` / IDX folder / image folder (or overrides a built-in file).
         channels, stride: width of the state and the injection's downsampling.
         train_subset, test_subset: use only the first this many images of a split (0: all).
         valid_fraction: the share of the (subset) training split held out for validation,
             drawn with ``seed``.
         augment: random crops (and flips for CIFAR-10) in training.
         seed: seeds the digits split, the validation share and the model's initialisation.
+        image_size, resize, workers, bad_images, check_images, mean, std: image folders only
+            (:mod:`.folder`): the crop side (0: the first training image's shorter side), the
+            shorter side before the centre crop (0: ``image_size``), DataLoader worker processes,
+            ``"skip"`` or ``"error"`` for unreadable files, whether every header is read first,
+            and fixed per-channel statistics (empty: from up to 512 training images).
     """
 
     dataset: str = "digits"
@@ -58,10 +68,17 @@ class ImageConfig(Config):
     valid_fraction: float = 0.1
     augment: bool = False
     seed: int = 0
+    image_size: int = 0
+    resize: int = 0
+    workers: int = 2
+    bad_images: str = "skip"
+    check_images: bool = True
+    mean: tuple = ()
+    std: tuple = ()
 
     def validate(self) -> None:
-        check_choice("dataset", self.dataset, ["digits", "mnist", "cifar10", "npz", "idx"])
-        if self.dataset in ("npz", "idx") and not self.data:
+        check_choice("dataset", self.dataset, ["digits", "mnist", "cifar10", "npz", "idx", "folder"])
+        if self.dataset in ("npz", "idx", "folder") and not self.data:
             raise ConfigError(f"dataset={self.dataset!r} needs data=PATH")
         check_int("channels", self.channels, minimum=4)
         check_choice("stride", self.stride, [1, 2, 4])
@@ -73,6 +90,20 @@ class ImageConfig(Config):
                               "and a validation image at least)")
         check_range("valid_fraction", self.valid_fraction, 0.001, 0.5)
         check_int("seed", self.seed, minimum=0)
+        check_int("image_size", self.image_size, minimum=0)
+        check_int("resize", self.resize, minimum=0)
+        check_int("workers", self.workers, minimum=0)
+        check_choice("bad_images", self.bad_images, ["skip", "error"])
+        if not isinstance(self.check_images, bool):
+            raise ConfigError(f"check_images={self.check_images!r} is not valid; it must be true or false")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
+                raise ConfigError(f"{key}={value!r} is not valid; give three numbers (one per RGB "
+                                  "channel) or [] to estimate them")
+        if bool(self.mean) != bool(self.std) or (self.std and min(self.std) <= 0):
+            raise ConfigError(f"mean={self.mean!r}, std={self.std!r} are not valid; give both (std > 0) "
+                              "or neither")
 
 
 def load_arrays(cfg: ImageConfig) -> tuple[np.ndarray, ...]:
@@ -110,6 +141,14 @@ class ImageTask(Task):
         if self.dataset is not None and config.dataset != self.dataset:
             config = config.replace(dataset=self.dataset)
         super().__init__(config)
+        self.folder: FolderData | None = None
+        if config.dataset == "folder":
+            c = config
+            self.folder = FolderData(c.data, c.image_size, c.resize, c.valid_fraction, c.seed,
+                                     c.train_subset, c.test_subset, c.augment, c.workers, c.bad_images,
+                                     c.check_images, c.mean, c.std)
+            self.num_classes, self.in_channels = self.folder.num_classes, 3
+            return
         x_tr, y_tr, x_te, y_te = load_arrays(config)
         x_tr, x_te = to_nchw(x_tr), to_nchw(x_te)
         if config.train_subset:
@@ -143,15 +182,18 @@ class ImageTask(Task):
 
     @classmethod
     def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
-        """``images`` with ``--data``: the npz or IDX reader, chosen from the path (a folder is
-        IDX), unless ``task_config.dataset`` is given."""
+        """``images`` with ``--data``: the reader chosen from the path (a folder with ``train/<class>/``
+        is an image folder, another folder IDX, a file npz), unless ``task_config.dataset`` is given."""
         out = super().resolve_user_config(user, data)
         if cls.dataset is None and data:
-            out.setdefault("task_config", {}).setdefault("dataset", "idx" if Path(data).is_dir() else "npz")
+            kind = "folder" if is_image_folder(data) else "idx" if Path(data).is_dir() else "npz"
+            out.setdefault("task_config", {}).setdefault("dataset", kind)
         return out
 
     def split_sizes(self) -> dict[str, int]:
         """Images per split."""
+        if self.folder is not None:
+            return self.folder.sizes()
         return {"train": len(self.y_train), "valid": len(self.y_valid), "test": len(self.y_test)}
 
     def describe(self) -> dict[str, Any]:
@@ -182,6 +224,12 @@ class ImageTask(Task):
     def train_batches(self, batch_size: int, shuffle: bool = True,
                       generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """``(x (B, C, H, W), y (B,))`` of the training split (augmented when shuffled)."""
+        if self.folder is not None:
+            return self.folder.batches("train", batch_size, shuffle, generator)
+        return self._array_train_batches(batch_size, shuffle, generator)
+
+    def _array_train_batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None
+                             ) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.y_train)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for s in range(0, n, batch_size):
@@ -197,12 +245,20 @@ class ImageTask(Task):
             yield x[s : s + batch_size], y[s : s + batch_size]
 
     def validation_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """The validation share, in a fixed order."""
+        """The validation share (or an image folder's ``val/``), in a fixed order."""
+        if self.folder is not None:
+            return self.folder.batches("valid", batch_size)
         return self._in_order(self.x_valid, self.y_valid, batch_size)
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The test split, in a fixed order."""
+        if self.folder is not None:
+            return self.folder.batches("test", batch_size)
         return self._in_order(self.x_test, self.y_test, batch_size)
+
+    def data_report(self, teacher: DEQModel | None = None) -> dict[str, Any]:
+        """An image folder's skipped files and image statistics (:meth:`FolderData.report`)."""
+        return self.folder.report() if self.folder is not None else {}
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits, y)
