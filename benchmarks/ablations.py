@@ -81,7 +81,7 @@ def main() -> None:
             dcfg = dcfg.replace(epochs=args.epochs)
         student = ConsistencyStudent(teacher, TimeSchedule(sched), scfg)
         t0 = time.perf_counter()
-        distill(student, trajectories, dcfg, task_loss=run.task.loss, seed=cfg.seed, log=lambda s: None)
+        distill(student, trajectories, dcfg, task_loss=run.task.loss, seed=cfg.seed)
         train_s = time.perf_counter() - t0
         select_plans(student, run.task.selection_batches(cfg.evaluate.batch_size), run._score,
                      run.task.higher_is_better, last, PlanSearchConfig(max_nfe=4, batches=cfg.plans.batches))

@@ -115,8 +115,7 @@ def worker(stage: str, mode: str, dtype: str, samples: int, workdir: Path) -> di
         trajectories = list(store) if mode == "memory" else store
         torch.manual_seed(0)
         student = ConsistencyStudent(teacher, TimeSchedule(ScheduleConfig()), StudentConfig())
-        distill(student, trajectories, DistillConfig(epochs=1), task_loss=task.loss, seed=0,
-                log=lambda msg: print(msg, file=sys.stderr))
+        distill(student, trajectories, DistillConfig(epochs=1), task_loss=task.loss, seed=0)
     elapsed = time.perf_counter() - t0
     peak = _maxrss_bytes()
     shards = sorted(store.root.glob("shard_*.safetensors"))

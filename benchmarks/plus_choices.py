@@ -12,10 +12,10 @@ variant (:func:`cdeq.consistency.plus.train_plus` with the run's settings change
 says), selects
 its plans as the pipeline does, and prints each variant's **validation** metric and loss at 1, 2,
 3, 4 and 8 NFE (and the anytime unrolled network's, when the run has one). The test split is never
-read. Variants: the task weight, the chain supervision (``distill.chain_k``) and its data
-(``distill.chain_data``), the joint epochs
+read. Variants: the task weight, the chain supervision (``plus.chain_k``) and its data
+(``plus.chain_data``), the joint epochs
 (``plus.epochs``), the pull to ``z*`` (the consistency weights, against the task loss) and
-C-DEQ+'s own injection (``plus.train_injection``);
+C-DEQ+'s own injection (``student.train_injection`` for C-DEQ+ alone);
 ``--variants`` runs some of them, by name.
 
 With ``--held-out`` the plans are searched on one half of the selection batches and every variant
@@ -58,9 +58,11 @@ VARIANTS = {
     "three times the epochs": ({}, 3.0),
     "no pull to z*, task weight 1, three times the epochs": (
         {"global_weight": 0.0, "local_weight": 0.0, "init_weight": 0.0, "task_weight": 1.0}, 3.0),
-    "own injection": ({}, 1.0, {"train_injection": True}),
-    "own injection, task weight 1": ({"task_weight": 1.0}, 1.0, {"train_injection": True}),
+    "own injection": ({"train_injection": True}, 1.0),
+    "own injection, task weight 1": ({"task_weight": 1.0, "train_injection": True}, 1.0),
 }
+"""Variant name -> (changed settings of the ``plus``, ``distill`` or ``student`` section, by key;
+the share of ``distill.epochs`` the joint stage runs)."""
 BUDGETS = (1, 2, 3, 4, 8)
 HELD_OUT_BUDGETS = tie_rule.BUDGETS
 
@@ -84,14 +86,18 @@ def validation(run: Run, predict) -> dict[str, dict[str, float]]:
 def build(run: Run, teacher, student, trajectories: list, name: str):
     """C-DEQ+ trained with variant ``name``'s changes to the run's settings (plans not yet set)."""
     cfg = run.config
-    changes, share, *plus_changes = VARIANTS[name]  # distill changes, epoch share, plus changes
+    changes, share = VARIANTS[name]
     torch.manual_seed(cfg.seed)
-    dcfg = dataclasses.replace(cfg.distill, **changes)
-    pcfg = dataclasses.replace(cfg.plus, epochs=max(1, round(cfg.distill.epochs * share)),
-                               **(plus_changes[0] if plus_changes else {}))
-    chain = chain_batches(dcfg, run.task, cfg.record)
+
+    def changed(section):
+        names = {f.name for f in dataclasses.fields(section)}
+        return dataclasses.replace(section, **{k: v for k, v in changes.items() if k in names})
+
+    dcfg, scfg = changed(cfg.distill), changed(cfg.student)
+    pcfg = dataclasses.replace(changed(cfg.plus), epochs=max(1, round(cfg.distill.epochs * share)))
+    chain = chain_batches(pcfg, dcfg, run.task, cfg.record)
     plus, _ = train_plus(student, trajectories, pcfg, dcfg, run.task.loss,
-                         seed=cfg.seed, log=lambda m: None, task_batches=chain)
+                         seed=cfg.seed, task_batches=chain, student_config=scfg)
     return plus
 
 
@@ -155,7 +161,7 @@ def on_held_out_half(path: str, variants: list[str]) -> dict[str, Any]:
         search_half(plus)
         result["variants"]["C-DEQ+ (the run's)"] = tie_rule.held_out(
             run, lambda x, k: plus.predict(x, nfe=k), scored)
-        if plus.reentry_time is not None:  # trained with a chain (distill.chain_k > 1)
+        if plus.reentry_time is not None:  # trained with a chain (plus.chain_k > 1)
             result["variants"]["C-DEQ+ (the run's), its chain's plan"] = tie_rule.held_out(
                 run, chain_plan(plus), scored)
     extra, _, _ = run._extra_methods(teacher, None)

@@ -54,7 +54,7 @@ def worker(threads: int, steps: int) -> None:
     model = task.build_model()
     config = TeacherConfig(max_steps=steps, epochs=steps)  # max_steps ends it
     t0, c0 = time.perf_counter(), time.process_time()
-    train_teacher(task, model, config, log=lambda msg: None)
+    train_teacher(task, model, config)
     print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
                       "threads": used, "torch_threads": torch.get_num_threads()}))
 

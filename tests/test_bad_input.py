@@ -108,14 +108,14 @@ def test_trajectories_of_another_model_are_refused():
     trajs = record(toy_model(channels=16), batches(), RCFG)
     student = ConsistencyStudent(toy_model(channels=8))
     with pytest.raises(ValueError, match=r"z_star has shape \(8, 16\).*state .* has shape \(8, 8\)"):
-        distill(student, trajs, DistillConfig(epochs=1), task_loss=nn.functional.cross_entropy, log=str)
+        distill(student, trajs, DistillConfig(epochs=1), task_loss=nn.functional.cross_entropy)
 
 
 def test_labels_out_of_range_in_distillation():
     trajs = record(toy_model(), batches(bad="labels"), RCFG)
     with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 2\].*values in \[\d, 7\]"):
         distill(ConsistencyStudent(toy_model()), trajs, DistillConfig(epochs=1),
-                task_loss=nn.functional.cross_entropy, log=str)
+                task_loss=nn.functional.cross_entropy)
 
 
 def test_non_finite_trajectories_stop_distillation():
@@ -125,13 +125,13 @@ def test_non_finite_trajectories_stop_distillation():
         t.z_star[:] = float("nan")
     with pytest.raises(FloatingPointError, match="distillation loss became nan"):
         distill(ConsistencyStudent(toy_model()), trajs, DistillConfig(epochs=1),
-                task_loss=nn.functional.cross_entropy, log=str)
+                task_loss=nn.functional.cross_entropy)
 
 
 def test_no_trajectories():
     with pytest.raises(ValueError, match="no trajectories"):
         distill(ConsistencyStudent(toy_model()), [], DistillConfig(epochs=1),
-                task_loss=nn.functional.cross_entropy, log=str)
+                task_loss=nn.functional.cross_entropy)
 
 
 # --- teacher training and the pipeline through a toy task -------------------------------------------
@@ -164,7 +164,7 @@ def test_teacher_training_refuses_bad_data(monkeypatch, bad, error, match):
     monkeypatch.setattr(ToyTask, "data", [] if bad == "empty" else batches(bad=bad))
     task = ToyTask(ToyTask.Config())
     with pytest.raises(error, match=match):
-        train_teacher(task, task.build_model(), TeacherConfig(epochs=1), log=str)
+        train_teacher(task, task.build_model(), TeacherConfig(epochs=1))
 
 
 def test_record_stage_warns_when_the_teacher_did_not_converge(monkeypatch, tmp_path):
@@ -173,7 +173,7 @@ def test_record_stage_warns_when_the_teacher_did_not_converge(monkeypatch, tmp_p
     monkeypatch.setattr(ToyTask, "build_model", lambda self: toy_model(scale=3.0))
     cfg = RunConfig.from_dict({"task": ToyTask.name,
                                "record": {"solver": {"name": "picard", "max_iter": 3, "tol": 1e-9}}})
-    run = Run(tmp_path, cfg, log=lambda m: None)
+    run = Run(tmp_path, cfg)
     run.save_module("teacher", run.task.build_model(), {})
     with pytest.warns(UnconvergedWarning, match="did not converge"):
         run.record()
@@ -252,7 +252,7 @@ def test_a_state_dict_mismatch_keeps_every_line_of_the_message(tmp_path):
     from cdeq.engine.io import save_tensors
     from cdeq.run.stages import build_config
 
-    run = Run(tmp_path, build_config("digits", {}, quick=True), log=lambda m: None)
+    run = Run(tmp_path, build_config("digits", {}, quick=True))
     other = build_config("digits", {"task_config": {"channels": 16}}, quick=True)
     state = TASKS["digits"](TASKS["digits"].Config.from_dict(other.task_config)).build_model().state_dict()
     state.pop(sorted(state)[-1])  # a missing key, an unexpected key, and channels 16 for 8

@@ -92,7 +92,7 @@ def test_learned_init_fits_z_star_and_helps_the_truncated_solver():
     bcfg = BaselineConfig.from_dict({"init_hidden": 32, "init_optim": {"lr": 1e-2}})
     init = LearnedInit.for_teacher(model, bcfg.init_hidden, bcfg.init_conv)
     info = train_learned_init(init, model, trajectories, 60 * 384, batch_size=bcfg.init_batch_size,
-                              optim=bcfg.init_optim, log=lambda m: None)
+                              optim=bcfg.init_optim)
     # 60 epochs of the 384 recorded samples in minibatches of 64: 6 steps each
     assert info["work"] == {"steps": 360, "samples": 60 * 384, "epochs": 60, "layer_calls_per_sample": 0}
     assert info["losses"][-1] < 0.3 * info["losses"][0]
@@ -126,7 +126,7 @@ def test_unrolled_fine_tuning_lowers_the_task_loss():
     before = task_loss(net, task, task.train_batches(128, shuffle=False))
     teacher_params = [p.clone() for p in teacher.parameters()]
     cfg = BaselineConfig.from_dict({"unrolled_optim": {"lr": 1e-2}, "unrolled_batch_size": 32})
-    info = train_unrolled(net, task, cfg, samples=5 * 384, log=lambda m: None)
+    info = train_unrolled(net, task, cfg, samples=5 * 384)
     after = task_loss(net, task, task.train_batches(128, shuffle=False))
     assert info["work"]["epochs"] == 5 and after < 0.7 * before
     # the teacher itself is left untouched (the network trains copies)
@@ -149,11 +149,11 @@ def test_baseline_config_is_validated():
 
 def test_runs_written_before_the_baselines_section_still_open(tmp_path):
     cfg = RunConfig()
-    Run(tmp_path, cfg, log=lambda m: None)
+    Run(tmp_path, cfg)
     old = json.loads((tmp_path / "config.json").read_text())
     del old["baselines"]
     (tmp_path / "config.json").write_text(json.dumps(old))
-    Run(tmp_path, cfg, log=lambda m: None)  # same configuration: no "another configuration" error
+    Run(tmp_path, cfg)  # same configuration: no "another configuration" error
 
 
 @pytest.mark.parametrize("samples, steps", [(1, 1), (32, 1), (33, 2), (1000, 32)])
@@ -162,10 +162,10 @@ def test_the_budget_is_work_not_time(samples, steps):
     the samples seen are those steps' batches (every batch here is full)."""
     task, teacher = ToyTask(), _model()
     cfg = BaselineConfig(unrolled_batch_size=32)
-    info = train_unrolled(UnrolledNet(teacher, 1), task, cfg, samples=samples, log=lambda m: None)
+    info = train_unrolled(UnrolledNet(teacher, 1), task, cfg, samples=samples)
     assert info["work"]["steps"] == steps and info["work"]["samples"] == 32 * steps
     assert info["work"]["epochs"] == -(-steps // 12)
-    again = train_unrolled(UnrolledNet(teacher, 1), task, cfg, samples=samples, log=lambda m: None)
+    again = train_unrolled(UnrolledNet(teacher, 1), task, cfg, samples=samples)
     assert again["losses"] == info["losses"]  # the same budget and seed: the same run, bit for bit
 
 
@@ -190,6 +190,6 @@ def test_anytime_network_is_supervised_at_every_step_and_serves_every_budget():
     batches = list(task.train_batches(128, shuffle=False))
     before = [task_loss(lambda x, k=k: net(x, k), task, batches) for k in range(1, 5)]
     cfg = BaselineConfig.from_dict({"unrolled_optim": {"lr": 1e-2}})
-    train_unrolled(net, task, cfg, samples=5 * 384, log=lambda m: None)
+    train_unrolled(net, task, cfg, samples=5 * 384)
     after = [task_loss(lambda x, k=k: net(x, k), task, batches) for k in range(1, 5)]
     assert all(a < 0.8 * b for a, b in zip(after, before, strict=True)), (before, after)

@@ -228,3 +228,38 @@ def test_merged_merges_sections_and_replaces_solver_options():
     assert base["a"] == {"b": 1, "c": 2}  # the inputs are not changed
     out["solver"]["options"]["damping"] = 1.0
     assert merged(base, {})["solver"]["options"] == {"memory": 5}
+
+
+def test_a_run_configuration_of_an_earlier_version_is_read_with_its_moved_keys():
+    """Saved runs keep loading: C-DEQ+'s settings moved from ``distill`` to ``plus``; a removed
+    key holding the value that meant today's behaviour is dropped, any other value is an error
+    that says what replaced it."""
+    import json
+    from pathlib import Path
+
+    from cdeq.run.config import MOVED, RunConfig, build_config
+
+    old = {"distill": {"chain_k": 2, "chain_data": "train", "epochs": 3},
+           "plus": {"train_injection": False}}
+    cfg = RunConfig.from_dict(old)
+    assert (cfg.plus.chain_k, cfg.plus.chain_data, cfg.distill.epochs) == (2, "train", 3)
+    assert build_config("digits", {"distill": {"start_weight": 0.5}}).plus.start_weight == 0.5
+    with pytest.raises(ConfigError, match="distill.chain_k=2 and plus.chain_k=3 disagree"):
+        RunConfig.from_dict({"distill": {"chain_k": 2}, "plus": {"chain_k": 3}})
+    with pytest.raises(ConfigError, match="plus.train_injection=True is no longer a setting: "
+                                          "C-DEQ\\+ has its own injection when"):
+        RunConfig.from_dict({"plus": {"train_injection": True}})
+    # every stored run's configuration still reads, with the values it was run with
+    stored = sorted((Path(__file__).parents[1] / "docs" / "results").rglob("config.json"))
+    assert stored
+    for path in stored:
+        data = json.loads(path.read_text())
+        if "distill" not in data:  # not a run configuration
+            continue
+        # the task's own settings name data folders of the machine that ran it: left out here
+        cfg = RunConfig.from_dict({k: v for k, v in data.items() if k not in ("task", "task_config")}
+                                  ).to_dict()
+        for old_key, new_key in MOVED.items():
+            (sec, name), (new_sec, new_name) = old_key.split("."), new_key.split(".")
+            if name in data[sec]:
+                assert cfg[new_sec][new_name] == data[sec][name], (path, old_key)

@@ -119,7 +119,7 @@ def test_distilled_student_beats_truncated_teacher_at_one_nfe(tmp_path):
     student = ConsistencyStudent(model)
     hist = distill(student, list(store), DistillConfig.from_dict(
         {"epochs": 40, "batch_size": 64, "optim": {"lr": 3e-3}}),
-                   task_loss=nn.functional.cross_entropy, log=lambda s: None)
+                   task_loss=nn.functional.cross_entropy)
     assert hist["loss"][-1] < hist["loss"][0]
     search = select_plans(student, train, _score, True, last=40,
                           config=PlanSearchConfig(max_nfe=3, tie_within_se=0.0))
@@ -240,7 +240,7 @@ def test_distill_leaves_the_teacher_weights_unchanged():
     trajs = record(model, [(x, y)], RecordConfig.from_dict({"solver": {"max_iter": 20}}))
     student = ConsistencyStudent(model)
     distill(student, trajs, DistillConfig.from_dict({"epochs": 2, "batch_size": 64, "optim": {"lr": 1e-2}}),
-            task_loss=nn.functional.cross_entropy, log=lambda s: None)
+            task_loss=nn.functional.cross_entropy)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -50,13 +50,13 @@ def _train_both():
     task = ToyTask()
     model = task.build_model()
     train_teacher(task, model, TeacherConfig.from_dict(
-        {"epochs": 2, "batch_size": 16, "optim": {"lr": 1e-2}}), seed=0, log=lambda m: None)
+        {"epochs": 2, "batch_size": 16, "optim": {"lr": 1e-2}}), seed=0)
     trajectories = record(model, task.train_batches(32, shuffle=False),
                           RecordConfig.from_dict({"solver": {"max_iter": 12}}))
     student = ConsistencyStudent(model)
     distill(student, trajectories, DistillConfig.from_dict(
         {"epochs": 2, "batch_size": 16, "optim": {"lr": 3e-3}}), task_loss=task.loss,
-            seed=0, log=lambda m: None)
+            seed=0)
     return model, student
 
 

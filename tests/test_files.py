@@ -123,11 +123,11 @@ def test_the_lock_is_counted_within_one_process(tmp_path):
 
 def test_reading_a_run_needs_no_lock_but_its_stages_do(tmp_path):
     out = tmp_path / "run"
-    with Run(out, build_config("digits", {}, quick=True), log=lambda m: None):
+    with Run(out, build_config("digits", {}, quick=True)):
         pass  # config.json written, lock dropped
     proc = _hold(out)
     try:
-        run = Run(out, log=lambda m: None)  # reading config.json: no lock
+        run = Run(out)  # reading config.json: no lock
         assert run.config.task == "digits"
         for stage in (run.train, run.record, run.evaluate):
             with pytest.raises(BusyError, match=f"PID {proc.pid}"):
@@ -144,11 +144,11 @@ def test_a_run_releases_its_lock_when_closed_or_dropped(tmp_path):
         return subprocess.run([sys.executable, "-c", code, str(tmp_path / "r" / ".lock")],
                               env=_env(), capture_output=True).returncode == 0
 
-    run = Run(tmp_path / "r", build_config("digits", {}, quick=True), log=lambda m: None)
+    run = Run(tmp_path / "r", build_config("digits", {}, quick=True))
     assert not free()  # held from writing config.json on
     run.close()
     assert free()
-    run = Run(tmp_path / "r", build_config("digits", {}, quick=True), log=lambda m: None)
+    run = Run(tmp_path / "r", build_config("digits", {}, quick=True))
     assert not free()
     del run
     assert free()
@@ -156,7 +156,7 @@ def test_a_run_releases_its_lock_when_closed_or_dropped(tmp_path):
 
 def test_a_saved_module_records_the_threads_its_stage_ran_with(tmp_path):
     """The weights depend on the intra-op thread count, so each file and the report say it."""
-    run = Run(tmp_path / "r", build_config("digits", {}, quick=True), log=lambda m: None)
+    run = Run(tmp_path / "r", build_config("digits", {}, quick=True))
     before = torch.get_num_threads()
     try:
         for name, threads in (("teacher", 2), ("learned_init", 1)):

@@ -81,11 +81,11 @@ def test_resumed_fit_is_bit_identical():
 
     cfg = OptimConfig(lr=0.05, warmup_steps=3)
     full = fit(model, step, batches, cfg, epochs=4, steps_per_epoch=4, seed=3,
-               hooks=Hooks(on_epoch_end=keep), log=lambda m: None)
+               hooks=Hooks(on_epoch_end=keep))
     reference = copy.deepcopy(model.state_dict())
     model.load_state_dict(saved[1][0])
     resumed = fit(model, step, batches, cfg, epochs=4, steps_per_epoch=4, seed=3, start_epoch=2,
-                  state=saved[1][1], log=lambda m: None)
+                  state=saved[1][1])
     assert all(torch.equal(reference[k], model.state_dict()[k]) for k in reference)
     assert resumed["loss"] == full["loss"] and resumed["steps"] == [4, 8, 12, 16]
     assert full["samples"] == [64] * 4
@@ -99,7 +99,7 @@ def test_early_stopping_keeps_the_best_weights():
     hooks = Hooks(validate=lambda: next(scores), patience=2, min_delta=0.0,
                   on_epoch_end=lambda e, s: weights.setdefault(e, copy.deepcopy(model.state_dict())))
     history = fit(model, step, batches, OptimConfig(lr=0.05), epochs=5, steps_per_epoch=4,
-                  hooks=hooks, log=lambda m: None)
+                  hooks=hooks)
     assert history["valid"] == [3.0, 2.0, 2.5, 2.4]  # two epochs without improvement: stopped
     assert history["best_epoch"] == [1]
     assert all(torch.equal(weights[1][k], v) for k, v in model.state_dict().items())
@@ -107,12 +107,11 @@ def test_early_stopping_keeps_the_best_weights():
     states = {}
     hooks = Hooks(validate=lambda: 0.0, patience=2,
                   on_epoch_end=lambda e, s: states.setdefault(e, copy.deepcopy(s)))
-    fit(model, step, batches, OptimConfig(lr=0.05), epochs=5, steps_per_epoch=4, hooks=hooks,
-        log=lambda m: None)  # stops after epoch 2 (two epochs no better than the first)
+    # stops after epoch 2 (two epochs no better than the first)
+    fit(model, step, batches, OptimConfig(lr=0.05), epochs=5, steps_per_epoch=4, hooks=hooks)
     assert sorted(states) == [0, 1, 2]
     again = fit(model, step, batches, OptimConfig(lr=0.05), epochs=5, steps_per_epoch=4,
-                hooks=Hooks(validate=lambda: 0.0, patience=2), start_epoch=3, state=states[2],
-                log=lambda m: None)
+                hooks=Hooks(validate=lambda: 0.0, patience=2), start_epoch=3, state=states[2])
     assert again["steps"] == [4, 8, 12]
     assert all(torch.equal(states[2]["stopping"]["best_state"][k], v) for k, v in model.state_dict().items())
 
@@ -132,11 +131,9 @@ def test_gradients_are_clipped_and_bf16_autocasts_the_forward():
         assert float(total) <= 0.01 * (1 + 1e-5)
 
     cfg = OptimConfig(lr=0.01, grad_clip=0.01, precision="bf16")
-    fit(model, step, batches, cfg, epochs=1, steps_per_epoch=4, hooks=Hooks(after_step=norm),
-        log=lambda m: None)
+    fit(model, step, batches, cfg, epochs=1, steps_per_epoch=4, hooks=Hooks(after_step=norm))
     assert dtypes == [torch.bfloat16] * 4 and model.weight.dtype == torch.float32
-    fit(model, step, batches, dataclasses.replace(cfg, precision="fp32"), epochs=1, steps_per_epoch=4,
-        log=lambda m: None)
+    fit(model, step, batches, dataclasses.replace(cfg, precision="fp32"), epochs=1, steps_per_epoch=4)
     assert dtypes[4:] == [torch.float32] * 4
 
 
@@ -191,7 +188,7 @@ def test_teacher_keeps_the_weights_of_its_best_validation_epoch():
     model = task.build_model()
     cfg = TeacherConfig.from_dict({"epochs": 6, "batch_size": 16, "patience": 2,
                                    "optim": {"lr": 0.3}})  # a large lr: the validation loss wanders
-    history = train_teacher(task, model, cfg, log=lambda m: None)
+    history = train_teacher(task, model, cfg)
     best = history["best_epoch"][0]
     assert history["valid"][best] == min(history["valid"])
     assert validation_loss(task, model, 256) == pytest.approx(history["valid"][best], abs=1e-6)
@@ -220,7 +217,7 @@ def test_distillation_trains_the_student_only_and_leaves_the_teacher_untouched()
     assert {id(p) for p in own}.isdisjoint({id(p) for p in teacher.parameters()}) and own
     cell_before = student.cell.lin.weight.detach().clone()
     distill(student, trajectories, DistillConfig.from_dict({"epochs": 1, "batch_size": 16}),
-            task_loss=task.loss, log=lambda m: None)
+            task_loss=task.loss)
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not torch.equal(cell_before, student.cell.lin.weight)
@@ -238,8 +235,7 @@ def test_a_task_without_validation_trains_every_epoch(caplog):
     task = NoValidation()
     model = task.build_model()
     with caplog.at_level("WARNING"):
-        history = train_teacher(task, model, TeacherConfig.from_dict({"epochs": 2, "batch_size": 32}),
-                                log=lambda m: None)
+        history = train_teacher(task, model, TeacherConfig.from_dict({"epochs": 2, "batch_size": 32}))
     assert len(history["loss"]) == 2 and "valid" not in history
     assert "no validation split" in caplog.text
 

@@ -48,6 +48,27 @@ def test_save_and_load_pretrained_gives_the_same_model(student_and_x, tmp_path):
         assert torch.equal(loaded.predict(x, nfe)[0], student.predict(x, nfe)[0])
 
 
+def test_a_c_deq_plus_student_saves_and_loads_with_its_start(tmp_path):
+    from cdeq.consistency.plus import PlusStudent
+
+    cls = TASKS["digits"]
+    task = cls(cls.Config.from_dict(TASK_CFG))
+    torch.manual_seed(0)
+    plus = PlusStudent(task.build_model(), init_hidden=4, init_conv=False, start_time=0.5,
+                       reentry_time=1.5)
+    with torch.no_grad():  # a start h(u) that is not zero
+        for p in plus.initialiser.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    plus.plans = {1: [("jump", 0.5)], 2: [("jump", 0.5), ("jump", 1.5)]}
+    plus.eval()
+    x, _ = next(iter(task.test_batches(4)))
+    hub.save_pretrained(plus, tmp_path / "m", "digits", TASK_CFG)
+    loaded = hub.from_pretrained(tmp_path / "m")
+    assert isinstance(loaded, PlusStudent) and loaded.plus_settings() == plus.plus_settings()
+    for nfe in (1, 2):
+        assert torch.equal(loaded.predict(x, nfe)[1], plus.predict(x, nfe)[1])
+
+
 def test_from_pretrained_errors_name_the_file(student_and_x, tmp_path):
     student, _ = student_and_x
     with pytest.raises(FileNotFoundError, match="config.json"):

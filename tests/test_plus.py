@@ -9,9 +9,16 @@ import torch
 from test_baselines import ToyTask, _model
 
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
-from cdeq.consistency.initialiser import LearnedInit
+from cdeq.consistency.distill import TermInputs
 from cdeq.consistency.plans import check_plan, plan_nfe
-from cdeq.consistency.plus import PlusConfig, load_plus, match_start_time, train_plus
+from cdeq.consistency.plus import (
+    PlusConfig,
+    PlusStudent,
+    StartTerm,
+    load_plus,
+    match_start_time,
+    train_plus,
+)
 from cdeq.consistency.search import PlanSearchConfig, select_plans
 from cdeq.consistency.student import StudentConfig
 from cdeq.deq.layer import SolverSpec
@@ -32,8 +39,7 @@ def distilled():
     torch.manual_seed(0)
     student = ConsistencyStudent(model)
     distill(student, trajectories, DistillConfig(epochs=4, batch_size=64, train_head=False),
-            task_loss=task.loss,
-            log=lambda m: None)
+            task_loss=task.loss)
     return task, model, student, trajectories
 
 
@@ -45,10 +51,9 @@ def _z_star(model, x):
 
 def test_a_plan_starts_with_one_jump_from_h_at_the_start_time():
     model = _model()
-    student = ConsistencyStudent(model)
-    init = LearnedInit(16, -1, hidden=8, conv=False)
+    student = PlusStudent(model, init_hidden=8, init_conv=False, start_time=0.5)
+    init = student.initialiser
     torch.nn.init.normal_(init.mlp.net[-1].weight)
-    student.attach_initialiser(init, 0.5)
     assert student.plans == {1: [("jump", 0.5)]} and not student.plans_selected
     x = torch.randn(6, 8)
     student.cell.calls = 0
@@ -63,9 +68,19 @@ def test_a_plan_starts_with_one_jump_from_h_at_the_start_time():
 
 @pytest.mark.parametrize("t", [0.0, 5.0, 7.0])
 def test_a_start_time_outside_the_schedule_is_refused(t):
-    student = ConsistencyStudent(_model())
     with pytest.raises(ValueError, match="start_time"):
-        student.attach_initialiser(LearnedInit(16, -1, 8, False), t)
+        PlusStudent(_model(), init_hidden=8, init_conv=False, start_time=t)
+    student = PlusStudent(_model(), init_hidden=8, init_conv=False)
+    with pytest.raises(ValueError, match="reentry_time"):
+        student.set_times(0.5, t)
+
+
+def test_the_plain_student_knows_nothing_of_a_learned_start():
+    student = ConsistencyStudent(_model())
+    assert student.zero_start and student.trained_times == ()
+    assert student.start_time == student.schedule.t_min
+    assert not any(hasattr(student, name) for name in ("initialiser", "reentry_time",
+                                                      "attach_initialiser"))
 
 
 class PicardInit(torch.nn.Module):
@@ -99,11 +114,11 @@ def test_joint_distillation_trains_the_start_jump_and_leaves_c_deq_alone(distill
     config = PlusConfig(init_hidden=16, init_conv=False, init_epochs=30, epochs=4)
     torch.manual_seed(0)
     # chain_k = 0: the start term's distance to z* alone (the chain's task loss trades some of it)
-    plus, info = train_plus(student, trajectories, config,
-                            DistillConfig(epochs=4, batch_size=64, chain_k=0), task.loss,
-                            log=lambda m: None)
+    plus, info = train_plus(student, trajectories, dataclasses.replace(config, chain_k=0),
+                            DistillConfig(epochs=4, batch_size=64), task.loss)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert info["work"]["joint"]["epochs"] == 4 and info["work"]["init"]["samples"] == 30 * 384
+    assert isinstance(plus, PlusStudent) and not isinstance(student, PlusStudent)
     assert plus.reentry_time is None and "reentry" not in info["start"]
     x = task.x[384:]
     z_star = _z_star(model, x)
@@ -127,11 +142,11 @@ def test_joint_distillation_trains_the_start_jump_and_leaves_c_deq_alone(distill
 def test_c_deq_plus_with_its_own_injection_trains_it_and_counts_both(distilled):
     task, model, student, trajectories = distilled
     teacher_before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = PlusConfig(init_hidden=16, init_conv=False, init_epochs=2, epochs=2, train_injection=True)
+    config = PlusConfig(init_hidden=16, init_conv=False, init_epochs=2, epochs=2, chain_k=2)
+    own = dataclasses.replace(student.config, train_injection=True)
     torch.manual_seed(0)
-    plus, info = train_plus(student, trajectories, config,
-                            DistillConfig(epochs=2, batch_size=64, chain_k=2), task.loss,
-                            log=lambda m: None)
+    plus, info = train_plus(student, trajectories, config, DistillConfig(epochs=2, batch_size=64),
+                            task.loss, student_config=own)
     assert student.injection is None and plus.injection is not None
     assert all(torch.equal(teacher_before[k], v) for k, v in model.state_dict().items())
     moved = [not torch.equal(a, b) for a, b in zip(plus.injection.parameters(),
@@ -140,8 +155,7 @@ def test_c_deq_plus_with_its_own_injection_trains_it_and_counts_both(distilled):
     x = task.x[384:]
     with torch.no_grad():
         inj = cost.count_flops(lambda: model.inject(x)).total
-        shared = dataclasses.replace(config, train_injection=False)
-        same = load_plus(student, shared, info["start"])
+        same = load_plus(student, config, info["start"])
         state = {k: v for k, v in plus.state_dict().items() if not k.startswith("injection.")}
         same.load_state_dict(state)
         plans = {1: [("jump", plus.start_time)], 2: [("step",), ("jump", plus.start_time)]}
@@ -151,7 +165,7 @@ def test_c_deq_plus_with_its_own_injection_trains_it_and_counts_both(distilled):
     # h(u) and the jumps read the student's own injection in place of the teacher's; a teacher
     # step needs the teacher's too
     assert diff == {1: 0, 2: inj}
-    empty = load_plus(student, config, info["start"])
+    empty = load_plus(student, config, info["start"], own)
     empty.load_state_dict(plus.state_dict())
     with torch.no_grad():
         empty.plans = dict(plans)
@@ -161,9 +175,8 @@ def test_c_deq_plus_with_its_own_injection_trains_it_and_counts_both(distilled):
 def test_the_cost_of_a_c_deq_plus_call_includes_the_initialiser():
     model = _model()
     cold = ConsistencyStudent(model)
-    plus = ConsistencyStudent(model)
-    init = LearnedInit(16, -1, hidden=8, conv=False)
-    plus.attach_initialiser(init, 0.5)
+    plus = PlusStudent(model, init_hidden=8, init_conv=False, start_time=0.5)
+    init = plus.initialiser
     x = torch.randn(10, 8)
     with torch.no_grad():
         u = model.inject(x)
@@ -195,7 +208,7 @@ def test_a_run_builds_and_reports_c_deq_plus(tmp_path):
     meta = Run(out).read_meta("student_plus")
     assert report["plans_plus"]["1"] == meta["plans"]["1"]
     assert meta["work"]["joint"]["epochs"] == 1
-    # the chain's re-entry time (distill.chain_k = 4 by default) is matched after the start's and
+    # the chain's re-entry time (plus.chain_k = 4 by default) is matched after the start's and
     # is among the plan search's times
     start = meta["start"]
     assert start["time"] <= start["reentry"]["time"] < 5.0
@@ -238,47 +251,50 @@ def test_long_plans_hand_over_to_the_solver_and_get_closer_to_z_star(distilled):
 def test_the_chain_term_supervises_the_task_after_each_jump(distilled):
     """With chain_k = 3 the start term adds the task loss after jumps 1, 2 and 3 (averaged); with
     chain_k = 0 only the first jump's, weighted by task_weight."""
-    from cdeq.consistency.distill import _start_loss
-
     task, model, student, trajectories = distilled
-    plus = load_plus(student, PlusConfig(init_hidden=8, init_conv=False), {"time": 0.01})
-    plus.reentry_time = 0.5
+    plus = load_plus(student, PlusConfig(init_hidden=8, init_conv=False),
+                     {"time": 0.01, "reentry": {"time": 0.5}})
     mb = trajectories[0]
     weight = torch.full((mb.batch_size,), 1.0 / mb.batch_size)
     u = model.inject(mb.x)
+    dcfg = DistillConfig(global_weight=0.0)
     with torch.no_grad():
-        cfg = DistillConfig(global_weight=0.0, init_weight=0.0, chain_k=3)
-        got = _start_loss(plus, mb, u, weight, 1.0, cfg, task.loss)
+        term = StartTerm(PlusConfig(init_weight=0.0, chain_k=3))
+        got = term(TermInputs(plus, mb, u, weight, 1.0, dcfg, task.loss))
         z = plus.F(plus.initial_state(u), 0.01, u)
         losses = [task.loss(plus.head(z), mb.y)]
         for _ in range(2):
             z = plus.F(z, 0.5, u)
             losses.append(task.loss(plus.head(z), mb.y))
         assert torch.allclose(got, torch.stack(losses).mean())
-        cfg = DistillConfig(global_weight=0.0, init_weight=0.0, chain_k=0, task_weight=0.3)
-        assert torch.allclose(_start_loss(plus, mb, u, weight, 1.0, cfg, task.loss), 0.3 * losses[0])
+        term = StartTerm(PlusConfig(init_weight=0.0, chain_k=0))
+        inputs = TermInputs(plus, mb, u, weight, 1.0, DistillConfig(global_weight=0.0, task_weight=0.3),
+                            task.loss)
+        assert torch.allclose(term(inputs), 0.3 * losses[0])
 
 
 def test_the_chain_can_read_a_training_batch_instead_of_the_recorded_one(distilled):
     """Given a training batch, the chain's task loss is computed on it (the distance terms stay
     on the recorded minibatch)."""
-    from cdeq.consistency.distill import _start_loss
-
     task, model, student, trajectories = distilled
-    plus = load_plus(student, PlusConfig(init_hidden=8, init_conv=False), {"time": 0.01})
-    plus.reentry_time = 0.5
+    plus = load_plus(student, PlusConfig(init_hidden=8, init_conv=False),
+                     {"time": 0.01, "reentry": {"time": 0.5}})
     mb = trajectories[0]
     weight = torch.full((mb.batch_size,), 1.0 / mb.batch_size)
     x, y = task.x[:40], task.y[:40]
+    config = PlusConfig(init_weight=0.0, chain_k=2)
+    inputs = TermInputs(plus, mb, model.inject(mb.x), weight, 1.0, DistillConfig(global_weight=0.0),
+                        task.loss)
     with torch.no_grad():
-        cfg = DistillConfig(global_weight=0.0, init_weight=0.0, chain_k=2)
-        got = _start_loss(plus, mb, model.inject(mb.x), weight, 1.0, cfg, task.loss, (x, y))
+        term = StartTerm(config, lambda gen: iter([(x, y)]))
+        got = term(inputs)
+        assert term.samples == 40
         u = model.inject(x)
         z1 = plus.F(plus.initial_state(u), 0.01, u)
         z2 = plus.F(z1, 0.5, u)
         want = (task.loss(plus.head(z1), y) + task.loss(plus.head(z2), y)) / 2
         assert torch.allclose(got, want)
-        on_recorded = _start_loss(plus, mb, model.inject(mb.x), weight, 1.0, cfg, task.loss)
+        on_recorded = StartTerm(config)(inputs)
         assert not torch.allclose(got, on_recorded)
 
 
@@ -295,26 +311,23 @@ def test_the_joint_stage_draws_one_training_batch_per_step_and_counts_its_sample
 
     config = PlusConfig(init_hidden=8, init_conv=False, init_epochs=1, epochs=2)
     dcfg = DistillConfig(epochs=2, batch_size=64)
-    plus, info = train_plus(student, trajectories, config, dcfg, task.loss,
-                            log=lambda m: None, task_batches=batches)
+    plus, info = train_plus(student, trajectories, config, dcfg, task.loss, task_batches=batches)
     joint = info["work"]["joint"]
     assert len(drawn) == joint["steps"] == 2 * 384 // 64  # one per step, over more than one pass
     assert joint["samples"] == 2 * 384 + 128 * len(drawn)
     # which data the chain reads: the setting, or (auto) whether the recording was capped
     capped, whole = RecordConfig(max_samples=100), RecordConfig()
-    assert chain_batches(dcfg, task, whole) is None
-    assert callable(chain_batches(dcfg, task, capped))
-    recorded = dataclasses.replace(dcfg, chain_data="recorded")
-    assert chain_batches(recorded, task, capped) is None
-    train = dataclasses.replace(dcfg, chain_data="train")
-    x, y = next(iter(chain_batches(train, task, whole)(torch.Generator())))
+    assert chain_batches(config, dcfg, task, whole) is None
+    assert callable(chain_batches(config, dcfg, task, capped))
+    recorded = dataclasses.replace(config, chain_data="recorded")
+    assert chain_batches(recorded, dcfg, task, capped) is None
+    train = dataclasses.replace(config, chain_data="train")
+    x, y = next(iter(chain_batches(train, dcfg, task, whole)(torch.Generator())))
     assert len(y) == 64
     with pytest.raises(ConfigError, match="chain_data"):
-        DistillConfig(chain_data="all")
+        PlusConfig(chain_data="all")
 
 
-@pytest.mark.parametrize("make", [lambda: PlusConfig(train_injection="yes"),
-                                  lambda: StudentConfig(train_injection=1)])
-def test_an_injection_switch_that_is_not_a_bool_is_refused(make):
+def test_an_injection_switch_that_is_not_a_bool_is_refused():
     with pytest.raises(ConfigError, match="train_injection=.* must be true or false"):
-        make()
+        StudentConfig(train_injection=1)

@@ -68,19 +68,18 @@ def killed_and_resumed(tmp_path_factory):
     assert ckpt.exists() and not (out / "teacher.safetensors").exists()
     killed_epoch = load_checkpoint(ckpt)["epoch"]
     assert killed_epoch < 3  # killed mid-stage, not after the last epoch
-    logs: list[str] = []
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # resume in this process (the same files a new `cdeq train --out` would read)
-        Run(out, log=logs.append).train()
+        Run(out).train()
     finally:
         torch.set_num_threads(before)
-    assert f"resuming teacher training after epoch {killed_epoch + 1}" in logs
+    assert f"resuming teacher training after epoch {killed_epoch + 1}\n" in (out / "log.txt").read_text()
     return out
 
 
 def test_sigkilled_teacher_training_resumes_to_the_same_weights(killed_and_resumed, tmp_path, one_thread):
-    ref = Run(tmp_path / "ref", build_config("digits", _overrides(SETTINGS), quick=True), log=lambda m: None)
+    ref = Run(tmp_path / "ref", build_config("digits", _overrides(SETTINGS), quick=True))
     ref.train()
     resumed, meta = load_tensors(killed_and_resumed / "teacher.safetensors", kind="teacher")
     expected, _ = load_tensors(tmp_path / "ref" / "teacher.safetensors", kind="teacher")
@@ -93,14 +92,14 @@ def test_sigkilled_teacher_training_resumes_to_the_same_weights(killed_and_resum
 
 def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed, tmp_path, one_thread,
                                                              monkeypatch):
-    run = Run(killed_and_resumed, log=lambda m: None)
+    run = Run(killed_and_resumed)
     run.record()
     for name in ("a", "b"):  # two copies of teacher + trajectories: one interrupted, one not
         shutil.copytree(killed_and_resumed, tmp_path / name,
                         ignore=shutil.ignore_patterns("student*", "*.ckpt", "log.txt"))
-    Run(tmp_path / "a", log=lambda m: None).distill()
+    Run(tmp_path / "a").distill()
 
-    interrupted = Run(tmp_path / "b", log=lambda m: None)
+    interrupted = Run(tmp_path / "b")
     real_save = Run.write_checkpoint
 
     def save_then_die(self, name, payload):  # the process "dies" right after epoch 1's checkpoint
@@ -112,9 +111,8 @@ def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed
         interrupted.distill()
     monkeypatch.setattr(Run, "write_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "b" / "student.ckpt")["epoch"] == 0
-    logs = []
-    Run(tmp_path / "b", log=logs.append).distill()
-    assert any("resuming distillation after epoch 1" in m for m in logs)
+    Run(tmp_path / "b").distill()
+    assert "resuming distillation after epoch 1" in (tmp_path / "b" / "log.txt").read_text()
     a, meta_a = load_tensors(tmp_path / "a" / "student.safetensors", kind="student")
     b, meta_b = load_tensors(tmp_path / "b" / "student.safetensors", kind="student")
     assert _max_diff(a, b) <= TOL
@@ -127,7 +125,7 @@ def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed
 def test_recording_skips_existing_shards(killed_and_resumed, tmp_path, one_thread):
     shutil.copytree(killed_and_resumed, tmp_path / "r",
                     ignore=shutil.ignore_patterns("student*", "trajectories", "log.txt"))
-    run = Run(tmp_path / "r", log=lambda m: None)
+    run = Run(tmp_path / "r")
     store = run.record()
     manifest = store.manifest()
     assert len(store) >= 2
@@ -178,7 +176,7 @@ def test_damaged_checkpoint_names_the_file(tmp_path, damage):
 def test_pipeline_refuses_a_corrupt_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = build_config("digits", _overrides(SETTINGS), quick=True)
-    Run(out, cfg, log=lambda m: None)  # writes config.json
+    Run(out, cfg)  # writes config.json
     (out / "teacher.ckpt").write_bytes(b"CDEQCKPT" + b"\x01\x00\x00\x00" + b"0" * 64 + b"junk")
     assert main(["train", "--out", str(out)]) == 2
     err = capsys.readouterr().err

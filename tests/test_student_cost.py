@@ -87,12 +87,11 @@ def test_a_student_saved_without_the_input_mix_loads_as_the_same_function(folder
 def test_c_deq_plus_one_call_fits_a_cost_of_one_on_images(name, folder):
     """With the image presets' initialiser, C-DEQ+'s 1-call plan, h(u) included, fits a cost of
     one layer call (within the equal-cost tables' slack), so a k-call plan fits a cost of k."""
-    from cdeq.consistency.plus import initialiser
+    from cdeq.consistency.plus import load_plus
     from cdeq.run.config import build_config
     from cdeq.run.report import COST_SLACK
 
     teacher, x = _cell(name, False, folder)
-    student = bench.students(teacher)["new"]
-    student.attach_initialiser(initialiser(student, build_config(name, {}).plus), 0.01)
+    student = load_plus(bench.students(teacher)["new"], build_config(name, {}).plus, {"time": 0.01})
     calls = bench.layer_calls(teacher, student, x)
     assert 1.0 < calls <= COST_SLACK, (name, calls)

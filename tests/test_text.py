@@ -220,8 +220,7 @@ def test_training_reduces_loss(char_file):
 
     before = valid_nll()
     train_teacher(task, model, TeacherConfig.from_dict(
-        {"epochs": 3, "batch_size": 16, "optim": {"lr": 1e-2}, "backward": "jacobian_free"}),
-                  log=lambda s: None)
+        {"epochs": 3, "batch_size": 16, "optim": {"lr": 1e-2}, "backward": "jacobian_free"}))
     after = valid_nll()
     assert after < before - 0.5
     result = evaluate_model(task, model)

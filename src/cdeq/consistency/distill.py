@@ -3,12 +3,11 @@
 For a recorded point ``z_n`` at time ``t_n`` and the next recorded point ``z_m`` (``m > n``):
 
     L = w_g d(F(z_n, t_n), z*) + w_l d(F(z_n, t_n), sg F_ema(z_m, t_m)) + w_task task(h(F(z_n, t_n)), y)
-        [+ w_kl KL(h(z*) || h(F(z_n, t_n)))]
-        [+ w_s (w_g d(F(h(u), t_h), z*) + w_task task(h(F(h(u), t_h)), y) + w_i d(h(u), z*))]
+        [+ w_kl KL(h(z*) || h(F(z_n, t_n)))] [+ sum_j w_j term_j]
 
-The last term exists only for a student with a learned initial state ``h(u)`` (C-DEQ+, see
-:mod:`cdeq.consistency.plus`): the jump from ``h(u)`` at the start time ``t_h`` is trained to land on ``z*``,
-and ``h`` with it (jointly), kept near ``z*`` itself by ``w_i``.
+The last sum holds the caller's extra terms (:class:`LossTerm`), each given the step's recorded
+minibatch, its injection and its row weights; C-DEQ+ adds its start term that way
+(:class:`cdeq.consistency.plus.StartTerm`).
 
 ``d`` is the squared distance relative to ``|z*|^2`` (so ``sqrt(d)`` is the relative error) or its
 pseudo-Huber version; samples whose solution residual exceeds ``max_residual`` drop out of the
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,15 +27,15 @@ from torch import Tensor, nn
 
 from ..engine import distributed
 from ..engine.config import Config, check_choice, check_int, check_positive, check_range
-from ..engine.fit import Hooks, OptimConfig, batch_rows, fit, model_device
+from ..engine.fit import Hooks, OptimConfig, fit, model_device
 from ..engine.precision import to_device
 from .ema import EMA
 from .pairs import PairSampler, get_pair_sampler
 from .student import ConsistencyStudent
 from .trajectory import TrajectoryBatch, check_labels
 
-CHAIN_DATA = ("auto", "recorded", "train")
 TaskBatches = Callable[[torch.Generator], Iterable[tuple[Any, Any]]]
+"""``generator -> (x, y)`` training batches, reshuffled by the generator."""
 
 
 @dataclasses.dataclass
@@ -53,18 +52,6 @@ class DistillConfig(Config):
             (option ``gap``), ``early`` (weights ``(n+1)^-power``) or ``curriculum`` (target ``m``
             moves from the end of the path to ``n + final_gap`` over training).
         max_residual: drop samples whose recorded solution residual is above this.
-        start_weight, init_weight: C-DEQ+ only (a student with an initialiser): the weight of the
-            start term and, inside it, of ``h(u)``'s own distance to ``z*``.
-        chain_k: C-DEQ+ only: also supervise the task loss after each of ``chain_k`` jumps from
-            ``h(u)`` (the first at the start time, the rest at ``student.reentry_time``), averaged,
-            as the anytime unrolled network is supervised after each of its steps (0 or 1: the
-            first jump's task loss alone, weighted by ``task_weight``). Chosen on validation data
-            (``benchmarks/plus_choices.py``; docs/method.md, section 5b).
-        chain_data: C-DEQ+ only: what the chain's task term reads. ``recorded``: the recorded
-            minibatch; ``train``: a minibatch of the training split of the same size (the chain
-            needs no trajectory), so no training sample is left out when the recording holds a
-            subset; ``auto`` (default): ``train`` when ``record.max_samples`` caps the recording,
-            otherwise ``recorded`` (:func:`cdeq.consistency.plus.chain_batches`).
         train_cell, train_head: fine-tune the copied layer / head, or freeze them.
     """
 
@@ -82,23 +69,62 @@ class DistillConfig(Config):
     max_residual: float = 1e-2
     train_cell: bool = True
     train_head: bool = True
-    start_weight: float = 1.0
-    init_weight: float = 0.1
-    chain_k: int = 4
-    chain_data: str = "auto"
 
     def validate(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
-        check_int("chain_k", self.chain_k, minimum=0)
-        for name in ("global_weight", "local_weight", "task_weight", "kl_weight", "start_weight",
-                     "init_weight"):
+        for name in ("global_weight", "local_weight", "task_weight", "kl_weight"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_range("ema_decay", self.ema_decay, 0.0, 1.0)
         check_choice("distance", self.distance, ["mse", "huber"])
-        check_choice("chain_data", self.chain_data, list(CHAIN_DATA))
         get_pair_sampler(self.pairs)
         check_positive("max_residual", self.max_residual)
+
+
+@dataclasses.dataclass
+class TermInputs:
+    """What an extra loss term sees of one distillation step (this rank's rows).
+
+    Attributes:
+        student: the student being trained.
+        batch: the recorded minibatch (``x``, ``y``, ``z_star`` ``(B, ...)``...).
+        u: the student's injection of ``batch.x``.
+        weight: ``(B,)`` each row's weight in the consistency terms (unconverged rows 0; the rows'
+            weights sum to one over the global minibatch).
+        share: this rank's share of a mean over the global minibatch (1 in one process).
+        config: the distillation settings.
+        task_loss: ``(logits, y) -> mean loss``, or ``None``.
+    """
+
+    student: ConsistencyStudent
+    batch: TrajectoryBatch
+    u: Any
+    weight: Tensor
+    share: float
+    config: DistillConfig
+    task_loss: Callable[[Tensor, Any], Tensor] | None
+
+
+class LossTerm:
+    """An extra term of the distillation loss: ``weight * term(inputs)`` is added to the step's
+    loss, its value logged as ``name`` in the history.
+
+    Subclasses implement :meth:`__call__`; a term that reads training data of its own (not the
+    recorded minibatch) says how many samples it read in :attr:`samples` (they count in the
+    history's ``samples``)."""
+
+    name: str = "extra"
+    weight: float = 1.0
+
+    def __call__(self, inputs: TermInputs) -> Tensor:
+        """The term's value (a 0-dim tensor, before :attr:`weight`), summed over ranks like the
+        loss: weight rows by ``inputs.weight`` or means by ``inputs.share``."""
+        raise NotImplementedError
+
+    @property
+    def samples(self) -> int:
+        """Training samples the last call read besides the recorded minibatch (global count)."""
+        return 0
 
 
 # --- losses ---------------------------------------------------------------------------------------
@@ -169,11 +195,10 @@ def distill(
     config: DistillConfig,
     task_loss: Callable[[Tensor, Any], Tensor] | None = None,
     seed: int = 0,
-    log: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     start_epoch: int = 0,
     resume_state: dict | None = None,
-    task_batches: TaskBatches | None = None,
+    terms: Sequence[LossTerm] = (),
 ) -> dict[str, list]:
     """Train ``student`` in place on recorded ``trajectories`` with :func:`cdeq.engine.fit.fit`; returns the
     history (per epoch: ``loss``, ``global``, ``local``, ``task``, ``samples``, cumulative ``steps``,
@@ -185,10 +210,7 @@ def distill(
         task_loss: ``(logits, y) -> loss``; required when ``task_weight > 0``.
         on_epoch_end: called with ``(epoch, state)`` after each epoch (checkpointing); ``start_epoch``
             and ``resume_state`` (that state) resume a run.
-        task_batches: C-DEQ+ only: ``generator -> (x, y)`` training batches; the chain's task term
-            (``chain_k > 1``) reads them, reshuffled each pass, instead of the recorded minibatch.
-            Their samples count in the history's ``samples``. A resumed run draws them afresh
-            (the stream is seeded with ``seed + start_epoch``).
+        terms: extra loss terms (:class:`LossTerm`), added to every step's loss in order.
     """
     if config.task_weight > 0 and task_loss is None:
         raise ValueError("task_weight > 0 needs task_loss=(logits, y) -> loss")
@@ -206,9 +228,6 @@ def distill(
         ema.target.load_state_dict(resume_state["ema"])
         ema.steps = resume_state["ema_steps"]
     sampler = get_pair_sampler(config.pairs)
-    chained = (getattr(student, "initialiser", None) is not None and config.start_weight > 0
-               and config.chain_k > 1)
-    extra = _endless(task_batches, seed + start_epoch) if chained and task_batches else None
 
     def batches(epoch: int, gen: torch.Generator):
         order = list(range(n_batches))
@@ -222,10 +241,9 @@ def distill(
         # Under torchrun every rank draws the same pairs for the global minibatch and computes its
         # own rows; the parts are scaled so that their sum over ranks is the global loss.
         mb, gen = batch
-        chain_batch = next(extra) if extra is not None else None
-        parts = _loss(student, ema, mb, config, sampler, progress_, gen, task_loss, chain_batch)
+        parts = _loss(student, ema, mb, config, sampler, progress_, gen, task_loss, terms)
         stats = {k: v.detach() for k, v in parts.items()}
-        rows = mb.batch_size + (batch_rows(chain_batch[1]) if chain_batch is not None else 0)
+        rows = mb.batch_size + sum(term.samples for term in terms)
         return parts["loss"], {**stats, "samples": rows / distributed.world_size()}
 
     def start(epoch: int) -> None:
@@ -237,21 +255,9 @@ def distill(
                   steps_per_epoch=_steps_per_epoch(trajectories, config.batch_size),
                   params=trainable_parameters(student), seed=seed, name="distillation", hooks=hooks,
                   hint="check the recorded trajectories for NaN/inf or lower distill.optim.lr",
-                  start_epoch=start_epoch, state=resume_state, log=log)
+                  start_epoch=start_epoch, state=resume_state)
     student.eval()
     return history
-
-
-def _endless(batches: TaskBatches, seed: int) -> Iterator[tuple[Any, Any]]:
-    """``batches(generator)`` over and over (a new shuffle each pass)."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        empty = True
-        for batch in batches(gen):
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("task_batches yielded no batch: the training split is empty")
 
 
 def check_trajectory_shapes(student: ConsistencyStudent, batch: TrajectoryBatch) -> None:
@@ -275,8 +281,7 @@ def _steps_per_epoch(trajectories: Any, batch_size: int) -> int:
 
 def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: DistillConfig,
           sampler: PairSampler, progress_: float, gen: torch.Generator,
-          task_loss: Callable | None, chain_batch: tuple[Any, Any] | None = None
-          ) -> dict[str, Tensor]:
+          task_loss: Callable | None, terms: Sequence[LossTerm] = ()) -> dict[str, Tensor]:
     bsz, num_points = mb.batch_size, mb.iterates.shape[1]
     n, m = sampler.sample(bsz, num_points, progress_, gen)  # the same draws on every rank
     n, m = n.to(mb.z_star.device), m.to(mb.z_star.device)
@@ -320,46 +325,9 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
         parts["task"] = task
     parts["loss"] = (config.global_weight * parts["global"] + config.local_weight * parts["local"]
                      + parts["task"])
-    if getattr(student, "initialiser", None) is not None and config.start_weight > 0:
-        parts["start"] = _start_loss(student, mb, u, weight, share, config, task_loss, chain_batch)
-        parts["loss"] = parts["loss"] + config.start_weight * parts["start"]
+    if terms:
+        inputs = TermInputs(student, mb, u, weight, share, config, task_loss)
+        for term in terms:
+            parts[term.name] = term(inputs)
+            parts["loss"] = parts["loss"] + term.weight * parts[term.name]
     return parts
-
-
-def _start_loss(student: ConsistencyStudent, mb: TrajectoryBatch, u: Any, weight: Tensor,
-                share: float, config: DistillConfig, task_loss: Callable | None,
-                chain_batch: tuple[Any, Any] | None = None) -> Tensor:
-    """C-DEQ+'s start term: the jump from ``h(u)`` at ``student.start_time`` to ``z*`` (and its
-    task loss), plus ``h(u)``'s own distance to ``z*``; ``weight``: the rows' consistency weights.
-    The chain's task loss is on ``chain_batch`` (training ``(x, y)``) when given."""
-    z_h = student.initial_state(u)
-    t = torch.full((mb.batch_size,), student.start_time, dtype=z_h.dtype, device=z_h.device)
-    out = student.F(z_h, t, u)
-    loss = config.global_weight * (relative_distance(out, mb.z_star, mb.z_star, config.distance)
-                                   * weight).sum()
-    if config.init_weight > 0:
-        loss = loss + config.init_weight * (relative_distance(z_h, mb.z_star, mb.z_star, config.distance)
-                                            * weight).sum()
-    if config.chain_k > 1 and chain_batch is not None:
-        x, y, part = distributed.shard(*chain_batch)
-        u_s = _inject(student, x)
-        first = student.F(student.initial_state(u_s), student.start_time, u_s)
-        loss = loss + part * _chain_task_loss(student, first, u_s, y, config.chain_k, task_loss,
-                                              student.reentry_time)
-    elif config.chain_k > 1:
-        loss = loss + share * _chain_task_loss(student, out, u, mb.y, config.chain_k, task_loss,
-                                               torch.full_like(t, student.reentry_time))
-    elif config.task_weight > 0:
-        loss = loss + config.task_weight * share * task_loss(student.head(out), mb.y)
-    return loss
-
-
-def _chain_task_loss(student: ConsistencyStudent, first: Tensor, u: Any, y: Any, k: int,
-                     task_loss: Callable, t_re: Tensor | float) -> Tensor:
-    """The task loss after each of ``k`` jumps, averaged: ``first`` (the jump from ``h(u)``), then
-    ``k - 1`` more at the re-entry time ``t_re`` (a float, or per-sample ``(B,)``)."""
-    out, losses = first, [task_loss(student.head(first), y)]
-    for _ in range(k - 1):
-        out = student.F(out, t_re, u)
-        losses.append(task_loss(student.head(out), y))
-    return torch.stack(losses).mean()

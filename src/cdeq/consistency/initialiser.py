@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -105,8 +105,7 @@ def _init_data(teacher: DEQModel, trajectories: Iterable[TrajectoryBatch], max_r
 
 def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Iterable[TrajectoryBatch],
                        samples: int, *, batch_size: int = 64, optim: OptimConfig | None = None,
-                       max_residual: float = 1e-2, seed: int = 0,
-                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       max_residual: float = 1e-2, seed: int = 0) -> dict[str, Any]:
     """Fit ``init`` to the recorded ``z*`` (relative squared error) for ``samples`` training samples
     (``ceil(samples / batch_size)`` optimiser steps of ``optim``, by default Adam at 2e-3 without
     weight decay or clipping); recorded samples whose ``z*`` residual is above ``max_residual``
@@ -133,12 +132,12 @@ def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Itera
 
     history = fit(init, step, batches, optim, epochs=epochs, steps_per_epoch=per_epoch,
                   max_steps=steps, seed=seed, name="learned initialiser", sync=False,
-                  log=logger.debug,
+                  log_level=logging.DEBUG,
                   hint="lower the initialiser's learning rate")
     losses = history["loss"]
-    (log or logger.info)(f"learned initialiser: {steps} steps ({len(losses)} epochs) in "
-              f"{sum(history['epoch_time']):.0f}s, relative squared error {losses[0]:.4f} -> "
-              f"{losses[-1]:.4f} (relative error {math.sqrt(losses[-1]):.3f})")
+    logger.info("learned initialiser: %d steps (%d epochs) in %.0fs, relative squared error "
+                "%.4f -> %.4f (relative error %.3f)", steps, len(losses),
+                sum(history["epoch_time"]), losses[0], losses[-1], math.sqrt(losses[-1]))
     return {"losses": losses, "work": training_work(history, 0), "train_time_s": sum(history["epoch_time"])}
 
 

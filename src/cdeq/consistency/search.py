@@ -111,8 +111,7 @@ def candidate_times(student: ConsistencyStudent, last: int, config: PlanSearchCo
     idx = [k for k in (1, 2, 3, 4, 6, 8, 12) if k < last]
     ts = [float(t) for t in sched.index_time(torch.tensor(idx, device="cpu"), last)]
     ts += [f * sched.T for f in (0.5, 0.75, 0.9)]
-    if student.reentry_time is not None:  # the time C-DEQ+'s chains of jumps were trained at
-        ts.append(student.reentry_time)
+    ts += list(student.trained_times)  # e.g. the time C-DEQ+'s chains of jumps were trained at
     return sorted(set(round(t, 6) for t in ts))
 
 

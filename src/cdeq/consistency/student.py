@@ -14,9 +14,11 @@ Inference runs a *plan* (:mod:`cdeq.consistency.plans`): jumps ``("jump", t)``, 
 ``("solve", n)``, and optionally a last ``("teacher_head",)`` that reads the state out with the
 teacher's head (:meth:`ConsistencyStudent.read`).
 
-A plan starts from zeros, or (C-DEQ+, :mod:`cdeq.consistency.plus`) from a learned initial state ``h(u)``
-placed at the time :attr:`ConsistencyStudent.start_time` matched to its residual; ``h`` runs
-inside every prediction and its FLOPs count in the student's cost.
+A plan starts from :meth:`ConsistencyStudent.initial_state` (zeros) at the time
+:attr:`ConsistencyStudent.start_time` (``t_min``). A subclass may start elsewhere by overriding
+the two (C-DEQ+, :class:`cdeq.consistency.plus.PlusStudent`, starts from a learned ``h(u)`` at a
+time matched to its residual); whatever the start computes runs inside every prediction and
+counts in the student's cost.
 
 Plans for more than one call are chosen on data (``cdeq.Pipeline(student).select_plans(batches,
 loss=...)``, :mod:`cdeq.consistency.search`);
@@ -134,23 +136,22 @@ class ConsistencyStudent(nn.Module):
         self._register_load_state_dict_pre_hook(self._without_mix_rows)
         hidden = self.config.correction_hidden
         self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
-        self.initialiser: nn.Module | None = None  # C-DEQ+: h(u), see attach_initialiser
-        self.start_time = self.schedule.t_min  # the time of a plan's start state
-        self.reentry_time: float | None = None  # C-DEQ+: the time of a jump after a jump
-        self._plans: dict[int, Plan] = {1: [("jump", self.start_time)]}
+        self._plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
         self.plans_selected = False  # True once plans come from a search or from the caller
 
-    def attach_initialiser(self, initialiser: nn.Module, start_time: float) -> None:
-        """Start every plan from ``initialiser.init_state(teacher, u)`` (C-DEQ+) at time
-        ``start_time`` (in ``[t_min, T)``) instead of from zeros at ``t_min``; the 1-NFE plan
-        becomes one jump from there and any selected plans are dropped."""
-        if not self.schedule.t_min <= float(start_time) < self.schedule.T:
-            raise ValueError(f"start_time={start_time!r} is not valid; it must lie in "
-                             f"[{self.schedule.t_min}, {self.schedule.T})")
-        self.initialiser = initialiser
-        self.start_time = float(start_time)
-        self._plans = {1: [("jump", self.start_time)]}
-        self.plans_selected = False
+    #: whether :meth:`initial_state` is zeros (a plan's first jump then skips the arithmetic on it)
+    zero_start: bool = True
+
+    @property
+    def start_time(self) -> float:
+        """The time of a plan's start state (:meth:`initial_state`): ``t_min`` for zeros."""
+        return self.schedule.t_min
+
+    @property
+    def trained_times(self) -> tuple[float, ...]:
+        """Times, besides the schedule's, that this student was trained to jump from; the plan
+        search tries them too (none here)."""
+        return ()
 
     def _without_mix_rows(self, state: dict, prefix: str, *args: Any) -> None:
         """Load a state saved before ``input_mix`` existed (time embedding with 4C outputs): its
@@ -294,10 +295,8 @@ class ConsistencyStudent(nn.Module):
 
     # --- inference ------------------------------------------------------------------------------
     def initial_state(self, u: Any) -> Tensor:
-        """A plan's start: zeros, or ``h(u)`` with an initialiser (``u``: the student's injection,
-        which is the teacher's unless the student has its own copy)."""
-        if self.initialiser is not None:
-            return self.initialiser.init_state(self.teacher, u)
+        """A plan's start state ``(B, ...)``: the teacher's (zeros) for the injection ``u`` (the
+        student's, which is the teacher's unless the student has its own copy)."""
         return self.teacher.initial_state(u)
 
     def teacher_inputs(self, x: Any) -> tuple[Any, Any]:
@@ -307,9 +306,9 @@ class ConsistencyStudent(nn.Module):
 
     def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Tensor | None = None) -> Tensor:
         """Run ``plan`` from ``z0`` (by default :meth:`initial_state`: zeros, which a first jump
-        uses without arithmetic on it, or ``h(u)``); returns the state ``(B, ...)``."""
+        uses without arithmetic on it); returns the state ``(B, ...)``."""
         u_teacher = u if u_teacher is None else u_teacher
-        zero_state = z0 is None and self.initialiser is None  # DEQModel.initial_state is zeros
+        zero_state = z0 is None and self.zero_start
         z = self.initial_state(u) if z0 is None else z0
         last_residual = None
         for op in plan_body(plan):

@@ -15,7 +15,7 @@ Example:
     ...     loss = F.mse_loss(model(batch[0]), batch[1])
     ...     return loss, {"loss": loss.detach()}
     >>> hist = fit(model, step, lambda epoch, gen: [(x, y)], OptimConfig(lr=0.1), epochs=3,
-    ...            steps_per_epoch=1, log=lambda m: None)
+    ...            steps_per_epoch=1)
     >>> len(hist["loss"]), hist["steps"][-1]
     (3, 3)
 """
@@ -216,7 +216,7 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
         steps_per_epoch: int, params: Sequence[nn.Parameter] | None = None, max_steps: int = 0,
         seed: int = 0, name: str = "train", hint: str = "lower the learning rate",
         hooks: Hooks | None = None, start_epoch: int = 0, state: dict | None = None,
-        sync: bool = True, log: Callable[[str], None] | None = None) -> dict[str, list]:
+        sync: bool = True, log_level: int = logging.INFO) -> dict[str, list]:
     """Train ``params`` (default: ``model``'s parameters with ``requires_grad``) for ``epochs`` epochs
     of ``batches(epoch, gen)``, at most ``max_steps`` optimiser steps in all (0: no limit).
 
@@ -224,8 +224,9 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
     ``epoch_time`` (s); with ``hooks.validate``, ``valid`` and the chosen ``best_epoch``. A run resumed
     from ``state`` (what ``on_epoch_end`` received after epoch ``start_epoch - 1``) continues it.
     ``sync=False`` trains this process alone even under torchrun (a stage only rank 0 runs).
+    Each epoch's summary is logged (this module's logger) at ``log_level``.
     """
-    hooks, log = hooks or Hooks(), log or logger.info
+    hooks = hooks or Hooks()
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     total = max(1, steps_per_epoch * epochs if not max_steps else min(max_steps, steps_per_epoch * epochs))
     opt, sched = build_optimizer(params, config, total)
@@ -263,8 +264,8 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
             history.setdefault("valid", []).append(float(score))
             stop = stopper.update(epoch, history["valid"][-1])
             history["best_epoch"] = [stopper.best_epoch]
-        log(f"{name} epoch {epoch + 1}: {_summary(history)}"
-            + (f", stopped early (best epoch {stopper.best_epoch + 1})" if stop else ""))
+        logger.log(log_level, "%s epoch %d: %s%s", name, epoch + 1, _summary(history),
+                   f", stopped early (best epoch {stopper.best_epoch + 1})" if stop else "")
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(epoch, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                        "history": history, "stopping": stopper.state(),

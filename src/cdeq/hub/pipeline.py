@@ -7,7 +7,9 @@ script that made it::
     DIR/config.json         how to rebuild the teacher: each module's import path and init
                             arguments (``cdeq.hub.describe``), or a registered task and its config;
                             the teacher's solvers and backward as it ran them (``solvers``,
-                            applied on load), schedule, student config and inference plans
+                            applied on load), schedule, student config and inference plans;
+                            for a C-DEQ+ student (:class:`cdeq.consistency.plus.PlusStudent`)
+                            its start (``plus``)
 
 With ``huggingface_hub`` installed (``pip install cdeq[hub]``) :class:`Pipeline` also mixes in
 its ``PyTorchModelHubMixin``: ``from_pretrained`` then also takes a hub repository id, and
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..consistency.plans import plans_from_json, plans_to_json
+from ..consistency.plus import PlusStudent
 from ..consistency.schedule import ScheduleConfig, TimeSchedule
 from ..consistency.search import PlanSearchConfig, select_plans
 from ..consistency.student import ConsistencyStudent, Plan, StudentConfig
@@ -154,8 +157,12 @@ def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu
         teacher = task_cls(task_cls.Config.from_dict(cfg.get("task_config", {}))).build_model()
     if "solvers" in cfg:  # written since the format recorded them; the task's defaults otherwise
         apply_solver_settings(teacher, cfg["solvers"])
-    student = ConsistencyStudent(teacher, TimeSchedule(ScheduleConfig.from_dict(cfg["schedule"])),
-                                 StudentConfig.from_dict(cfg["student"]))
+    schedule = TimeSchedule(ScheduleConfig.from_dict(cfg["schedule"]))
+    student_config = StudentConfig.from_dict(cfg["student"])
+    if "plus" in cfg:  # C-DEQ+: its start h(u) and times
+        student: ConsistencyStudent = PlusStudent(teacher, schedule, student_config, **cfg["plus"])
+    else:
+        student = ConsistencyStudent(teacher, schedule, student_config)
     tensors, _ = load_tensors(directory / WEIGHTS, kind="student")
     try:
         student.load_state_dict(tensors)
@@ -231,6 +238,8 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
             cfg.update(task=self.task, task_config=self.task_config)
         else:
             cfg["teacher"] = teacher_recipe(s.teacher, s.channels, s.channel_dim)
+        if isinstance(s, PlusStudent):
+            cfg["plus"] = s.plus_settings()
         cfg.update(solvers=solver_settings(s.teacher), schedule=s.schedule.config.to_dict(),
                    student=s.config.to_dict(),
                    plans=plans_to_json(s.plans),

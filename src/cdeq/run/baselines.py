@@ -167,8 +167,8 @@ class UnrolledNet(nn.Module):
         return torch.stack(losses).mean()
 
 
-def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, samples: int, seed: int = 0,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, samples: int, seed: int = 0
+                   ) -> dict[str, Any]:
     """Fine-tune ``net`` on the task loss (training split) for ``samples`` training samples
     (``ceil(samples / unrolled_batch_size)`` optimiser steps). Returns ``{"losses": per-epoch
     means, "work": steps/samples/epochs, "train_time_s"}``."""
@@ -185,12 +185,11 @@ def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, samples
     name = f"unrolled {'anytime k<=' if net.anytime else 'k='}{net.k}"
     history = fit(net, step, lambda epoch, gen: task.train_batches(size, shuffle=True, generator=gen),
                   config.unrolled_optim, epochs=epochs, steps_per_epoch=per_epoch, max_steps=steps,
-                  seed=seed, name=name, sync=False, log=logger.debug,
+                  seed=seed, name=name, sync=False, log_level=logging.DEBUG,
                   hint="lower baselines.unrolled_optim.lr")
     losses = history["loss"]
-    (log or logger.info)(f"{name}: {steps} steps ({len(losses)} epochs) in "
-                         f"{sum(history['epoch_time']):.0f}s, task loss {losses[0]:.4f} -> "
-                         f"{losses[-1]:.4f}")
+    logger.info("%s: %d steps (%d epochs) in %.0fs, task loss %.4f -> %.4f", name, steps,
+                len(losses), sum(history["epoch_time"]), losses[0], losses[-1])
     return {"losses": losses, "work": training_work(history, net.k),
             "train_time_s": sum(history["epoch_time"])}
 

@@ -3,8 +3,12 @@ command line builds it from a task's defaults and the user's settings."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
+from collections.abc import Mapping
+from typing import Any
 
 from ..consistency.distill import DistillConfig
 from ..consistency.plus import PlusConfig
@@ -19,6 +23,58 @@ from ..tasks import TASKS, Task
 from .baselines import BaselineConfig
 from .evaluate import EvalConfig
 from .teacher import TeacherConfig
+
+logger = logging.getLogger(__name__)
+
+MOVED: dict[str, str] = {
+    "distill.start_weight": "plus.start_weight",
+    "distill.init_weight": "plus.init_weight",
+    "distill.chain_k": "plus.chain_k",
+    "distill.chain_data": "plus.chain_data",
+}
+"""Settings that moved, old key -> new key: a configuration written with the old key (a saved run's
+``config.json``, ``--config``, ``--set``) is read with it in its new place (logged)."""
+
+REMOVED: dict[str, tuple[Any, str]] = {
+    "plus.train_injection": (False, "C-DEQ+ has its own injection when the C-DEQ student has one "
+                                    "(student.train_injection)"),
+}
+"""Settings that were removed, key -> (the value that meant today's behaviour, what to do instead):
+that value is dropped, any other is an error that says what replaced it."""
+
+
+def _pop(data: dict, key: str) -> tuple[bool, Any]:
+    section, name = key.rsplit(".", 1)
+    parent = data.get(section)
+    if isinstance(parent, dict) and name in parent:
+        return True, parent.pop(name)
+    return False, None
+
+
+def upgraded(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``data`` (a run configuration as written by any cdeq 0.1) with :data:`MOVED` keys in their
+    new place and :data:`REMOVED` keys that held their neutral value dropped; a removed key set to
+    anything else, or a moved key given beside its new key with another value, is a
+    :class:`ConfigError`."""
+    data = copy.deepcopy(dict(data or {}))
+    for old, new in MOVED.items():
+        found, value = _pop(data, old)
+        if not found:
+            continue
+        section, name = new.rsplit(".", 1)
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            continue  # the new section is not a mapping: its own error follows
+        if name in target and target[name] != value:
+            raise ConfigError(f"{old}={value!r} and {new}={target[name]!r} disagree: {old} is now "
+                              f"{new}; set only {new}")
+        target[name] = value
+        logger.info("%s is now %s: read as %s=%r", old, new, new, value)
+    for key, (neutral, instead) in REMOVED.items():
+        found, value = _pop(data, key)
+        if found and value != neutral:
+            raise ConfigError(f"{key}={value!r} is no longer a setting: {instead}")
+    return data
 
 
 @dataclasses.dataclass
@@ -64,6 +120,12 @@ class RunConfig(Config):
             optim.precision = self.precision
         self.task_cls().Config.from_dict(self.task_config, key_path="task_config")
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None = None, *, key_path: str = "",
+                  **overrides: Any) -> RunConfig:
+        """As :meth:`Config.from_dict`, reading the keys of earlier versions (:func:`upgraded`)."""
+        return super().from_dict(upgraded(data), key_path=key_path, **overrides)
+
     def optim_sections(self) -> dict[str, OptimConfig]:
         """The optimiser loops of the run by key path (each takes the run's ``precision``)."""
         return {"teacher.optim": self.teacher.optim, "distill.optim": self.distill.optim,
@@ -78,7 +140,7 @@ def build_config(task: str, user: dict | None = None, quick: bool = False) -> Ru
     """The task's defaults (its quick preset with ``quick``), overridden by ``user``."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    user = dict(user or {})
+    user = upgraded(user)
     if user.get("task", task) != task:
         raise ConfigError(f"task={user['task']!r} is not valid here: the run's task is {task!r} (the "
                           "TASK of `cdeq run TASK`); leave task out of --set and --config")

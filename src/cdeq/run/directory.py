@@ -13,7 +13,10 @@ stage itself:
   :meth:`RunDirectory.done` and :meth:`RunDirectory.recorded` check what ``cdeq run`` would skip,
   rename a damaged file ``NAME.corrupt-<time>`` and let its stage run again;
 - :meth:`RunDirectory.resumed` is the stage runner of the trained stages: resume from the
-  checkpoint, run the loop, checkpoint after each epoch.
+  checkpoint, run the loop, checkpoint after each epoch;
+- ``DIR/log.txt`` receives cdeq's log lines (every module logger under ``cdeq``, INFO and above)
+  while the directory is held: the library logs through module loggers and the run directory
+  keeps what they said.
 """
 
 from __future__ import annotations
@@ -64,16 +67,36 @@ def writes(method: Callable) -> Callable:
     return stage
 
 
-class RunDirectory:
-    """The files of a run in ``path``; ``log`` receives every log line (also in ``log.txt``;
-    default: the ``cdeq.run`` logger at INFO, which the command line shows on the terminal)."""
+class _LogFile(logging.Handler):
+    """Appends each log line to a run's ``log.txt`` as ``HH:MM:SS message`` (rank 0 only)."""
 
-    def __init__(self, path: str | Path, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.INFO)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not distributed.is_main():
+            return
+        try:
+            stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+            with open(self.path, "a") as fh:
+                fh.write(f"{stamp} {record.getMessage()}\n")
+        except Exception:  # noqa: BLE001 - logging must not break the run
+            self.handleError(record)
+
+
+class RunDirectory:
+    """The files of a run in ``path``. While it is held (a stage runs, or :meth:`hold`), cdeq's
+    log lines (the ``cdeq`` loggers, INFO and above) are also appended to ``DIR/log.txt``."""
+
+    def __init__(self, path: str | Path) -> None:
         self.dir = Path(path)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"--out {self.dir} is an existing file, not a directory; name a new "
                               "directory or an existing run directory")
-        self._log = log or logger.info
+        self._log_file: _LogFile | None = None
+        self._log_depth = 0  # nested holds of the log file
+        self._log_level = logging.NOTSET  # the cdeq logger's level before the log file was attached
         self._held = False  # the lock taken by hold(), dropped by close()
         self._solo = False  # True once no other torchrun rank takes part: no barriers
         self._repair = False  # True in `cdeq run`: damaged checkpoints are set aside, not refused
@@ -95,21 +118,48 @@ class RunDirectory:
     def locked(self) -> Iterator[None]:
         """Hold the directory's lock for the body (counted: nested use is fine in one process)."""
         held = self._acquire()
+        if held:
+            self._attach_log()
         try:
             yield
         finally:
             if held:
+                self._detach_log()
                 release_lock(self.dir / LOCK)
 
     def hold(self) -> None:
         """Take the lock until :meth:`close` (or the end of a ``with`` block)."""
         if not self._held:
             self._held = self._acquire()
+            if self._held:
+                self._attach_log()
 
     def close(self) -> None:
         if self._held:
             self._held = False
+            self._detach_log()
             release_lock(self.dir / LOCK)
+
+    def _attach_log(self) -> None:
+        """Send the ``cdeq`` loggers' lines to ``DIR/log.txt`` too (INFO and above: the logger's
+        level is lowered to INFO meanwhile when it was higher)."""
+        self._log_depth += 1
+        if self._log_depth > 1:
+            return
+        root = logging.getLogger("cdeq")
+        self._log_file, self._log_level = _LogFile(self.dir / "log.txt"), root.level
+        root.addHandler(self._log_file)
+        if root.getEffectiveLevel() > logging.INFO:
+            root.setLevel(logging.INFO)
+
+    def _detach_log(self) -> None:
+        self._log_depth -= 1
+        if self._log_depth > 0 or self._log_file is None:
+            return
+        root = logging.getLogger("cdeq")
+        root.removeHandler(self._log_file)
+        root.setLevel(self._log_level)
+        self._log_file = None
 
     def __enter__(self) -> RunDirectory:
         return self
@@ -151,11 +201,10 @@ class RunDirectory:
                 for p in sorted(self.dir.glob(pattern))]
 
     def log(self, msg: str) -> None:
-        if not distributed.is_main():
-            return
-        self._log(msg)
-        with open(self.dir / "log.txt", "a") as fh:
-            fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        """Log ``msg`` (logger ``cdeq.run``, INFO); it reaches ``log.txt`` while the directory is
+        held. Under torchrun only rank 0 speaks for the run."""
+        if distributed.is_main():
+            logger.info(msg)
 
     # --- stage outputs ----------------------------------------------------------------------------
     def _redo(self, name: str) -> str:

@@ -27,7 +27,6 @@ whole files.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 
 from ..consistency.distill import DistillConfig, TaskBatches, distill
 from ..consistency.plans import plans_from_json, plans_to_json
+from ..consistency.plus import PlusConfig
 from ..consistency.schedule import TimeSchedule
 from ..consistency.search import select_plans
 from ..consistency.student import ConsistencyStudent
@@ -60,12 +60,13 @@ from .teacher import configure_teacher, evaluate_model, train_teacher
 
 __all__ = ["Run", "RunConfig", "build_config"]
 
-def chain_batches(distill_config: DistillConfig, task: Task, record_config: RecordConfig
-                  ) -> TaskBatches | None:
-    """The training batches C-DEQ+'s chain task term reads (``distill.chain_data``), or ``None``
+
+def chain_batches(plus_config: PlusConfig, distill_config: DistillConfig, task: Task,
+                  record_config: RecordConfig) -> TaskBatches | None:
+    """The training batches C-DEQ+'s chain task term reads (``plus.chain_data``), or ``None``
     for the recorded minibatch: ``train``, or ``auto`` when ``record.max_samples`` caps the
-    recording (it holds a subset of the training split)."""
-    choice = distill_config.chain_data
+    recording (it holds a subset of the training split); batches of ``distill.batch_size``."""
+    choice = plus_config.chain_data
     if choice == "recorded" or (choice == "auto" and record_config.max_samples <= 0):
         return None
     size = distill_config.batch_size
@@ -82,8 +83,8 @@ class Run(RunDirectory):
     """
 
     def __init__(self, out_dir: str | Path, config: RunConfig | None = None,
-                 log: Callable[[str], None] | None = None, device: str | None = None) -> None:
-        super().__init__(out_dir, log)
+                 device: str | None = None) -> None:
+        super().__init__(out_dir)
         self._task: Task | None = None
         self._device_name = device  # overrides the configuration's device (`--device`)
         cfg_path = self.dir / "config.json"
@@ -160,7 +161,7 @@ class Run(RunDirectory):
         torch.manual_seed(cfg.seed)
         model = self.task.build_model().to(self.device)
         history = self.resumed("teacher", model, "teacher training", lambda start, state, save: (
-            train_teacher(self.task, model, cfg.teacher, seed=cfg.seed, log=self.log,
+            train_teacher(self.task, model, cfg.teacher, seed=cfg.seed,
                           on_epoch_end=save, start_epoch=start, optimizer_state=state)))
         elapsed = sum(history["epoch_time"])  # every epoch's, those before a resume included
         model.eval()
@@ -208,7 +209,7 @@ class Run(RunDirectory):
         student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student).to(self.device)
         history = self.resumed("student", student, "distillation", lambda start, state, save: (
             distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
-                    log=self.log, on_epoch_end=save, start_epoch=start, resume_state=state)))
+                    on_epoch_end=save, start_epoch=start, resume_state=state)))
         elapsed = sum(history["epoch_time"])
         self.log(f"distilled in {elapsed:.0f}s")
         search, calls = self._search_plans(student, teacher)
@@ -243,11 +244,10 @@ class Run(RunDirectory):
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
         trajectories = list(store) if store.fits_in_memory() else store
-        chain = chain_batches(cfg.distill, self.task, cfg.record)
+        chain = chain_batches(cfg.plus, cfg.distill, self.task, cfg.record)
         torch.manual_seed(cfg.seed)
         plus, info = train_plus(self.student(teacher), trajectories, cfg.plus, cfg.distill,
-                                self.task.loss, seed=cfg.seed, log=self.log,
-                                task_batches=chain)
+                                self.task.loss, seed=cfg.seed, task_batches=chain)
         search, calls = self._search_plans(plus, teacher)
         self.save_module("student_plus", plus, {
             "plans": plans_to_json(plus.plans), "search": search,
@@ -304,7 +304,7 @@ class Run(RunDirectory):
             trajectories = list(store) if store.fits_in_memory() else store
             info = bl.train_learned_init(init, teacher, trajectories, samples,
                                          batch_size=bcfg.init_batch_size, optim=bcfg.init_optim,
-                                         max_residual=bcfg.max_residual, seed=cfg.seed, log=self.log)
+                                         max_residual=bcfg.max_residual, seed=cfg.seed)
             with self.autocast():
                 solvers = bl.select_init_solvers(
                     init, teacher, self.task, self.task.selection_batches(cfg.evaluate.batch_size),
@@ -319,7 +319,7 @@ class Run(RunDirectory):
                 continue
             torch.manual_seed(cfg.seed)
             net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
-            info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed, log=self.log)
+            info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed)
             self.save_module(name, net, {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
                                          "work": info["work"], "losses": info["losses"]})
 

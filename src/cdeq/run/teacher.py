@@ -129,7 +129,6 @@ def train_teacher(
     model: nn.Module,
     config: TeacherConfig,
     seed: int = 0,
-    log: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     start_epoch: int = 0,
     optimizer_state: dict | None = None,
@@ -160,7 +159,7 @@ def train_teacher(
                   config.optim, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                   max_steps=config.max_steps, seed=seed, name="teacher", hooks=hooks,
                   hint=f"lower optim.lr (now {config.optim.lr}) or add jac_reg",
-                  start_epoch=start_epoch, state=optimizer_state, log=log or logger.info)
+                  start_epoch=start_epoch, state=optimizer_state)
     model.eval()
     return history
 
