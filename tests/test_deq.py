@@ -283,8 +283,12 @@ def test_initial_state_comes_from_state_shape_or_z0():
     assert torch.equal(info.trajectory[0], z0)
     plain = DEQ(lambda z, x: torch.tanh(0.5 * z + x))
     assert torch.equal(plain.initial_state(x), torch.zeros_like(x))
+    # a structured injection: zeros like each of its parts, in its structure
+    z0 = plain.initial_state({"a": x, "b": (x[:, :2],)})
+    assert set(z0) == {"a", "b"} and torch.equal(z0["b"][0], torch.zeros(2, 2, dtype=D64))
+    # a part that cannot be a state (integer ids, a sparse adjacency) needs state_shape or z0
     with pytest.raises(ValueError, match="state_shape"):
-        plain.initial_state((x, x))
+        plain.initial_state((x, torch.zeros(2, 3, dtype=torch.long)))
 
 
 # --- regularisers -----------------------------------------------------------------------------------

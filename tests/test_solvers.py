@@ -357,13 +357,18 @@ def test_wrong_output_shape_is_a_clear_error():
     [
         (torch.tensor(1.0), r"shape \(B, \.\.\.\).*got \(\)"),
         (torch.zeros(0, 3), r"B >= 1, got \(0, 3\)"),
-        ([[0.0, 1.0]], "got list"),
+        ("zeros", "got str"),
         (torch.zeros(2, 3, dtype=torch.long), "floating-point"),
     ],
 )
 def test_bad_start_is_a_clear_error(z0, match):
     with pytest.raises(ValueError, match=match):
         get_solver("picard").solve(lambda z, x: z, z0)
+
+
+def test_a_structured_start_with_a_non_tensor_part_names_the_part():
+    with pytest.raises(TypeError, match=r"z0\[0\]\[1\] is a float, not a tensor"):
+        get_solver("picard").solve(lambda z, x: z, [[torch.zeros(2, 3), 1.0]])
 
 
 # --- configuration ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The student's conditioning pieces: the time embedding, the channel-wise MLP and the helpers
-that broadcast per-sample and per-channel coefficients against a state."""
+that broadcast per-sample and per-channel coefficients against a state (or a part of one)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_structure
+
+from ..engine.tree import relative_error  # noqa: F401  (the student's modules import it here)
 
 
 def _per_sample(v: Tensor, like: Tensor) -> Tensor:
@@ -32,11 +35,18 @@ def _injected_state(u: Any, z: Tensor) -> Tensor | None:
     return None
 
 
-def relative_error(z: Tensor, ref: Tensor) -> Tensor:
-    """Per-sample relative error ``||z - ref|| / ||ref||`` ``(B,)`` of states ``(B, ...)``; with
-    ``ref = f(z)`` it is the relative residual of ``z``."""
-    b = z.shape[0]
-    return (z - ref).reshape(b, -1).norm(dim=1) / (ref.reshape(b, -1).norm(dim=1) + 1e-12)
+def injected_parts(u: Any, z: Any) -> list[Tensor | None]:
+    """For each part of the state ``z``, the part of the injection ``u`` it is mixed with, or
+    ``None``: for a tensor state, :func:`_injected_state`; for a structured one, the part of ``u``
+    at the same place when ``u`` has the state's structure and that part has the state part's
+    shape."""
+    if isinstance(z, Tensor):
+        return [_injected_state(u, z)]
+    zs = tree_leaves(z)
+    if isinstance(u, Tensor) or tree_structure(u) != tree_structure(z):
+        return [None] * len(zs)
+    return [v if isinstance(v, Tensor) and v.layout == torch.strided and v.shape == p.shape else None
+            for v, p in zip(tree_leaves(u), zs, strict=True)]
 
 
 class ChannelMLP(nn.Module):

@@ -24,11 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
+from torch.utils._pytree import tree_structure
 
 from ..engine import distributed
 from ..engine.config import Config, check_choice, check_int, check_positive, check_range
 from ..engine.fit import Hooks, OptimConfig, fit, model_device
 from ..engine.precision import to_device
+from ..engine.tree import Layout, leaves, squared_norms, tree_map
 from .ema import EMA
 from .pairs import PairSampler, get_pair_sampler
 from .student import ConsistencyStudent
@@ -128,20 +130,28 @@ class LossTerm:
 
 
 # --- losses ---------------------------------------------------------------------------------------
-def relative_distance(a: Tensor, b: Tensor, ref: Tensor, kind: str = "mse") -> Tensor:
-    """Per-sample ``|a - b|^2 / |ref|^2`` (``mse``) or its pseudo-Huber form, shape ``(B,)``."""
-    bsz = a.shape[0]
-    d = (a - b).reshape(bsz, -1).pow(2).sum(1) / (ref.reshape(bsz, -1).pow(2).sum(1) + 1e-8)
+def relative_distance(a: Any, b: Any, ref: Any, kind: str = "mse") -> Tensor:
+    """Per-sample ``|a - b|^2 / |ref|^2`` (``mse``) or its pseudo-Huber form, shape ``(B,)``; for
+    structured states the squared norms are summed over the parts."""
+    if isinstance(a, Tensor):
+        bsz = a.shape[0]
+        d = (a - b).reshape(bsz, -1).pow(2).sum(1) / (ref.reshape(bsz, -1).pow(2).sum(1) + 1e-8)
+    else:
+        d = squared_norms(tree_map(torch.sub, a, b)) / (squared_norms(ref) + 1e-8)
     if kind == "huber":
         c = 0.03
         d = torch.sqrt(d + c * c) - c
     return d
 
 
-def _select(points: Tensor, z_star: Tensor, idx: Tensor) -> Tensor:
-    """``points (B, L, ...)`` with ``z*`` appended as point ``L``; pick ``idx (B,)``."""
-    full = torch.cat([points, z_star[:, None]], dim=1)
-    return full[torch.arange(full.shape[0], device=full.device), idx]
+def _select(points: Any, z_star: Any, idx: Tensor) -> Any:
+    """``points (B, L, ...)`` with ``z*`` appended as point ``L``; pick ``idx (B,)`` (part by part
+    for a structured state)."""
+    def pick(points: Tensor, z_star: Tensor) -> Tensor:
+        full = torch.cat([points, z_star[:, None]], dim=1)
+        return full[torch.arange(full.shape[0], device=full.device), idx]
+
+    return tree_map(pick, points, z_star)
 
 
 def _times(student: ConsistencyStudent, batch: TrajectoryBatch, idx: Tensor) -> Tensor:
@@ -155,10 +165,11 @@ def _take(batch: TrajectoryBatch, rows: Tensor) -> TrajectoryBatch:
     """Rows ``rows`` of a recorded batch."""
     from ..solvers.base import take_rows
 
-    n, rows = batch.batch_size, rows.to(batch.z_star.device)
+    n, rows = batch.batch_size, rows.to(batch.residual.device)
     return TrajectoryBatch(
-        x=take_rows(batch.x, rows, n), y=take_rows(batch.y, rows, n), iterates=batch.iterates[rows],
-        z_star=batch.z_star[rows], residual=batch.residual[rows],
+        x=take_rows(batch.x, rows, n), y=take_rows(batch.y, rows, n),
+        iterates=tree_map(lambda t: t[rows], batch.iterates),
+        z_star=tree_map(lambda t: t[rows], batch.z_star), residual=batch.residual[rows],
         star_residual=batch.star_residual[rows], index=batch.index, last=batch.last)
 
 
@@ -261,15 +272,27 @@ def distill(
 
 
 def check_trajectory_shapes(student: ConsistencyStudent, batch: TrajectoryBatch) -> None:
-    """The recorded states must have the shape of the student's state: a clear error otherwise."""
+    """The recorded states must have the structure and shape of the student's state: a clear
+    error naming the part otherwise."""
     with torch.no_grad():
-        state = tuple(student.initial_state(student.inject(batch.x)).shape)
-    star, its = tuple(batch.z_star.shape), tuple(batch.iterates.shape)
-    if star != state or its[:1] + its[2:] != state or its[1] != len(batch.index):
+        z = student.initial_state(student.inject(batch.x))
+    layout = Layout.of(z)
+    if not isinstance(z, Tensor) and (tree_structure(batch.z_star) != layout.spec
+                                      or tree_structure(batch.iterates) != layout.spec):
         raise ValueError(
-            f"the trajectories do not match the model: z_star has shape {star} and iterates {its}, "
-            f"but the student's state for these inputs has shape {state} (iterates should be "
-            f"{(state[0], len(batch.index), *state[1:])}); were they recorded with another model?")
+            f"the trajectories do not match the model: the student's state has the parts "
+            f"{layout.names}, the recorded z_star {Layout.of(batch.z_star).names}; were they "
+            "recorded with another model?")
+    for name, state, star, its in zip(layout.names, layout.leaves(z), leaves(batch.z_star),
+                                      leaves(batch.iterates), strict=True):
+        state, star, its = tuple(state.shape), tuple(star.shape), tuple(its.shape)
+        part = f" (part z{name})" if name else ""
+        if star != state or its[:1] + its[2:] != state or its[1] != len(batch.index):
+            raise ValueError(
+                f"the trajectories do not match the model{part}: z_star has shape {star} and "
+                f"iterates {its}, but the student's state for these inputs has shape {state} "
+                f"(iterates should be {(state[0], len(batch.index), *state[1:])}); were they "
+                "recorded with another model?")
 
 
 def _steps_per_epoch(trajectories: Any, batch_size: int) -> int:
@@ -282,37 +305,38 @@ def _steps_per_epoch(trajectories: Any, batch_size: int) -> int:
 def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: DistillConfig,
           sampler: PairSampler, progress_: float, gen: torch.Generator,
           task_loss: Callable | None, terms: Sequence[LossTerm] = ()) -> dict[str, Tensor]:
-    bsz, num_points = mb.batch_size, mb.iterates.shape[1]
+    bsz, num_points = mb.batch_size, mb.num_points
+    star = leaves(mb.z_star)[0]
     n, m = sampler.sample(bsz, num_points, progress_, gen)  # the same draws on every rank
-    n, m = n.to(mb.z_star.device), m.to(mb.z_star.device)
-    keep = (mb.star_residual <= config.max_residual).to(mb.z_star.dtype)
+    n, m = n.to(star.device), m.to(star.device)
+    keep = (mb.star_residual <= config.max_residual).to(star.dtype)
     weight = keep / keep.sum().clamp_min(1.0)  # normalised over the global minibatch
     lo, hi, share = distributed.split_range(bsz, isinstance(mb.x, Tensor) and isinstance(mb.y, Tensor))
     whole = (lo, hi) == (0, bsz)
     if not whole:  # this rank's rows
-        rows = torch.arange(lo, hi, device=mb.z_star.device)
+        rows = torch.arange(lo, hi, device=star.device)
         mb = _take(mb, rows)
         n, m, weight = n[rows], m[rows], weight[rows]
     # consistency terms are sums of globally weighted rows; a batch computed whole on every rank
     # (or by one process) counts once in total
     weight = weight * (share if whole else 1.0)
     z_n = _select(mb.iterates, mb.z_star, n)
-    t_n = _times(student, mb, n).to(z_n.dtype)
+    t_n = _times(student, mb, n).to(star.dtype)
     u = _inject(student, mb.x)
     out = student.F(z_n, t_n, u)
-    zero = out.new_zeros(())
+    zero = star.new_zeros(())
     parts = {"global": zero, "local": zero, "task": zero}
     if config.global_weight > 0:
         parts["global"] = (relative_distance(out, mb.z_star, mb.z_star, config.distance) * weight).sum()
     if config.local_weight > 0:
         with torch.no_grad():
             z_m = _select(mb.iterates, mb.z_star, m)
-            t_m = _times(student, mb, m).to(z_m.dtype)
+            t_m = _times(student, mb, m).to(star.dtype)
             target = ema.target.F(z_m, t_m, ema.target.inject(mb.x))
         parts["local"] = (relative_distance(out, target, mb.z_star, config.distance) * weight).sum()
     if config.task_weight > 0 or config.kl_weight > 0:
         logits = student.head(out)
-        task = out.new_zeros(())
+        task = zero
         if config.task_weight > 0:
             check_labels(logits, mb.y, "distill")
             task = config.task_weight * share * task_loss(logits, mb.y)

@@ -19,12 +19,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_structure, tree_unflatten
 
 from ..deq.model import DEQModel
 from ..engine.fit import OptimConfig, budget_steps, fit, model_device, training_work
 from ..engine.precision import to_device
+from ..engine.tree import batch_size as rows_of
+from ..engine.tree import leaves, squared_norms, tree_map
 from ..solvers.loop import take_rows
-from .conditioning import ChannelMLP
+from .conditioning import ChannelMLP, injected_parts
 from .trajectory import TrajectoryBatch
 
 logger = logging.getLogger(__name__)
@@ -48,11 +51,22 @@ def injection_tensor(u: Any, state_shape: Sequence[int]) -> Tensor:
 class LearnedInit(nn.Module):
     """``h(u) -> z_init``: a channel-wise MLP of ``u`` (plus a depthwise 3x3 convolution of ``u`` for
     ``(B, C, H, W)`` states). Generic over tasks through the cell's ``channels``/``channel_dim``;
-    it costs no layer call."""
+    it costs no layer call.
 
-    def __init__(self, channels: int, channel_dim: int, hidden: int = 128, conv: bool = True) -> None:
+    For a structured state (``channels`` one per part, ``channel_dim`` one per part or one for
+    all) it holds one such network per part in ``parts``, each reading the injection's part at the
+    same place (the injection must then have the state's structure)."""
+
+    def __init__(self, channels: int | Sequence[int], channel_dim: int | Sequence[int],
+                 hidden: int = 128, conv: bool = True) -> None:
         super().__init__()
         self.channel_dim = channel_dim
+        self.parts: nn.ModuleList | None = None
+        if not isinstance(channels, int):
+            dims = [channel_dim] * len(channels) if isinstance(channel_dim, int) else list(channel_dim)
+            self.parts = nn.ModuleList(LearnedInit(int(c), int(d), hidden, conv)
+                                       for c, d in zip(channels, dims, strict=True))
+            return
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels) if (
             conv and channel_dim == 1) else None
         c_in = 2 * channels if self.conv is not None else channels
@@ -63,8 +77,9 @@ class LearnedInit(nn.Module):
 
     @classmethod
     def for_teacher(cls, teacher: DEQModel, hidden: int = 128, conv: bool = True) -> LearnedInit:
-        """An initialiser for ``teacher``'s state (its cell's ``channels`` and ``channel_dim``)."""
-        return cls(int(teacher.cell.channels), int(teacher.cell.channel_dim), hidden, conv)
+        """An initialiser for ``teacher``'s state (its ``state_layout``: the cell's ``channels``
+        and ``channel_dim``, or those read off the state)."""
+        return cls(*teacher.state_layout(), hidden, conv)
 
     def forward(self, u: Tensor) -> Tensor:
         h = u
@@ -72,19 +87,30 @@ class LearnedInit(nn.Module):
             h = torch.cat([u, self.conv(u)], dim=1)
         return self.mlp(h)
 
-    def init_state(self, teacher: DEQModel, u: Any) -> Tensor:
-        """``h(u)`` for the teacher's injection ``u`` (any structure holding the state-shaped tensor)."""
-        shape = tuple(teacher.initial_state(u).shape)  # any cell: its state_shape, or u's shape
-        return self(injection_tensor(u, shape)).reshape(shape)
+    def init_state(self, teacher: DEQModel, u: Any) -> Any:
+        """``h(u)`` for the teacher's injection ``u`` (any structure holding the state-shaped tensor;
+        for a structured state, ``u`` of the state's structure)."""
+        if self.parts is None:
+            shape = tuple(teacher.initial_state(u).shape)  # any cell: its state_shape, or u's shape
+            return self(injection_tensor(u, shape)).reshape(shape)
+        z0 = teacher.initial_state(u)
+        us = injected_parts(u, z0)
+        if any(v is None for v in us) or len(us) != len(self.parts):
+            raise TypeError("the learned initialiser of a structured state needs an injection of the "
+                            "state's structure, each part shaped like the state's part")
+        out = [net(v).reshape(v.shape) for net, v in zip(self.parts, us, strict=True)]
+        return tree_unflatten(out, tree_structure(z0))
 
 
-def _rel_sq(z: Tensor, ref: Tensor) -> Tensor:
-    b = z.shape[0]
-    return (z - ref).reshape(b, -1).pow(2).sum(1) / (ref.reshape(b, -1).pow(2).sum(1) + 1e-12)
+def _rel_sq(z: Any, ref: Any) -> Tensor:
+    if isinstance(z, Tensor):
+        b = z.shape[0]
+        return (z - ref).reshape(b, -1).pow(2).sum(1) / (ref.reshape(b, -1).pow(2).sum(1) + 1e-12)
+    return squared_norms(tree_map(torch.sub, z, ref)) / (squared_norms(ref) + 1e-12)
 
 
 def _init_data(teacher: DEQModel, trajectories: Iterable[TrajectoryBatch], max_residual: float
-               ) -> list[tuple[Any, Tensor, int]]:
+               ) -> list[tuple[Any, Any, int]]:
     """``(u, z*, n)`` of each recorded batch's converged samples (residual <= ``max_residual``)."""
     data = []
     with torch.no_grad():
@@ -95,8 +121,8 @@ def _init_data(teacher: DEQModel, trajectories: Iterable[TrajectoryBatch], max_r
                 continue
             idx = keep.nonzero().flatten()
             u = teacher.inject(batch.x)
-            data.append((take_rows(u, idx, batch.batch_size), batch.z_star[idx].float(),
-                         int(idx.numel())))
+            data.append((take_rows(u, idx, batch.batch_size),
+                         tree_map(lambda t, idx=idx: t[idx].float(), batch.z_star), int(idx.numel())))
     if not data:
         raise ValueError("no recorded sample converged below max_residual: nothing to fit the "
                          "learned initialiser to")
@@ -122,13 +148,13 @@ def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Itera
         for i in torch.randperm(len(data), generator=gen, device=gen.device).tolist():
             u, z_star, n = data[i]
             for idx in torch.randperm(n, generator=gen, device=gen.device).split(size):
-                idx = idx.to(z_star.device)
-                yield take_rows(u, idx, n), z_star[idx]
+                idx = idx.to(leaves(z_star)[0].device)
+                yield take_rows(u, idx, n), tree_map(lambda t, idx=idx: t[idx], z_star)
 
     def step(batch: tuple[Any, Tensor], progress_: float) -> tuple[Tensor, dict[str, Any]]:
         u, z_star = batch
         loss = _rel_sq(init.init_state(teacher, u), z_star).mean()
-        return loss, {"loss": loss.detach(), "samples": z_star.shape[0]}
+        return loss, {"loss": loss.detach(), "samples": rows_of(z_star)}
 
     history = fit(init, step, batches, optim, epochs=epochs, steps_per_epoch=per_epoch,
                   max_steps=steps, seed=seed, name="learned initialiser", sync=False,

@@ -48,6 +48,7 @@ from ..engine import distributed
 from ..engine.config import Config, check_bool, check_choice, check_int, check_positive
 from ..engine.fit import OptimConfig, batch_rows, model_device
 from ..engine.precision import to_device
+from ..engine.tree import leaves
 from .conditioning import relative_error
 from .distill import DistillConfig, LossTerm, TaskBatches, TermInputs, distill, relative_distance
 from .initialiser import LearnedInit, train_learned_init
@@ -162,8 +163,8 @@ class PlusStudent(ConsistencyStudent):
         """The re-entry time of the chain, when it was trained with one."""
         return () if self.reentry_time is None else (self.reentry_time,)
 
-    def initial_state(self, u: Any) -> Tensor:
-        """``h(u)`` ``(B, ...)`` for the student's injection ``u``."""
+    def initial_state(self, u: Any) -> Any:
+        """``h(u)`` ``(B, ...)`` (of the state's structure) for the student's injection ``u``."""
         return self.initialiser.init_state(self.teacher, u)
 
 
@@ -213,8 +214,9 @@ class StartTerm(LossTerm):
         dcfg, k, task_loss = inputs.config, self.config.chain_k, inputs.task_loss
         chain_batch = next(self._batches) if self._batches is not None else None
         self._samples = batch_rows(chain_batch[1]) if chain_batch is not None else 0
-        z_h = student.initial_state(u)
-        t = torch.full((mb.batch_size,), student.start_time, dtype=z_h.dtype, device=z_h.device)
+        z_h = student.initial_state(u)  # a tensor, or a structure of tensors
+        ref = leaves(z_h)[0]
+        t = torch.full((mb.batch_size,), student.start_time, dtype=ref.dtype, device=ref.device)
         out = student.F(z_h, t, u)
         loss = dcfg.global_weight * (relative_distance(out, mb.z_star, mb.z_star, dcfg.distance)
                                      * weight).sum()
@@ -235,7 +237,7 @@ class StartTerm(LossTerm):
         return loss
 
 
-def chain_task_loss(student: ConsistencyStudent, first: Tensor, u: Any, y: Any, k: int,
+def chain_task_loss(student: ConsistencyStudent, first: Any, u: Any, y: Any, k: int,
                     task_loss: Callable, t_re: Tensor | float) -> Tensor:
     """The task loss after each of ``k`` jumps, averaged: ``first`` (the jump from ``h(u)``), then
     ``k - 1`` more at the re-entry time ``t_re`` (a float, or per-sample ``(B,)``)."""
@@ -351,7 +353,7 @@ class _Jumped:
     def __init__(self, student: PlusStudent) -> None:
         self.student = student
 
-    def init_state(self, teacher: Any, u: Any) -> Tensor:
+    def init_state(self, teacher: Any, u: Any) -> Any:
         s = self.student
         return s.F(s.initial_state(u), s.start_time, u)
 

@@ -9,6 +9,12 @@ time for the whole batch, so its coefficients are computed once and then read fr
 channel-wise correction MLP (``correction_hidden``, off by default) adds to ``G``. At ``t = T`` the
 scalings are ``(1, 0)`` and ``F(z*, T, x) = z*`` holds exactly (the boundary condition).
 
+A structured state (a tuple, list or dict of tensors: :mod:`cdeq.engine.tree`) is conditioned part
+by part: each part has its own channels (read off the part, or given per part) and its own rows
+of the time embedding's output, and mixes in the injection's part at the same place when the
+injection has the state's structure (:func:`~cdeq.consistency.conditioning.injected_parts`). The
+cost per state element is the same as for one tensor.
+
 Inference runs a *plan* (:mod:`cdeq.consistency.plans`): jumps ``("jump", t)``, teacher steps
 ``("step",)``, residual-timed jumps ``("jump_auto",)``, ``n`` steps of the teacher's solver
 ``("solve", n)``, and optionally a last ``("teacher_head",)`` that reads the state out with the
@@ -42,11 +48,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..deq.model import DEQModel
 from ..engine.config import Config, check_bool, check_int
+from ..engine.tree import leaves
 from ..solvers import get_solver
-from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _injected_state, _per_sample, relative_error
+from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _per_sample, injected_parts, relative_error
 from .plans import Plan, check_plan, plan_body, plan_nfe, reads_teacher
 from .schedule import ScheduleConfig, TimeSchedule
 
@@ -129,13 +137,18 @@ class ConsistencyStudent(nn.Module):
         for module in (self.injection, self.cell, self.head):
             for p in module.parameters() if isinstance(module, nn.Module) else []:
                 p.requires_grad_(True)
-        c, self.channel_dim = teacher.state_layout(example)
-        self.channels = c
+        self.channels, self.channel_dim = teacher.state_layout(example)  # ints, or one per part
+        c = self.total_channels
         parts = 5 if self.config.input_mix else 4
         self.time_embed = TimeEmbedding(self.config.time_features, self.config.time_hidden, parts * c)
         self._register_load_state_dict_pre_hook(self._without_mix_rows)
         hidden = self.config.correction_hidden
-        self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim) if hidden else None
+        self.correction: nn.Module | None = None
+        if hidden and isinstance(self.channels, int):
+            self.correction = ChannelMLP(2 * c, hidden, c, self.channel_dim)
+        elif hidden:  # one per part
+            self.correction = nn.ModuleList(ChannelMLP(2 * ci, hidden, ci, di) for ci, di in
+                                            zip(self.channels, self.channel_dim, strict=True))
         self._plans: dict[int, Plan] = {1: [("jump", self.schedule.t_min)]}
         self.plans_selected = False  # True once plans come from a search or from the caller
 
@@ -153,10 +166,25 @@ class ConsistencyStudent(nn.Module):
         search tries them too (none here)."""
         return ()
 
+    @property
+    def total_channels(self) -> int:
+        """The state's channels, summed over its parts."""
+        return self.channels if isinstance(self.channels, int) else sum(self.channels)
+
+    def _part_layout(self) -> list[tuple[int, int, int]]:
+        """``(first column, channels, channel axis)`` of each part in the FiLM coefficients."""
+        if isinstance(self.channels, int):
+            return [(0, self.channels, self.channel_dim)]
+        out, start = [], 0
+        for c, d in zip(self.channels, self.channel_dim, strict=True):
+            out.append((start, c, d))
+            start += c
+        return out
+
     def _without_mix_rows(self, state: dict, prefix: str, *args: Any) -> None:
         """Load a state saved before ``input_mix`` existed (time embedding with 4C outputs): its
         mix rows start at zero, which is the saved student's function exactly."""
-        c = self.channels
+        c = self.total_channels
         for name in ("weight", "bias"):
             key = f"{prefix}time_embed.net.2.{name}"
             if self.config.input_mix and key in state and state[key].shape[0] == 4 * c:
@@ -185,20 +213,29 @@ class ConsistencyStudent(nn.Module):
         """The student's injection: its own copy, or the teacher's (without a parameter graph)."""
         return frozen_call(self.teacher.injection, x) if self.injection is None else self.injection(x)
 
-    def _layer(self, z: Tensor, film: tuple, u: Any, zero_state: bool) -> Tensor:
-        """The layer on ``z * scale_in + shift_in [+ mix * u]`` (1 NFE); ``film``: :meth:`film`'s
-        coefficients shaped against ``z`` (:meth:`_shaped`). From a zero state the ``z`` term
-        costs nothing."""
-        scale_in, shift_in, mix = film[:3]
-        z_in = shift_in if zero_state else torch.addcmul(shift_in, z, scale_in)
-        injected = _injected_state(u, z) if mix is not None else None
-        if injected is not None:
-            z_in = torch.addcmul(z_in, injected, mix)
-        return self.cell(z_in.expand_as(z), u)
+    def _layer(self, z: Any, film: list[tuple], u: Any, zero_state: bool) -> Any:
+        """The layer on ``z * scale_in + shift_in [+ mix * u]`` (1 NFE), part by part; ``film``:
+        :meth:`film`'s coefficients shaped against each part of ``z`` (:meth:`_shaped`). From a
+        zero state the ``z`` term costs nothing."""
+        parts, spec = tree_flatten(z)
+        injected = injected_parts(u, z) if film[0][2] is not None else [None] * len(parts)
+        z_in = []
+        for zp, coef, up in zip(parts, film, injected, strict=True):
+            scale_in, shift_in, mix = coef[:3]
+            zi = shift_in if zero_state else torch.addcmul(shift_in, zp, scale_in)
+            if up is not None:
+                zi = torch.addcmul(zi, up, mix)
+            z_in.append(zi.expand_as(zp))
+        return self.cell(tree_unflatten(z_in, spec), u)
 
-    def _shaped(self, film: tuple, z: Tensor) -> tuple:
-        """Coefficients ``(n, C)`` reshaped to broadcast against the state ``z``."""
-        return tuple(None if v is None else _broadcast(v, z, self.channel_dim) for v in film)
+    def _shaped(self, film: tuple, z: Any) -> list[tuple]:
+        """Coefficients ``(n, C)`` (``C``: all parts' channels) as one tuple per part of ``z``,
+        each reshaped to broadcast against its part."""
+        parts = leaves(z)
+        if len(parts) == 1:
+            return [tuple(None if v is None else _broadcast(v, parts[0], self.channel_dim) for v in film)]
+        return [tuple(None if v is None else _broadcast(v[:, start : start + c], p, dim) for v in film)
+                for p, (start, c, dim) in zip(parts, self._part_layout(), strict=True)]
 
     def film(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
         """FiLM parameters ``(scale_in, shift_in, mix, scale_out, shift_out)`` of times ``t``
@@ -208,17 +245,22 @@ class ConsistencyStudent(nn.Module):
         mix = parts[4] if self.config.input_mix else None
         return 1 + parts[0], parts[1], mix, 1 + parts[2], parts[3]
 
-    def G(self, z: Tensor, t: Tensor, u: Any) -> Tensor:
+    def G(self, z: Any, t: Tensor, u: Any) -> Any:
         """One conditioned layer call (1 NFE), before the scalings: ``FiLM_out(f(FiLM_in(z)))``
-        [+ the correction]. ``z``: state ``(B, ...)``, ``t``: ``(B,)``."""
+        [+ the correction]. ``z``: state ``(B, ...)`` (or a structure of such parts), ``t``:
+        ``(B,)``."""
         film = self._shaped(self.film(t), z)
         h = self._layer(z, film, u, zero_state=False)
-        h = torch.addcmul(film[4], h, film[3])
+        parts, spec = tree_flatten(h)
+        out = [torch.addcmul(coef[4], hp, coef[3]) for hp, coef in zip(parts, film, strict=True)]
         if self.correction is not None:
-            h = h + self.correction(torch.cat([h, z], dim=self.channel_dim))
-        return h
+            nets = [self.correction] if isinstance(self.correction, ChannelMLP) else self.correction
+            dims = [d for _, _, d in self._part_layout()]
+            out = [hp + net(torch.cat([hp, zp], dim=d))
+                   for hp, zp, net, d in zip(out, leaves(z), nets, dims, strict=True)]
+        return tree_unflatten(out, spec)
 
-    def F(self, z: Tensor, t: Tensor | float, u: Any, zero_state: bool = False) -> Tensor:
+    def F(self, z: Any, t: Tensor | float, u: Any, zero_state: bool = False) -> Any:
         """``c_skip(t) z + c_out(t) G(z, t, u)``: the estimate of ``z*`` from ``z`` at time ``t``.
 
         ``t``: a float or a 0-dim tensor (one time for the whole batch, as in a plan's jump) or
@@ -232,6 +274,7 @@ class ConsistencyStudent(nn.Module):
         """
         if self.correction is not None:
             return self._corrected(z, t, u)
+        ref = leaves(z)[0]
         if not isinstance(t, Tensor) or t.dim() == 0:  # one time for the batch
             c_skip, c_out = self.schedule.scalar_scalings(float(t))
             if c_out == 0.0:
@@ -240,37 +283,46 @@ class ConsistencyStudent(nn.Module):
             skip: Tensor | float = c_skip
             boundary = None
         else:
-            times = t.to(z.dtype)
+            times = t.to(ref.dtype)
             c_skip, c_out = self.schedule.scalings(times)
             boundary = c_out == 0
             if bool(boundary.all()):
                 return z
             coef = self._shaped(self._fold(self.film(times), c_out[:, None]), z)
-            skip = _per_sample(c_skip, z)
-        h = self._layer(z, coef, u, zero_state)
-        out = torch.addcmul(coef[4], h, coef[3])
-        if not zero_state:
-            out = out.add(z, alpha=skip) if boundary is None else torch.addcmul(out, z, skip)
-        if boundary is not None and bool(boundary.any()):
-            out = torch.where(_per_sample(boundary, z), z, out)
-        return out
+            skip = c_skip
+        some_boundary = boundary is not None and bool(boundary.any())
+        h_parts, spec = tree_flatten(self._layer(z, coef, u, zero_state))
+        outs = []
+        for zp, hp, cp in zip(leaves(z), h_parts, coef, strict=True):
+            out = torch.addcmul(cp[4], hp, cp[3])
+            if not zero_state:
+                out = out.add(zp, alpha=skip) if boundary is None else torch.addcmul(
+                    out, zp, _per_sample(skip, zp))
+            if some_boundary:
+                out = torch.where(_per_sample(boundary, zp), zp, out)
+            outs.append(out)
+        return tree_unflatten(outs, spec)
 
     @staticmethod
     def _fold(film: tuple, c_out: Tensor | float) -> tuple:
         """``film`` with ``c_out`` multiplied into the output scale and shift."""
         return (*film[:3], c_out * film[3], c_out * film[4])
 
-    def _coefficients(self, t: float, c_out: float, z: Tensor) -> tuple:
-        """The folded FiLM coefficients of one time ``t`` (rows ``(1, C)`` shaped against ``z``),
-        from the table when gradients are off (keyed on ``t`` and the time embedding's weights
-        and their versions, so a training step or a loaded state invalidates it)."""
-        def compute() -> tuple:
-            times = torch.full((1,), t, dtype=z.dtype, device=z.device)
+    def _coefficients(self, t: float, c_out: float, z: Any) -> list[tuple]:
+        """The folded FiLM coefficients of one time ``t`` (rows ``(1, C)`` shaped against each
+        part of ``z``), from the table when gradients are off (keyed on ``t`` and the time
+        embedding's weights and their versions, so a training step or a loaded state
+        invalidates it)."""
+        parts = leaves(z)
+        ref = parts[0]
+
+        def compute() -> list[tuple]:
+            times = torch.full((1,), t, dtype=ref.dtype, device=ref.device)
             return self._shaped(self._fold(self.film(times), c_out), z)
 
         if torch.is_grad_enabled():
             return compute()
-        key = (t, c_out, z.dtype, z.device, z.dim(),
+        key = (t, c_out, ref.dtype, ref.device, tuple(p.dim() for p in parts),
                tuple((p.data_ptr(), p._version) for p in self.time_embed.parameters()))
         table = self.__dict__.setdefault("_film_table", {})
         if key not in table:
@@ -279,24 +331,30 @@ class ConsistencyStudent(nn.Module):
             table[key] = compute()
         return table[key]
 
-    def _corrected(self, z: Tensor, t: Tensor | float, u: Any) -> Tensor:
+    def _corrected(self, z: Any, t: Tensor | float, u: Any) -> Any:
         """``F`` with the correction MLP (``correction_hidden > 0``): per-sample times, unfolded."""
-        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        ref = leaves(z)[0]
+        t = torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
         if t.dim() == 0:
-            t = t.expand(z.shape[0])
+            t = t.expand(ref.shape[0])
         c_skip, c_out = self.schedule.scalings(t)
         boundary = c_out == 0
         if bool(boundary.all()):
             return z
-        out = _per_sample(c_skip, z) * z + _per_sample(c_out, z) * self.G(z, t, u)
-        return torch.where(_per_sample(boundary, z), z, out)
+        g_parts, spec = tree_flatten(self.G(z, t, u))
+        out = []
+        for zp, gp in zip(leaves(z), g_parts, strict=True):
+            mixed = _per_sample(c_skip, zp) * zp + _per_sample(c_out, zp) * gp
+            out.append(torch.where(_per_sample(boundary, zp), zp, mixed))
+        return tree_unflatten(out, spec)
 
     forward = F
 
     # --- inference ------------------------------------------------------------------------------
-    def initial_state(self, u: Any) -> Tensor:
-        """A plan's start state ``(B, ...)``: the teacher's (zeros) for the injection ``u`` (the
-        student's, which is the teacher's unless the student has its own copy)."""
+    def initial_state(self, u: Any) -> Any:
+        """A plan's start state ``(B, ...)`` (or a structure of such parts): the teacher's (zeros)
+        for the injection ``u`` (the student's, which is the teacher's unless the student has its
+        own copy)."""
         return self.teacher.initial_state(u)
 
     def teacher_inputs(self, x: Any) -> tuple[Any, Any]:
@@ -304,9 +362,10 @@ class ConsistencyStudent(nn.Module):
         u_t = frozen_call(self.teacher.injection, x)
         return (u_t if self.injection is None else self.injection(x)), u_t
 
-    def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Tensor | None = None) -> Tensor:
+    def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Any = None) -> Any:
         """Run ``plan`` from ``z0`` (by default :meth:`initial_state`: zeros, which a first jump
-        uses without arithmetic on it); returns the state ``(B, ...)``."""
+        uses without arithmetic on it); returns the state ``(B, ...)`` (of the teacher's
+        structure)."""
         u_teacher = u if u_teacher is None else u_teacher
         zero_state = z0 is None and self.zero_start
         z = self.initial_state(u) if z0 is None else z0
@@ -323,7 +382,7 @@ class ConsistencyStudent(nn.Module):
             elif op[0] == "jump_auto":
                 if last_residual is None:
                     raise ValueError("a 'jump_auto' needs a preceding 'step' in the plan")
-                z = self.F(z, self.schedule.residual_time(last_residual).to(z.dtype), u)
+                z = self.F(z, self.schedule.residual_time(last_residual).to(leaves(z)[0].dtype), u)
             else:
                 raise ValueError(f"unknown plan operation {op!r}; use 'jump', 'step', 'jump_auto', "
                                  "'solve' or a last 'teacher_head'")

@@ -9,9 +9,14 @@ A record of one batch holds, for ``B`` samples and ``L`` recorded iterates:
   that of the solution (samples that did not converge can be weighted down),
 - ``x`` and ``y``: the inputs and labels (any nested structure of tensors).
 
+A structured state (a tuple, list or dict of tensors) gives ``iterates`` and ``z_star`` of that
+structure, each part shaped as above; every part is stored (entries ``iterates.<part>`` and
+``z_star.<part>``) and read back in its structure.
+
 Shards are safetensors files ``shard_00000.safetensors`` (one per recorded batch) with a
-``manifest.json`` listing them; recording skips shards that already exist, so a killed run resumes
-where it stopped.
+``manifest.json`` listing them and the state's parts (name, per-sample shape, the model's dtype and
+the stored one); recording skips shards that already exist, so a killed run resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from ..engine.io import (
 )
 from ..engine.precision import to_device
 from ..engine.progress import progress
+from ..engine.tree import Layout, leaves, tree_map
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -90,19 +96,26 @@ class TrajectoryBatch:
 
     x: Any
     y: Any
-    iterates: Tensor
-    z_star: Tensor
+    iterates: Any
+    z_star: Any
     residual: Tensor
     star_residual: Tensor
     index: list[int]
     last: int  # the index of the equilibrium (= solver max_iter)
 
     def to(self, dtype: torch.dtype) -> TrajectoryBatch:
-        return dataclasses.replace(self, iterates=self.iterates.to(dtype), z_star=self.z_star.to(dtype))
+        """Every part of the iterates and ``z*`` in ``dtype``."""
+        return dataclasses.replace(self, iterates=tree_map(lambda t: t.to(dtype), self.iterates),
+                                   z_star=tree_map(lambda t: t.to(dtype), self.z_star))
 
     @property
     def batch_size(self) -> int:
-        return self.z_star.shape[0]
+        return int(leaves(self.z_star)[0].shape[0])
+
+    @property
+    def num_points(self) -> int:
+        """``L``, the recorded iterates per sample."""
+        return int(leaves(self.iterates)[0].shape[1])
 
 
 @torch.no_grad()
@@ -121,12 +134,13 @@ def record_batch(model: DEQModel, x: Any, y: Any, config: RecordConfig) -> Traje
                          f"{dtype}: {str(err).splitlines()[0]}") from err
     idx = config.iterate_indices()
     res = solver.solve(model.cell, model.initial_state(u), u, record=idx)
-    traj = res.trajectory  # (L, B, ...)
+    traj = res.trajectory  # (L, B, ...) per part
     # residual of z_k is trace[k]; a batch that stopped early repeats the last value
     trace = res.trace
     rows = [trace[min(k, trace.shape[0] - 1)] for k in idx]
     residual = torch.stack(rows, dim=1).float()
-    return TrajectoryBatch(x=x, y=y, iterates=traj.transpose(0, 1).contiguous(), z_star=res.z,
+    iterates = tree_map(lambda t: t.transpose(0, 1).contiguous(), traj)
+    return TrajectoryBatch(x=x, y=y, iterates=iterates, z_star=res.z,
                            residual=residual, star_residual=res.residual.float(), index=idx,
                            last=solver.options.max_iter)
 
@@ -143,13 +157,14 @@ class TrajectoryStore:
         return self.root / f"shard_{i:05d}.safetensors"
 
     def write(self, i: int, batch: TrajectoryBatch, dtype: str = "float32") -> None:
-        tensors: dict[str, Tensor] = {
-            "iterates": batch.iterates.to(DTYPES[dtype]),
-            "z_star": batch.z_star.to(DTYPES[dtype]),
-            "residual": batch.residual,
-            "star_residual": batch.star_residual,
-        }
+        stored = batch.to(DTYPES[dtype])
+        tensors: dict[str, Tensor] = {"residual": batch.residual, "star_residual": batch.star_residual}
         spec = {"x": flatten(batch.x, "x", tensors), "y": flatten(batch.y, "y", tensors)}
+        if isinstance(batch.z_star, Tensor):  # a tensor state: the entries as they always were
+            tensors.update(iterates=stored.iterates, z_star=stored.z_star)
+        else:
+            spec.update(iterates=flatten(stored.iterates, "iterates", tensors),
+                        z_star=flatten(stored.z_star, "z_star", tensors))
         meta = {"spec": spec, "index": batch.index, "last": batch.last}
         save_tensors(self.shard_path(i), tensors, kind="trajectory", meta=meta)
 
@@ -162,9 +177,13 @@ class TrajectoryStore:
                 "records it again")
         tensors, meta = load_tensors(path, kind="trajectory")
         try:
+            spec = meta["spec"]
+            states = {name: unflatten(spec[name], tensors) if name in spec else tensors[name]
+                      for name in ("iterates", "z_star")}
             return TrajectoryBatch(
-                x=unflatten(meta["spec"]["x"], tensors), y=unflatten(meta["spec"]["y"], tensors),
-                iterates=tensors["iterates"].to(dtype), z_star=tensors["z_star"].to(dtype),
+                x=unflatten(spec["x"], tensors), y=unflatten(spec["y"], tensors),
+                iterates=tree_map(lambda t: t.to(dtype), states["iterates"]),
+                z_star=tree_map(lambda t: t.to(dtype), states["z_star"]),
                 residual=tensors["residual"], star_residual=tensors["star_residual"],
                 index=list(meta["index"]), last=int(meta["last"]))
         except KeyError as err:
@@ -233,6 +252,7 @@ def record(
     out: list[TrajectoryBatch] = []
     seen = 0
     count = 0
+    state: list[dict[str, Any]] | None = None  # the recorded state's parts, for the manifest
     for x, y in progress(batches, total=total, desc="record"):
         if config.max_samples and seen >= config.max_samples:
             break
@@ -242,6 +262,8 @@ def record(
             count += 1
             continue
         batch = record_batch(model, x, y, config)
+        if state is None:
+            state = _state_parts(batch, config.dtype)
         if on_recorded is not None:
             on_recorded(count)
         if store is not None:
@@ -252,11 +274,19 @@ def record(
     if count == 0:
         raise ValueError("record got no batches: the training data is empty")
     if store is not None:
+        if state is None:  # every shard was there already (a resumed recording)
+            state = _state_parts(store.read(0), config.dtype)
         write_json(store.root / TrajectoryStore.MANIFEST,
                    {"shards": count, "samples": seen, "indices": config.iterate_indices(),
-                    "last": config.solver.max_iter, "dtype": config.dtype})
+                    "last": config.solver.max_iter, "dtype": config.dtype, "state": state})
         return store
     return out
+
+
+def _state_parts(batch: TrajectoryBatch, dtype: str) -> list[dict[str, Any]]:
+    """The manifest's description of the recorded state: each part's name (``""`` for a tensor
+    state), per-sample shape, dtype and stored dtype."""
+    return [{**part, "stored": dtype} for part in Layout.of(batch.z_star).describe()]
 
 
 def record_counted(model: DEQModel, batches: Iterable[tuple[Any, Any]], config: RecordConfig,

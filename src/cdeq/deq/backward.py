@@ -11,6 +11,10 @@ whose graph carries the chosen gradient to the parameters of ``f`` and to ``x``.
 - :class:`JacobianFreeBackward`: one step from ``z*``, i.e. ``J`` replaced by zero (``k = 1``,
   no damping).
 
+A state may be a structure of tensors (:mod:`cdeq.engine.tree`): the implicit strategy then solves
+one adjoint fixed point over all parts (their gradients packed into one ``(B, N)`` matrix), and the
+unrolled ones step every part together.
+
 Strategies are registered by name like solvers (:func:`register_backward`); the keys each one
 accepts are the fields of its ``Options`` dataclass.
 
@@ -32,6 +36,7 @@ from torch import Tensor
 
 from ..engine.config import Config, ConfigError, check_int, check_keys, check_positive, check_range
 from ..engine.precision import caller_autocast
+from ..engine.tree import Layout, tree_map
 from ..solvers import Solver, SolverResult, get_solver
 
 
@@ -48,7 +53,9 @@ class BackwardStrategy:
     Options: ClassVar[type[Config]] = NoOptions
     extra_nfe: int = 1
 
-    def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
+    def attach(self, f: Any, z_star: Any, x: Any) -> Any:
+        """A state equal (or close) to ``z_star`` (a tensor or a structure of tensors) whose graph
+        carries this strategy's gradient to ``f``'s parameters and to ``x``."""
         raise NotImplementedError
 
 
@@ -99,7 +106,9 @@ class ImplicitBackward(BackwardStrategy):
     def __repr__(self) -> str:
         return f"ImplicitBackward({self.solver!r})"
 
-    def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
+    def attach(self, f: Any, z_star: Any, x: Any) -> Any:
+        if not isinstance(z_star, Tensor):
+            return self._attach_structured(f, z_star, x)
         z_in = z_star.detach().requires_grad_()
         z_out = f(z_in, x)
         if not z_out.requires_grad:
@@ -135,6 +144,46 @@ class ImplicitBackward(BackwardStrategy):
         z_out.register_hook(hook)
         return z_out
 
+    def _attach_structured(self, f: Any, z_star: Any, x: Any) -> Any:
+        """:meth:`attach` for a structured state: the output's parts are packed into one ``(B, N)``
+        tensor whose gradient hook solves the adjoint over all parts at once; the parts returned
+        are views of it."""
+        layout = Layout.of(z_star)
+        leaves_in = [t.detach().requires_grad_() for t in layout.leaves(z_star)]
+        z_out = f(layout.unflatten(leaves_in), x)
+        layout.check(z_out, leaves_in[0].shape[0], "the DEQ layer")
+        packed = layout.pack(z_out)
+        if not packed.requires_grad:
+            return z_out
+        rebuild_autocast = caller_autocast(leaves_in[0].device)
+        inside = [False]
+        packed_ref = weakref.ref(packed)  # held weakly, as in attach
+
+        def hook(grad: Tensor) -> Tensor:
+            if inside[0]:
+                return grad
+            zi, zo = leaves_in, packed_ref()
+            if zo is None:
+                zi = [t.detach().requires_grad_() for t in leaves_in]
+                with torch.enable_grad(), rebuild_autocast():
+                    zo = layout.pack(f(layout.unflatten(zi), x))
+
+            def adjoint(g: Tensor, _: Any) -> Tensor:
+                vjps = torch.autograd.grad(zo, zi, g, retain_graph=True, allow_unused=True)
+                parts = [torch.zeros_like(t) if v is None else v for v, t in zip(vjps, zi, strict=True)]
+                return layout.pack(layout.unflatten(parts)) + grad
+
+            inside[0] = True
+            try:
+                res = self.solver.solve(adjoint, grad.detach().clone())
+            finally:
+                inside[0] = False
+            self.last_stats = res
+            return res.z
+
+        packed.register_hook(hook)
+        return layout.unpack(packed, dtypes=True)
+
 
 @dataclasses.dataclass
 class PhantomOptions(Config):
@@ -165,11 +214,11 @@ class PhantomBackward(BackwardStrategy):
     def __repr__(self) -> str:
         return f"PhantomBackward(steps={self.config.steps}, damping={self.config.damping})"
 
-    def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
+    def attach(self, f: Any, z_star: Any, x: Any) -> Any:
         lam = self.config.damping
-        z = z_star.detach()
+        z = tree_map(torch.Tensor.detach, z_star)
         for _ in range(self.config.steps):
-            z = (1 - lam) * z + lam * f(z, x)
+            z = tree_map(lambda a, b: (1 - lam) * a + lam * b, z, f(z, x))
         return z
 
 
@@ -184,8 +233,8 @@ class JacobianFreeBackward(BackwardStrategy):
     def __repr__(self) -> str:
         return "JacobianFreeBackward()"
 
-    def attach(self, f: Any, z_star: Tensor, x: Any) -> Tensor:
-        return f(z_star.detach(), x)
+    def attach(self, f: Any, z_star: Any, x: Any) -> Any:
+        return f(tree_map(torch.Tensor.detach, z_star), x)
 
 
 def get_backward(spec: str | dict | BackwardStrategy) -> BackwardStrategy:

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_unflatten
 
 from ..engine.config import Config, ConfigError, check_int, check_positive
+from ..engine.tree import check_tensors, zeros_like
 from ..solvers import SOLVERS, Solver, SolverResult, get_solver
 from .backward import BackwardStrategy, get_backward
 
@@ -78,6 +80,8 @@ class DEQ(nn.Module):
 
     ``forward(x, z0=None)`` returns ``(z, info)``: ``z`` of the shape of ``z0`` (zeros shaped by
     ``cell.state_shape(x)`` when ``z0`` is ``None``) and ``info`` the forward :class:`SolverResult`.
+    A state may be a tuple, list or dict of tensors (:mod:`cdeq.engine.tree`): ``z0``, the cell's
+    input and output and ``z`` then share that structure.
     """
 
     def __init__(
@@ -97,26 +101,32 @@ class DEQ(nn.Module):
         )
         self.backward_strategy = get_backward(backward)
 
-    def f(self, z: Tensor, x: Any) -> Tensor:
+    def f(self, z: Any, x: Any) -> Any:
         """One layer call (1 NFE)."""
         return self.cell(z, x)
 
-    def initial_state(self, x: Any) -> Tensor:
-        """Zeros of the state shape the cell declares for input ``x``."""
+    def initial_state(self, x: Any) -> Any:
+        """Zeros of the state shape the cell declares for input ``x`` (``cell.state_shape(x)``: a
+        full shape, or a tuple / list / dict of them for a structured state), else zeros shaped
+        like ``x`` (every part of it, for a structured ``x`` of dense floating-point tensors)."""
         shape_fn = getattr(self.cell, "state_shape", None)
         if shape_fn is None:
             if isinstance(x, Tensor):
                 return torch.zeros_like(x)
+            parts = list(_tensors(x))
+            if parts and all(t.layout == torch.strided and t.is_floating_point() for t in parts):
+                check_tensors(x, "injection")
+                return zeros_like(x)
             raise ValueError(
                 "pass z0, or give the cell a state_shape(x) method returning the state shape"
             )
         ref = x if isinstance(x, Tensor) else next(iter(_tensors(x)))
-        return torch.zeros(shape_fn(x), dtype=ref.dtype, device=ref.device)
+        return zeros_of(shape_fn(x), ref)
 
     def solve(
         self,
         x: Any,
-        z0: Tensor | None = None,
+        z0: Any = None,
         solver: Solver | None = None,
         **solve_kwargs: Any,
     ) -> SolverResult:
@@ -125,7 +135,7 @@ class DEQ(nn.Module):
         z0 = self.initial_state(x) if z0 is None else z0
         return solver.solve(self.f, z0, x, **solve_kwargs)
 
-    def forward(self, x: Any, z0: Tensor | None = None) -> tuple[Tensor, SolverResult]:
+    def forward(self, x: Any, z0: Any = None) -> tuple[Any, SolverResult]:
         info = self.solve(x, z0)
         z = info.z
         if torch.is_grad_enabled() and (self.training or _needs_grad(x, self.cell)):
@@ -134,14 +144,27 @@ class DEQ(nn.Module):
 
 
 def _tensors(x: Any):
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for item in x:
-            yield from _tensors(item)
-    elif isinstance(x, dict):
-        for item in x.values():
-            yield from _tensors(item)
+    yield from (t for t in tree_leaves(x) if isinstance(t, Tensor))
+
+
+def _is_shape(s: Any) -> bool:
+    """Whether ``s`` is one shape (a ``torch.Size`` or a tuple / list of sizes: ints, or the
+    symbolic sizes of export and tracing), not a structure of shapes."""
+    return isinstance(s, torch.Size) or (isinstance(s, (tuple, list)) and not any(
+        isinstance(d, (tuple, list, dict, bool, float, str)) or d is None for d in s))
+
+
+def zeros_of(shapes: Any, ref: Tensor) -> Any:
+    """Zeros of ``shapes`` (one full shape, or a tuple / list / dict of them) with ``ref``'s dtype
+    and device; ``ValueError`` naming a part that is not a shape."""
+    if _is_shape(shapes):
+        return torch.zeros(tuple(shapes), dtype=ref.dtype, device=ref.device)
+    flat, spec = tree_flatten(shapes, is_leaf=_is_shape)
+    for path, leaf in tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]:
+        if not _is_shape(leaf) or not leaf:
+            raise ValueError(f"state shape part {keystr(path) or leaf!r} is {leaf!r}, not a shape; give "
+                             "a shape (a tuple of ints) or a tuple / list / dict of shapes")
+    return tree_unflatten([torch.zeros(tuple(s), dtype=ref.dtype, device=ref.device) for s in flat], spec)
 
 
 def _needs_grad(x: Any, cell: Any) -> bool:

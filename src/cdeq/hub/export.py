@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..consistency.plans import plan_body
 from ..consistency.student import ConsistencyStudent
 from ..engine.io import CorruptFileError
+from ..engine.tree import leaves, tree_map
 
 SPEC = "cdeq_input.json"
 
@@ -51,10 +52,11 @@ class OneStepStudent(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         s = self.student
         u = s.inject(x)
-        z = s.initial_state(u)
+        z = s.initial_state(u)  # a tensor, or a structure of tensors (each part jumps alike)
         if self.c_out != 0.0:
-            t = torch.full((z.shape[0],), self.t, dtype=z.dtype, device=z.device)
-            z = self.c_skip * z + self.c_out * s.G(z, t, u)
+            ref = leaves(z)[0]
+            t = torch.full((ref.shape[0],), self.t, dtype=ref.dtype, device=ref.device)
+            z = tree_map(lambda a, g: self.c_skip * a + self.c_out * g, z, s.G(z, t, u))
         return s.read(z, self.plan)
 
 

@@ -35,13 +35,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from ..consistency.plans import plans_from_json, plans_to_json
 from ..consistency.plus import PlusStudent
 from ..consistency.schedule import ScheduleConfig, TimeSchedule
 from ..consistency.search import PlanSearchConfig, select_plans
 from ..consistency.student import ConsistencyStudent, Plan, StudentConfig
-from ..deq.layer import SolverSpec
+from ..deq.layer import SolverSpec, _is_shape
 from ..deq.model import DEQModel
 from ..engine.config import ConfigError
 from ..engine.io import CorruptFileError, load_tensors, read_json, save_tensors, write_json
@@ -75,7 +76,7 @@ def _solver_json(spec: Any) -> Any:
     return spec
 
 
-def teacher_recipe(teacher: DEQModel, channels: int, channel_dim: int) -> dict[str, Any]:
+def teacher_recipe(teacher: DEQModel, channels: Any, channel_dim: Any) -> dict[str, Any]:
     """The JSON that rebuilds ``teacher``'s architecture (see :mod:`cdeq.hub.describe`)."""
     deq = {k: _solver_json(v) for k, v in teacher.deq_kwargs.items()}
     bad = [k for k, v in deq.items() if not isinstance(v, (str, int, float, dict))]
@@ -86,6 +87,9 @@ def teacher_recipe(teacher: DEQModel, channels: int, channel_dim: int) -> dict[s
     shape = teacher.state_shape
     if callable(shape):
         shape = {"__module__": describe(shape)}
+    elif shape is not None and not _is_shape(shape):  # a structured state's per-part dims
+        flat, spec = tree_flatten(shape, is_leaf=_is_shape)
+        shape = {"__structure__": treespec_dumps(spec), "shapes": [list(s) for s in flat]}
     return {"injection": describe(teacher.injection), "cell": describe(teacher.cell),
             "head": describe(teacher.head), "state_shape": shape if shape is None or isinstance(shape, dict)
             else list(shape), "channels": channels, "channel_dim": channel_dim, "deq": deq}
@@ -94,7 +98,9 @@ def teacher_recipe(teacher: DEQModel, channels: int, channel_dim: int) -> dict[s
 def build_teacher(recipe: dict[str, Any]) -> DEQModel:
     """A fresh :class:`DEQModel` from :func:`teacher_recipe`'s JSON."""
     shape = recipe.get("state_shape")
-    if isinstance(shape, dict):
+    if isinstance(shape, dict) and "__structure__" in shape:
+        shape = tree_unflatten([tuple(s) for s in shape["shapes"]], treespec_loads(shape["__structure__"]))
+    elif isinstance(shape, dict):
         shape = build(shape["__module__"])
     return DEQModel(build(recipe["injection"]), build(recipe["cell"]), build(recipe["head"]),
                     state_shape=shape, channels=recipe["channels"], channel_dim=recipe["channel_dim"],

@@ -24,6 +24,7 @@ from ..deq.model import DEQModel
 from ..engine.config import Config, ConfigError, check_int, check_positive
 from ..engine.fit import model_device
 from ..engine.progress import progress
+from ..engine.tree import Layout
 from ..solvers import SOLVERS, get_solver
 from ..tasks.base import Task, on_device
 from . import cost
@@ -129,8 +130,8 @@ def _residual(z: Tensor, fz: Tensor, rel: bool) -> Tensor:
     return torch.where(finite, res, torch.inf)
 
 
-def truncated_states(solver: Any, f: Callable, z0: Tensor, u: Any, budgets: list[int]
-                     ) -> dict[int, Tensor]:
+def truncated_states(solver: Any, f: Callable, z0: Any, u: Any, budgets: list[int]
+                     ) -> dict[int, Any]:
     """The solver's result ``z`` cut to each budget ``k``, from one run of ``max(budgets)`` steps.
 
     A ``k``-step run returns ``f(z_j)`` at the iterate ``z_j`` (``j < k``) of lowest residual, the
@@ -139,28 +140,29 @@ def truncated_states(solver: Any, f: Callable, z0: Tensor, u: Any, budgets: list
     point or a non-finite value) or the run's residuals differ from the ones recomputed here, the
     budgets are run one by one instead, so the figures always equal separate runs.
     """
-    outs: list[tuple[Tensor, Tensor]] = []
-    batch = z0.shape[0]
+    outs: list[tuple[Tensor, Any]] = []
+    layout = Layout.of(z0)
+    batch = layout.leaves(z0)[0].shape[0]
 
-    def capture(z: Tensor, x: Any) -> Tensor:
+    def capture(z: Any, x: Any) -> Any:
         out = f(z, x)
-        outs.append((z.reshape(z.shape[0], -1), out))
+        outs.append((layout.pack(z), out))
         return out
 
     rel = solver.options.stop_mode == "rel"
     res = solver.solve(capture, z0, u, max_iter=max(budgets))
     full = all(z.shape[0] == batch for z, _ in outs) and len(outs) == max(budgets)
     if full:
-        mine = torch.stack([_residual(z, o.reshape(batch, -1).to(z.dtype), rel) for z, o in outs])
+        mine = torch.stack([_residual(z, layout.pack(o).to(z.dtype), rel) for z, o in outs])
         full = torch.equal(mine, res.trace)
     if not full:
         return {k: solver.solve(f, z0, u, max_iter=k).z for k in budgets}
     out = {}
-    rows = torch.arange(batch, device=z0.device)
-    stacked = torch.stack([o for _, o in outs])  # (K, B, ...)
+    rows = torch.arange(batch, device=res.nfe.device)
+    stacked = [torch.stack(parts) for parts in zip(*(layout.leaves(o) for _, o in outs), strict=True)]
     for k in budgets:
         best = torch.argmin(res.trace[:k], dim=0)  # the first minimum, as the solver's strict <
-        out[k] = stacked[best, rows]
+        out[k] = layout.unflatten([s[best, rows] for s in stacked])  # (B, ...) per part
     return out
 
 

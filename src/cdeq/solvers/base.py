@@ -20,11 +20,13 @@ import torch
 from torch import Tensor
 
 from ..engine.config import Config, ConfigError, check_choice, check_int, check_positive
+from ..engine.tree import check_tensors, part_names
 from . import loop
 from .loop import NonFiniteError, SolverResult, take_rows  # noqa: F401  (re-exported)
 
-FixedPointFn = Callable[..., Tensor]
-"""``f(z, x) -> z'`` with ``z`` of shape ``(B, ...)``; ``x`` may be omitted (``None``)."""
+FixedPointFn = Callable[..., Any]
+"""``f(z, x) -> z'`` with ``z`` of shape ``(B, ...)`` (or a structure of such tensors, returned in
+the same structure); ``x`` may be omitted (``None``)."""
 
 Record = str | Sequence[int] | None
 
@@ -130,20 +132,21 @@ class Solver:
     def solve(
         self,
         f: FixedPointFn,
-        z0: Tensor,
+        z0: Any,
         x: Any = None,
         *,
         record: Record = None,
         max_iter: int | None = None,
     ) -> SolverResult:
-        """Solve ``z = f(z, x)`` from ``z0`` of shape ``(B, ...)``.
+        """Solve ``z = f(z, x)`` from ``z0`` of shape ``(B, ...)``, or from a tuple / list / dict of
+        such tensors (a structured state: one residual per sample over all its parts).
 
         Args:
             f: the map; called as ``f(z, x)`` on the running samples only (rows of every
                 tensor in ``x`` with leading dimension ``B`` are selected to match). It must not
                 modify ``z`` in place, and must return a tensor it does not modify later.
-            z0: ``(B, ...)`` start; the result has its device and dtype (a half-precision
-                ``z0`` is solved in float32).
+            z0: ``(B, ...)`` start, or a structure of such tensors sharing ``B``; the result has
+                its structure, devices and dtypes (a half-precision part is solved in float32).
             x: the input the map is conditioned on (tensor, tuple, dict or ``None``).
             record: ``None``, ``"all"`` or iterate indices to keep (see :class:`SolverResult`).
             max_iter: override the NFE limit for this call.
@@ -160,13 +163,21 @@ class Solver:
 
 
 def _check_start(z0: Any) -> None:
-    if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
-        raise ValueError(
-            f"z0 must be a tensor of shape (B, ...) with B >= 1, got "
-            f"{tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__}"
-        )
+    if not isinstance(z0, Tensor):
+        if isinstance(z0, (tuple, list, dict)) and z0:
+            for name, part in zip(part_names(z0), check_tensors(z0, "z0"), strict=True):
+                _check_part(part, f"z0{name}")
+            return
+        raise ValueError(f"z0 must be a tensor of shape (B, ...) with B >= 1, or a tuple, list or "
+                         f"dict of such tensors, got {type(z0).__name__}")
+    _check_part(z0, "z0")
+
+
+def _check_part(z0: Tensor, name: str) -> None:
+    if z0.dim() < 1 or z0.shape[0] == 0:
+        raise ValueError(f"{name} must be a tensor of shape (B, ...) with B >= 1, got {tuple(z0.shape)}")
     if not (z0.is_floating_point() or z0.is_complex()):
-        raise ValueError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {z0.dtype}")
 
 
 # --- registry ----------------------------------------------------------------------------------

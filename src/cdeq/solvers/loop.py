@@ -15,10 +15,17 @@ runs at most ``check_every - 1`` iterations past the last sample's stop.
 
 All the loop's tensors are made from ``z0`` (its device; its dtype, or float32 for a half type),
 and its arithmetic runs outside autocast; only ``f`` runs under the caller's autocast.
+
+A structured state (a tuple, list or dict of tensors, :mod:`cdeq.engine.tree`) is iterated as one
+``(B, N)`` working matrix, its parts flattened and concatenated: one residual per sample over all
+parts, one stop per sample. ``f`` gets views of that matrix laid out as the state (each part in its
+working dtype) and its output is packed back (one concatenation per call); a lone tensor is only
+reshaped, as it always was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any
@@ -27,11 +34,14 @@ import torch
 from torch import Tensor
 
 from ..engine.precision import caller_autocast, full_precision, working_dtype
+from ..engine.tree import Layout
 
 
 @dataclasses.dataclass
 class SolverResult:
     """What every solver returns.
+
+    A structured state gives ``z`` and ``trajectory`` of its structure (each part as described).
 
     Attributes:
         z: ``(B, ...)`` the solution: ``f(z_j)`` at the evaluated iterate ``z_j`` of lowest
@@ -48,14 +58,14 @@ class SolverResult:
         trajectory_index: the iterate index of each recorded entry.
     """
 
-    z: Tensor
+    z: Any
     nfe: Tensor
     residual: Tensor
     abs_residual: Tensor
     converged: Tensor
     diverged: Tensor
     trace: Tensor
-    trajectory: Tensor | None = None
+    trajectory: Any = None
     trajectory_index: list[int] | None = None
 
     def stats(self) -> dict[str, float]:
@@ -108,21 +118,23 @@ class LoopState:
                    converged=torch.zeros_like(active), diverged=torch.zeros_like(active))
 
 
-def evaluate(loop: LoopState, f: Any, x: Any, shape: tuple[int, ...], compact: bool,
+def evaluate(loop: LoopState, f: Any, x: Any, layout: Layout, compact: bool,
              call_context: Any) -> Tensor:
-    """``f`` at the current iterate ``(B, n)``: on ``loop.rows`` only when ``compact``; rows of
-    stopped samples keep their last value. Counts one NFE for every running sample."""
+    """``f`` at the current iterate ``(B, n)`` (given to ``f`` laid out as the state, ``layout``):
+    on ``loop.rows`` only when ``compact``; rows of stopped samples keep their last value. Counts
+    one NFE for every running sample."""
     batch = loop.z.shape[0]
+    autocast = call_context is not contextlib.nullcontext  # low-precision parts are expected
     with call_context():
         if loop.rows is None or not compact:
-            out = f(loop.z.reshape(batch, *shape), x)
-            _check_output(out, (batch, *shape))
-            new = out.reshape(batch, -1).to(loop.z.dtype)
+            out = f(layout.unpack(loop.z, dtypes=True), x)
+            layout.check(out, batch, autocast=autocast)
+            new = layout.pack(out).to(loop.z.dtype)
         else:
             rows = loop.rows
-            out = f(loop.z[rows].reshape(-1, *shape), loop.x_rows)
-            _check_output(out, (rows.numel(), *shape))
-            new = loop.fz.index_copy(0, rows, out.reshape(rows.numel(), -1).to(loop.z.dtype))
+            out = f(layout.unpack(loop.z[rows], dtypes=True), loop.x_rows)
+            layout.check(out, rows.numel(), autocast=autocast)
+            new = loop.fz.index_copy(0, rows, layout.pack(out).to(loop.z.dtype))
     loop.nfe += loop.active
     return new if loop.all_running else torch.where(loop.active[:, None], new, loop.fz)
 
@@ -184,19 +196,25 @@ def check(loop: LoopState, x: Any, compact: bool) -> bool:
     return True
 
 
-def run(solver: Any, f: Any, z0: Tensor, x: Any, wanted: list[int] | None, limit: int) -> Any:
-    """The loop of :meth:`Solver.solve` (arguments validated there); returns a ``SolverResult``."""
+def run(solver: Any, f: Any, z0: Any, x: Any, wanted: list[int] | None, limit: int) -> Any:
+    """The loop of :meth:`Solver.solve` (arguments validated there); returns a ``SolverResult``.
+    ``z0``: a tensor or a structure of tensors (:mod:`cdeq.engine.tree`)."""
     opts = solver.options
-    batch, shape = z0.shape[0], tuple(z0.shape[1:])
+    layout = Layout.of(z0)  # the caller's dtypes: the solution's
+    # the parts as f sees them: each in its working dtype (float32 for a half type)
+    work = Layout(layout.spec, layout.names, layout.shapes, [working_dtype(d) for d in layout.dtypes])
+    first = layout.leaves(z0)[0]
+    device = first.device
     wanted_set = set(wanted or ())
-    call_context = caller_autocast(z0.device)  # taken before leaving autocast below
-    with full_precision(z0.device):
-        loop = LoopState.start(z0.reshape(batch, -1).to(working_dtype(z0.dtype)).clone())
+    call_context = caller_autocast(device)  # taken before leaving autocast below
+    with full_precision(device):
+        start = layout.pack(z0)
+        loop = LoopState.start(start.to(working_dtype(start.dtype)).clone())
         state = solver.init_state(loop.z)
         for it in range(limit):
             if it in wanted_set:
-                loop.frames[it] = loop.z.reshape(batch, *shape).clone()
-            fz = evaluate(loop, f, x, shape, opts.compact, call_context)
+                loop.frames[it] = loop.z.clone()
+            fz = evaluate(loop, f, x, work, opts.compact, call_context)
             g = fz - loop.z
             update(loop, fz, *residuals(fz, loop.z, opts.stop_mode == "rel", g), opts.tol)
             if it == limit - 1:
@@ -211,13 +229,14 @@ def run(solver: Any, f: Any, z0: Tensor, x: Any, wanted: list[int] | None, limit
         trace = trace[: int(loop.nfe.max())]
     report_nonfinite(loop.diverged, opts.on_nonfinite)
     # A sample that never produced a finite value keeps its start (best_z began as z0).
-    solution = loop.best_z.reshape(batch, *shape).to(z0.dtype)
+    solution = layout.unpack(loop.best_z, dtypes=True)
     trajectory = None
     if wanted is not None:
-        last = loop.z.reshape(batch, *shape).to(z0.dtype)
-        frames = {k: v.to(z0.dtype) for k, v in loop.frames.items()}
+        frames = {k: layout.unpack(v, dtypes=True) for k, v in loop.frames.items()}
         frames[limit] = solution
-        trajectory = torch.stack([frames.get(i, last) for i in wanted])
+        last = layout.unpack(loop.z, dtypes=True)
+        picked = [layout.leaves(frames.get(i, last)) for i in wanted]
+        trajectory = layout.unflatten([torch.stack(parts) for parts in zip(*picked, strict=True)])
     return SolverResult(z=solution, nfe=loop.nfe, residual=loop.best_res, abs_residual=loop.best_abs,
                         converged=loop.converged, diverged=loop.diverged, trace=trace,
                         trajectory=trajectory, trajectory_index=wanted)
@@ -252,11 +271,3 @@ def take_rows(x: Any, index: Tensor, batch: int) -> Any:
     if isinstance(x, dict):
         return {key: take_rows(item, index, batch) for key, item in x.items()}
     return x
-
-
-def _check_output(out: Any, expected: tuple[int, ...]) -> None:
-    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(expected):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"the fixed-point map must return a tensor shaped like its input z {expected}, got {got}"
-        )
