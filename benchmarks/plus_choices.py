@@ -39,7 +39,6 @@ import tie_rule
 import torch
 
 from cdeq.consistency.plus import train_plus
-from cdeq.consistency.search import select_plans
 from cdeq.consistency.trajectory import TrajectoryStore
 from cdeq.run.stages import Run, chain_batches
 
@@ -142,7 +141,7 @@ def on_held_out_half(path: str, variants: list[str]) -> dict[str, Any]:
 
     def search_half(model) -> None:
         with run.autocast():
-            select_plans(model, list(search), run._score, run.task.higher_is_better, last, plans_cfg)
+            tie_rule.select_half(run, model, list(search), last, plans_cfg)
 
     result: dict = {"run": "/".join(Path(path).resolve().parts[-2:]), "task": run.config.task,
                     "split": "valid, held-out half", "variants": {},

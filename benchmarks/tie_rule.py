@@ -10,7 +10,8 @@ selection (validation) batches are split in two by a fixed interleave (images an
 other row; graphs: every other validation node). Each rule searches the plans of C-DEQ and C-DEQ+ on
 the first half; the second half scores them at every budget: the task metric, the loss (in the
 JSON) and the relative error to ``z*`` (the teacher's eval solver). The learned initialiser plus
-``k`` solver steps is scored the same way. The test split is never read. Rules (``plans`` settings):
+``k`` solver steps is scored the same way. The test split is never read. Rules (the fields of the
+search's private ``_Rule``; the last is the search's fixed rule, ``cdeq.consistency.search``):
 
 - exact ties, broken by the loss (``tie_within_se=0``, ``tie_break=loss``);
 - exact ties, broken by the error to ``z*``;
@@ -20,7 +21,7 @@ JSON) and the relative error to ``z*`` (the teacher's eval solver). The learned 
 - the same, and each chosen plan is read out by the teacher's head where that scores higher on
   the search half by one standard error or more (``teacher_head``);
 - the same, but a plan ties with the teacher only when its metric is not below the teacher's
-  (``teacher_within_se=0``): the defaults.
+  (``teacher_within_se=0``): the rule the search keeps.
 
 ``--rules`` picks some of them by number (1-6, in this order).
 
@@ -41,15 +42,15 @@ from typing import Any
 
 import torch
 
+from cdeq.consistency import search as plan_search
 from cdeq.consistency.conditioning import relative_error
 from cdeq.consistency.plans import plan_to_json
-from cdeq.consistency.search import select_plans
 from cdeq.engine.precision import to_device
 from cdeq.run.stages import Run
 
 STUDENT_HEAD = {"tie_with_teacher": False, "teacher_head": False, "teacher_within_se": 1.0}
 SE_TIES = {"tie_within_se": 1.0, "tie_break": "error"}
-RULES = {
+RULES = {  # each a _Rule: the search's own is the last
     "exact ties, by the loss": {"tie_within_se": 0.0, "tie_break": "loss", **STUDENT_HEAD},
     "exact ties, by the error": {"tie_within_se": 0.0, "tie_break": "error", **STUDENT_HEAD},
     "1 SE ties, by the error": {**SE_TIES, **STUDENT_HEAD},
@@ -119,12 +120,12 @@ def one_run(path: str, rules: dict[str, dict]) -> dict[str, Any]:
                               "search_items": sum(labelled_items(y) for _, y in search),
                               "held_out_items": sum(labelled_items(y) for _, y, _ in scored), "models": {}}
     last = run.config.record.solver.max_iter
+    cfg = dataclasses.replace(run.config.plans, batches=len(search))
     for name, model in models.items():
         result["models"][name] = {}
         for rule, changes in rules.items():
-            cfg = dataclasses.replace(run.config.plans, batches=len(search), **changes)
             with run.autocast():
-                select_plans(model, list(search), run._score, run.task.higher_is_better, last, cfg)
+                select_half(run, model, search, last, cfg, changes)
             per = held_out(run, lambda x, k, m=model: m.predict(x, nfe=k), scored)
             per["plans"] = {str(k): plan_to_json(model.plan_for(k)) for k in BUDGETS}
             result["models"][name][rule] = per
@@ -140,6 +141,15 @@ def one_run(path: str, rules: dict[str, dict]) -> dict[str, Any]:
     result["models"]["C-DEQ's head on z*"] = {"-": held_out(
         run, lambda x, k: (student.head(z_of[id(x)]), z_of[id(x)]), scored)}
     return result
+
+
+def select_half(run: Run, model: Any, search: list, last: int, config: Any,
+                changes: dict | None = None) -> None:
+    """Search ``model``'s plans on the ``search`` half with the rule changed by ``changes``
+    (fields of the search's private ``_Rule``; none: the search's own rule)."""
+    rule = dataclasses.replace(plan_search._RULE, **(changes or {}))
+    plan_search._select_plans(model, search, run._score, run.task.higher_is_better, last, config,
+                              None, rule)
 
 
 def labelled_items(y: Any) -> int:

@@ -237,6 +237,7 @@ def test_a_run_configuration_of_an_earlier_version_is_read_with_its_moved_keys()
     import json
     from pathlib import Path
 
+    from cdeq.consistency.plus import PlusConfig
     from cdeq.run.config import MOVED, RunConfig, build_config
 
     old = {"distill": {"chain_k": 2, "chain_data": "train", "epochs": 3},
@@ -248,7 +249,8 @@ def test_a_run_configuration_of_an_earlier_version_is_read_with_its_moved_keys()
         RunConfig.from_dict({"distill": {"chain_k": 2}, "plus": {"chain_k": 3}})
     with pytest.raises(ConfigError, match="plus.train_injection=True is no longer a setting: "
                                           "C-DEQ\\+ has its own injection when"):
-        RunConfig.from_dict({"plus": {"train_injection": True}})
+        build_config("digits", {"plus": {"train_injection": True}})
+    assert RunConfig.from_dict({"plus": {"train_injection": True}}).plus == PlusConfig()  # logged
     # every stored run's configuration still reads, with the values it was run with
     stored = sorted((Path(__file__).parents[1] / "docs" / "results").rglob("config.json"))
     assert stored

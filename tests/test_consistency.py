@@ -1,5 +1,7 @@
 """The consistency student: boundary condition, schedule, distillation beating the truncated teacher."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from cdeq.consistency import (
     select_plans,
 )
 from cdeq.consistency.plans import TEACHER_HEAD, check_plan, plan_nfe, plan_to_json
+from cdeq.consistency.search import _RULE
 from cdeq.deq import DEQModel
 from cdeq.engine.io import CorruptFileError
 
@@ -43,6 +46,15 @@ class MLPCell(nn.Module):
     def forward(self, z, u):
         return torch.tanh(self.lin(z) + u)
 
+
+
+def rule_search(student, batches, score, higher_is_better, max_nfe, **rule):
+    """The plan search with its rule changed (the alternatives ``benchmarks/tie_rule.py``
+    compares): the private search function and rule."""
+    from cdeq.consistency.search import _select_plans
+
+    return _select_plans(student, batches, score, higher_is_better, 40, PlanSearchConfig(max_nfe=max_nfe),
+                         None, dataclasses.replace(_RULE, **rule))
 
 def tiny_problem(n=512, d=16, classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -121,8 +133,7 @@ def test_distilled_student_beats_truncated_teacher_at_one_nfe(tmp_path):
         {"epochs": 40, "batch_size": 64, "optim": {"lr": 3e-3}}),
                    task_loss=nn.functional.cross_entropy)
     assert hist["loss"][-1] < hist["loss"][0]
-    search = select_plans(student, train, _score, True, last=40,
-                          config=PlanSearchConfig(max_nfe=3, tie_within_se=0.0))
+    search = rule_search(student, train, _score, True, 3, tie_within_se=0.0)
     assert set(search) == {"1", "2", "3"}
     with torch.no_grad():
         u = model.inject(x_te)
@@ -306,9 +317,8 @@ def test_plan_search_never_lets_the_error_to_z_star_rise():
         return (logits - ref).norm(dim=-1), 0.0
 
     def errors(rule: bool) -> list[float]:
-        log = select_plans(student, batches, far, True, last=40,
-                           config=PlanSearchConfig(max_nfe=4, error_must_not_rise=rule,
-                                                   tie_with_teacher=False))
+        log = rule_search(student, batches, far, True, 4, error_must_not_rise=rule,
+                          tie_with_teacher=False)
         with torch.no_grad():
             u = model.inject(x)
             z_star = model.deq.solve(u).z
@@ -328,7 +338,7 @@ def test_plan_search_never_lets_the_error_to_z_star_rise():
 
 def test_plan_search_tie_break_by_the_error_to_z_star():
     """Every plan scores the same metric; the loss rewards leaving z*. Breaking ties by the loss
-    picks plans far from z*, by the error the closest; a bad value is a clear error."""
+    picks plans far from z*, by the error (the search's rule) the closest."""
     torch.manual_seed(0)
     model, x, _ = tiny_problem(n=64)
     student = ConsistencyStudent(model)
@@ -339,15 +349,13 @@ def test_plan_search_tie_break_by_the_error_to_z_star():
         return torch.zeros(logits.shape[0]), -float((logits - ref).norm(dim=-1).sum())
 
     def errors(tie_break: str) -> list[float]:
-        log = select_plans(student, [(x, converged)], flat, True, last=40, config=PlanSearchConfig(
-            max_nfe=4, error_must_not_rise=False, tie_break=tie_break))
+        log = rule_search(student, [(x, converged)], flat, True, 4, error_must_not_rise=False,
+                          tie_break=tie_break)
         return [log[str(k)]["relative_error"] for k in range(1, 5)]
 
     by_loss, by_error = errors("loss"), errors("error")
     assert all(e <= f for e, f in zip(by_error, by_loss, strict=True))
     assert by_error[-1] < by_loss[-1]
-    with pytest.raises(ConfigError, match="tie_break"):
-        PlanSearchConfig(tie_break="metric")
 
 
 def test_a_gain_below_its_standard_error_is_a_tie():
@@ -368,7 +376,7 @@ def test_a_gain_below_its_standard_error_is_a_tie():
 def test_plan_search_counts_noise_as_a_tie_and_takes_the_plan_nearest_z_star():
     """The metric is noise of each item's logits (no plan is really better); with a wide tie
     margin every plan ties and the search chooses as if the metrics were equal: by the error to z*,
-    then the loss. With no margin the noise picks. ``tie_within_se`` < 0 is a clear error."""
+    then the loss. With no margin the noise picks."""
     torch.manual_seed(0)
     model, x, _ = tiny_problem(n=64)
     student = ConsistencyStudent(model)
@@ -382,21 +390,19 @@ def test_plan_search_counts_noise_as_a_tie_and_takes_the_plan_nearest_z_star():
         return torch.zeros(logits.shape[0]), -float((logits - ref).norm(dim=-1).sum())
 
     def search(fn, within_se: float) -> list:
-        return select_plans(student, [(x, converged)], fn, True, last=40, config=PlanSearchConfig(
-            max_nfe=5, error_must_not_rise=False, tie_break="error", tie_within_se=within_se))
+        return rule_search(student, [(x, converged)], fn, True, 5, error_must_not_rise=False,
+                           tie_break="error", tie_within_se=within_se)
 
     tied, equal, by_noise = search(noise, 1e9), search(flat, 0.0), search(noise, 0.0)
     assert [tied[str(k)]["plan"] for k in range(1, 6)] == [equal[str(k)]["plan"] for k in range(1, 6)]
     assert [tied[str(k)]["plan"] for k in range(1, 6)] != [by_noise[str(k)]["plan"] for k in range(1, 6)]
     assert tied["5"]["relative_error"] < by_noise["5"]["relative_error"]
-    with pytest.raises(ConfigError, match="tie_within_se"):
-        PlanSearchConfig(tie_within_se=-1.0)
 
 
 def test_a_plan_as_good_as_the_converged_teacher_ties_with_any_earlier_gain():
     """The metric rewards leaving z* (each item's distance from the converged logits), so the
     converged teacher scores 0, below every plan. Without ``tie_with_teacher`` the search keeps
-    plans that gained metric by leaving z*; with it (the default) every plan ties with the teacher
+    plans that gained metric by leaving z*; with it (the search's rule) every plan ties with the teacher
     and the search chooses as if the metrics were equal: by the error to z*."""
     torch.manual_seed(0)
     model, x, _ = tiny_problem(n=64)
@@ -412,15 +418,13 @@ def test_a_plan_as_good_as_the_converged_teacher_ties_with_any_earlier_gain():
         return torch.zeros(logits.shape[0]), 0.0
 
     def errors(fn, **kw) -> list[float]:
-        log = select_plans(student, [(x, converged)], fn, True, last=40,
-                           config=PlanSearchConfig(max_nfe=5, **kw))
+        log = rule_search(student, [(x, converged)], fn, True, 5, **kw)
         return [log[str(k)]["relative_error"] for k in range(1, 6)]
 
     kept, with_teacher = errors(away, tie_with_teacher=False), errors(away)
     assert with_teacher == errors(flat, tie_within_se=0.0)
     assert with_teacher[-1] < kept[-1]
-    with pytest.raises(ConfigError, match="tie_with_teacher"):
-        PlanSearchConfig(tie_with_teacher="yes")
+    assert with_teacher == errors(away, **dataclasses.asdict(_RULE))  # the rule ties with the teacher
 
 
 def accuracy(logits, y):
@@ -430,7 +434,7 @@ def accuracy(logits, y):
 
 def test_the_search_reads_plans_that_reach_z_star_with_the_teachers_head():
     """The student's head is made worse than the teacher's (its rows permuted), so near ``z*``
-    only the teacher's head gets the converged labels. With ``teacher_head`` (the default) the
+    only the teacher's head gets the converged labels. With ``teacher_head`` (the search's rule) the
     chosen plans are read out by the teacher's head and score as the teacher at 12 calls; without
     it the plans reach as near ``z*`` but score with the worse head."""
     torch.manual_seed(0)
@@ -445,8 +449,7 @@ def test_the_search_reads_plans_that_reach_z_star_with_the_teachers_head():
     logits, z = student.predict(x, nfe=12)
     assert torch.equal(logits, model.head(z))  # the teacher's head reads the state
     assert plan_nfe(top) == 12 and log["12"]["relative_error"] < 0.02
-    without = select_plans(student, [(x, y)], accuracy, True, last=40,
-                           config=PlanSearchConfig(max_nfe=12, teacher_head=False))
+    without = rule_search(student, [(x, y)], accuracy, True, 12, teacher_head=False)
     assert all(TEACHER_HEAD not in p for p in student.plans.values())
     assert without["12"]["metric"] < 0.5 and without["12"]["relative_error"] < 0.02
 
@@ -463,14 +466,12 @@ def test_a_plan_is_checked_when_set_and_the_teacher_head_only_ends_one():
         student.plans = {1: [TEACHER_HEAD, ("jump", student.start_time)]}
     with pytest.raises(ConfigError, match="not valid"):
         student.plans = {1: [("jump", "late")]}
-    with pytest.raises(ConfigError, match="teacher_head"):
-        PlanSearchConfig(teacher_head=1)
 
 
 def test_the_teacher_margin_decides_whether_a_plan_below_the_teacher_ties():
     """Of two candidates, ``b`` scores best (90 of 100 items) and ``c`` is nearer ``z*`` but one
     item below the converged teacher (80), within one standard error of it. With
-    ``teacher_within_se=1`` ``c`` ties with the teacher and wins on the error; with the default
+    ``teacher_within_se=1`` ``c`` ties with the teacher and wins on the error; with the search's
     margin 0 it trails the teacher and the better-scoring ``b`` is kept."""
     from cdeq.consistency.search import _choose, _Scored
 
@@ -482,9 +483,22 @@ def test_the_teacher_margin_decides_whether_a_plan_below_the_teacher_ties():
     teacher = scored(list(range(80)), 0.0)
     b = scored(list(range(90)), 0.5)
     c = scored(list(range(2, 80)) + [85], 0.1)
-    kept, _ = _choose([b, c], b, PlanSearchConfig(teacher_within_se=1.0), True, [teacher])
+    kept, _ = _choose([b, c], b, dataclasses.replace(_RULE, teacher_within_se=1.0), True, [teacher])
     assert kept is c
-    kept, _ = _choose([b, c], b, PlanSearchConfig(), True, [teacher])
+    kept, _ = _choose([b, c], b, _RULE, True, [teacher])
     assert kept is b
-    with pytest.raises(ConfigError, match="teacher_within_se"):
-        PlanSearchConfig(teacher_within_se=-1)
+
+
+def test_the_search_rule_is_no_setting():
+    """The alternatives to the search's rule are not configuration: a plan-search section naming
+    one is refused; a saved run's configuration holding the rule's own value still reads, another
+    value is an error that names the fixed rule."""
+    from cdeq.run.config import RunConfig, build_config
+
+    with pytest.raises(ConfigError, match="unknown key 'tie_break'"):
+        PlanSearchConfig.from_dict({"tie_break": "loss"})
+    old = {"plans": {"tie_within_se": 1.0, "tie_break": "error", "tie_with_teacher": True,
+                     "teacher_within_se": 0.0, "teacher_head": True, "error_must_not_rise": True}}
+    assert RunConfig.from_dict(old).plans == PlanSearchConfig()
+    with pytest.raises(ConfigError, match="plans.tie_break='loss' is no longer a setting: .*fixed"):
+        build_config("digits", {"plans": {"tie_break": "loss"}})

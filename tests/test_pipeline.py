@@ -222,3 +222,29 @@ def test_the_plus_choices_benchmark_runs_on_a_finished_run(quick_run, tmp_path, 
     assert set(per) == {str(k) for k in bench.HELD_OUT_BUDGETS}
     assert all(0.0 <= v["metric"] <= 1.0 and v["relative_error"] >= 0.0 for v in per.values())
     assert any("± 0.0000" in line for line in got["table"])  # two equal runs: no spread
+
+
+def test_the_tie_rule_benchmark_compares_rules_the_search_no_longer_exposes(quick_run, tmp_path,
+                                                                          monkeypatch):
+    """``benchmarks/tie_rule.py`` still runs the alternatives it compared (through the search's
+    private rule), and its last rule is the one the search keeps: the same plans as a run's."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from cdeq.consistency import search
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tie_rule.py"
+    spec = importlib.util.spec_from_file_location("tie_rule", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert search._Rule(**list(bench.RULES.values())[-1]) == search._RULE
+    out = tmp_path / "tie.json"
+    monkeypatch.setattr(sys, "argv", ["tie_rule.py", "--runs", str(quick_run), "--out", str(out),
+                                      "--rules", "1", "6"])
+    bench.main()
+    got = json.loads(out.read_text())
+    rules = got["runs"][0]["models"]["C-DEQ"]
+    assert list(rules) == [list(bench.RULES)[0], list(bench.RULES)[5]]
+    for per in rules.values():
+        assert all(0.0 <= per[str(k)]["metric"] <= 1.0 for k in bench.BUDGETS)

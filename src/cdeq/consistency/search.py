@@ -10,22 +10,27 @@ A plan (see :mod:`cdeq.consistency.student`) is a list of operations. For every 
 - ``plan_j + [solve(k - j)]`` for ``j`` in 1, 2, 4 (``j <= k - 2``): the teacher's own solver
   takes over from the estimate of a short plan for the rest of the budget.
 
-``plan_k`` is the best of these and ``plan_{k-1}`` itself, judged on the given batches (in a run,
-``Task.selection_batches``: validation data) by the task metric; ``tie_break`` (the loss, or the
-error to ``z*``) decides between tied metrics. With ``tie_within_se`` a candidate ties when its
-metric trails the best one found so far (at any budget up to ``k``) by less than that many
-standard errors of their per-item difference: a gain the selection data cannot tell from noise
-does not outweigh a plan closer to ``z*``. With ``tie_with_teacher`` a candidate also ties when its
-metric does not trail the converged teacher's (the student's head on ``z*``) by
-``teacher_within_se`` standard errors: a
-selection gain over the DEQ's own answer does not keep a plan from moving to it. Without
-``tie_within_se``, ties are exact and on those batches a larger budget is never worse. With
-``error_must_not_rise`` (the default) only candidates whose relative error to ``z*`` (the
-teacher's eval solver on the same batches) is at most ``plan_{k-1}``'s compete, so on those
-batches the error to ``z*`` never rises as calls are added: a plan may not buy accuracy by leaving
-the equilibrium. With ``teacher_head`` (the default) a chosen plan is read out by the teacher's
-head (a last ``("teacher_head",)``, 0 NFE) when that scores higher by ``tie_within_se`` standard
-errors or more; the search itself ranks plans by the student's head.
+``plan_k`` is one of these or ``plan_{k-1}`` itself, judged on the given batches (in a run,
+``Task.selection_batches``: validation data) by the task metric, with one fixed rule:
+
+1. **The error to the equilibrium must not rise.** Only candidates at least as close to ``z*`` (the relative
+   error, ``z*`` from the teacher's eval solver on the same batches) as ``plan_{k-1}`` compete, so
+   on those batches the error never rises as calls are added: a plan may not buy metric by
+   leaving the equilibrium.
+2. **A gain the selection data cannot tell from noise is a tie.** A candidate ties when its metric
+   trails the best found so far (at any budget up to ``k``) by less than one standard error of
+   their paired per-item difference, or when it does not trail the converged teacher (the
+   student's head on ``z*``) at all: a selection gain over the DEQ's own answer does not keep a
+   plan from moving to it.
+3. **Ties go to the plan nearest the equilibrium** (the error to ``z*``), then to the lower loss.
+4. **The teacher's head reads a plan's state where it scores higher** by one standard error or
+   more (the plan then ends with ``("teacher_head",)``, 0 NFE); the search itself ranks plans by
+   the student's head.
+
+The rule was chosen among alternatives (exact ties, ties broken by the loss, no ties with the
+teacher, a teacher margin of one standard error, no teacher head) on validation items the search
+did not see, over seeds: ``benchmarks/tie_rule.py`` compares them (its results:
+``benchmarks/results/tie_rule_*.json``).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine.config import Config, ConfigError, check_bool, check_choice, check_int, check_positive
+from ..engine.config import Config, ConfigError, check_int
 from ..engine.fit import model_device
 from ..engine.precision import to_device
 from .conditioning import relative_error
@@ -56,34 +61,45 @@ SOLVER_HANDOVER = (1, 2, 4)
 
 @dataclasses.dataclass
 class PlanSearchConfig(Config):
-    """Attributes:
+    """What the plan search looks at (how it chooses is fixed: the module docstring's rule).
+
+    Attributes:
         max_nfe: search plans up to this budget.
         times: candidate re-entry times ``tau`` (``()``: the schedule's times of iterates
             1, 2, 3, 4, 6, 8, 12 and 0.5/0.75/0.9 of ``T``).
         batches: number of batches (validation, in a run) to judge plans on.
-        error_must_not_rise: a candidate for budget ``k`` must be at least as close to ``z*``
-            (relative error on the same batches) as the plan chosen for ``k - 1``.
-        tie_break: what decides between plans of tied metric: ``"error"`` (the error to ``z*``,
-            then the loss) or ``"loss"`` (the task loss, then the error to ``z*``).
-        tie_within_se: a candidate whose metric trails the best found so far by less than this
-            many standard errors of their paired per-item difference ties with it (0: only
-            equal metrics tie). The defaults (1 standard error, ties to the plan nearest ``z*``)
-            were chosen on validation items the search did not see: ``benchmarks/tie_rule.py``.
-        tie_with_teacher: with ``tie_within_se`` > 0, a candidate whose metric is within
-            ``teacher_within_se`` of the converged teacher's (the student's head on ``z*``, same
-            batches) ties too, even when an earlier plan's metric is higher (its default was
-            chosen the same way).
-        teacher_within_se: with ``tie_with_teacher``, the margin (standard errors) for the
-            teacher: 0 (the default, chosen the same way) ties only candidates that do not
-            trail the converged teacher at all.
-        teacher_head: once a budget's plan is chosen (read out by the student's fine-tuned head),
-            the teacher's head reads its state instead (the plan ends with ``("teacher_head",)``,
-            0 NFE) when it scores higher by ``tie_within_se`` standard errors or more.
     """
 
     max_nfe: int = 16
     times: tuple = ()
     batches: int = 2
+
+    def validate(self) -> None:
+        check_int("max_nfe", self.max_nfe, minimum=1)
+        check_int("batches", self.batches, minimum=1)
+        if any(not isinstance(t, (int, float)) or t <= 0 for t in self.times):
+            raise ConfigError(f"times={self.times!r} is not valid; give positive numbers")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """How the search chooses (the module docstring's rule is :data:`_RULE`); the alternatives
+    exist for ``benchmarks/tie_rule.py``, which compares them, and for the tests.
+
+    Attributes:
+        error_must_not_rise: a candidate for budget ``k`` must be at least as close to ``z*``
+            as the plan chosen for ``k - 1``.
+        tie_break: what decides between tied plans: ``"error"`` (the error to ``z*``, then the
+            loss) or ``"loss"`` (the loss, then the error).
+        tie_within_se: a candidate trailing the best found so far by less than this many standard
+            errors ties with it (0: only equal metrics tie).
+        tie_with_teacher: with ``tie_within_se > 0``, a candidate within ``teacher_within_se``
+            standard errors of the converged teacher's metric ties too.
+        teacher_within_se: the margin for the teacher.
+        teacher_head: read a chosen plan out by the teacher's head where that scores higher by
+            ``tie_within_se`` standard errors or more.
+    """
+
     error_must_not_rise: bool = True
     tie_break: str = "error"
     tie_within_se: float = 1.0
@@ -91,17 +107,9 @@ class PlanSearchConfig(Config):
     teacher_within_se: float = 0.0
     teacher_head: bool = True
 
-    def validate(self) -> None:
-        check_int("max_nfe", self.max_nfe, minimum=1)
-        check_int("batches", self.batches, minimum=1)
-        check_bool("error_must_not_rise", self.error_must_not_rise)
-        check_choice("tie_break", self.tie_break, ["loss", "error"])
-        check_positive("tie_within_se", self.tie_within_se, allow_zero=True)
-        check_bool("tie_with_teacher", self.tie_with_teacher)
-        check_positive("teacher_within_se", self.teacher_within_se, allow_zero=True)
-        check_bool("teacher_head", self.teacher_head)
-        if any(not isinstance(t, (int, float)) or t <= 0 for t in self.times):
-            raise ConfigError(f"times={self.times!r} is not valid; give positive numbers")
+
+_RULE = _Rule()
+"""The plan search's rule."""
 
 
 def candidate_times(student: ConsistencyStudent, last: int, config: PlanSearchConfig) -> list[float]:
@@ -185,13 +193,13 @@ def _trails(a: _Scored, ref: _Scored, higher_is_better: bool, within_se: float) 
     return float(d.mean()) >= within_se * se
 
 
-def _choose(scored: list[_Scored], ref: _Scored, config: PlanSearchConfig,
+def _choose(scored: list[_Scored], ref: _Scored, rule: _Rule,
             higher_is_better: bool, teacher: list[_Scored]) -> tuple[_Scored, _Scored]:
     """The plan kept among ``scored`` and the new best-by-metric reference (``ref``: the best
     metric found at the budgets before; ``teacher``: the converged teacher's scores, further
     references to tie with)."""
     def ties(c: _Scored) -> tuple[float, float]:
-        return (-c.err, -c.loss) if config.tie_break == "error" else (-c.loss, -c.err)
+        return (-c.err, -c.loss) if rule.tie_break == "error" else (-c.loss, -c.err)
 
     def rank(c: _Scored) -> tuple[float, float, float]:
         return (c.metric if higher_is_better else -c.metric, *ties(c))
@@ -199,9 +207,9 @@ def _choose(scored: list[_Scored], ref: _Scored, config: PlanSearchConfig,
     top = max(scored, key=rank)
     if rank(top)[0] > rank(ref)[0]:
         ref = top
-    if config.tie_within_se <= 0:
+    if rule.tie_within_se <= 0:
         return top, ref
-    refs = [(ref, config.tie_within_se)] + [(t, config.teacher_within_se) for t in teacher]
+    refs = [(ref, rule.tie_within_se)] + [(t, rule.teacher_within_se) for t in teacher]
     tied = [c for c in scored if any(not _trails(c, r, higher_is_better, se) for r, se in refs)]
     return (max(tied, key=ties) if tied else top), ref
 
@@ -238,6 +246,13 @@ def select_plans(
     (default: the teacher's eval solver ``max_iter``). Returns the search log: for each budget
     the plan, its metric, loss and relative error to ``z*``.
     """
+    return _select_plans(student, batches, score, higher_is_better, last, config, loss, _RULE)
+
+
+def _select_plans(student: ConsistencyStudent, batches: Iterable[Any], score: ScoreFn | None,
+                  higher_is_better: bool, last: int | None, config: PlanSearchConfig | None,
+                  loss: Callable[[Tensor, Any], Tensor] | None, rule: _Rule) -> dict[str, Any]:
+    """:func:`select_plans` with the choosing ``rule`` given."""
     config = config or PlanSearchConfig()
     last = default_last(student) if last is None else int(last)
     if score is None:
@@ -266,23 +281,23 @@ def select_plans(
 
     def readout(c: _Scored) -> _Scored:
         """``c`` read out by the teacher's head when that beats the student's by the tie margin."""
-        if not config.teacher_head:
+        if not rule.teacher_head:
             return c
         t = scored(c.plan + [TEACHER_HEAD], c.states, student.teacher.head)
-        return t if _trails(c, t, higher_is_better, config.tie_within_se) else c
+        return t if _trails(c, t, higher_is_better, rule.tie_within_se) else c
 
     start: Plan = [("jump", student.start_time)]
     best = {1: scored(start, extend([student.initial_state(u_s) for u_s, _, _, _ in data], start))}
     ref = best[1]
-    teacher = [scored([], [z_star for *_, z_star in data])] if config.tie_with_teacher else []
+    teacher = [scored([], [z_star for *_, z_star in data])] if rule.tie_with_teacher else []
     for k in range(2, config.max_nfe + 1):
         prev = best[k - 1]
         cands = [prev]
         for base, ops in _candidates(k, times, auto):
             c = scored(best[base].plan + ops, extend(best[base].states, ops))
-            if not config.error_must_not_rise or c.err <= prev.err:
+            if not rule.error_must_not_rise or c.err <= prev.err:
                 cands.append(c)  # plan_{k-1} itself always stays in
-        best[k], ref = _choose(cands, ref, config, higher_is_better, teacher)
+        best[k], ref = _choose(cands, ref, rule, higher_is_better, teacher)
     best = {k: readout(v) for k, v in best.items()}
     student.plans = {k: list(v.plan) for k, v in best.items()}
     log.info("selected plans for 1..%d NFE on %d batches", config.max_nfe, len(data))

@@ -35,12 +35,22 @@ MOVED: dict[str, str] = {
 """Settings that moved, old key -> new key: a configuration written with the old key (a saved run's
 ``config.json``, ``--config``, ``--set``) is read with it in its new place (logged)."""
 
+_FIXED_RULE = ("the plan search's rule is fixed (cdeq.consistency.search); benchmarks/tie_rule.py "
+               "compares the alternatives")
 REMOVED: dict[str, tuple[Any, str]] = {
     "plus.train_injection": (False, "C-DEQ+ has its own injection when the C-DEQ student has one "
                                     "(student.train_injection)"),
+    "plans.error_must_not_rise": (True, _FIXED_RULE),
+    "plans.tie_break": ("error", _FIXED_RULE),
+    "plans.tie_within_se": (1.0, _FIXED_RULE),
+    "plans.tie_with_teacher": (True, _FIXED_RULE),
+    "plans.teacher_within_se": (0.0, _FIXED_RULE),
+    "plans.teacher_head": (True, _FIXED_RULE),
 }
-"""Settings that were removed, key -> (the value that meant today's behaviour, what to do instead):
-that value is dropped, any other is an error that says what replaced it."""
+"""Settings that were removed, key -> (the value that meant today's behaviour, what to do instead).
+That value is dropped; any other is an error that says what replaced it in settings a user gives
+(:func:`build_config`), and a logged warning in a saved run's configuration (which keeps
+loading: its stages' outputs were made with it)."""
 
 
 def _pop(data: dict, key: str) -> tuple[bool, Any]:
@@ -51,11 +61,11 @@ def _pop(data: dict, key: str) -> tuple[bool, Any]:
     return False, None
 
 
-def upgraded(data: Mapping[str, Any] | None) -> dict[str, Any]:
+def upgraded(data: Mapping[str, Any] | None, strict: bool = True) -> dict[str, Any]:
     """``data`` (a run configuration as written by any cdeq 0.1) with :data:`MOVED` keys in their
-    new place and :data:`REMOVED` keys that held their neutral value dropped; a removed key set to
-    anything else, or a moved key given beside its new key with another value, is a
-    :class:`ConfigError`."""
+    new place and :data:`REMOVED` keys dropped. A moved key given beside its new key with another
+    value is a :class:`ConfigError`; so is a removed key set to anything but its neutral value when
+    ``strict`` (otherwise that is logged as a warning)."""
     data = copy.deepcopy(dict(data or {}))
     for old, new in MOVED.items():
         found, value = _pop(data, old)
@@ -73,7 +83,9 @@ def upgraded(data: Mapping[str, Any] | None) -> dict[str, Any]:
     for key, (neutral, instead) in REMOVED.items():
         found, value = _pop(data, key)
         if found and value != neutral:
-            raise ConfigError(f"{key}={value!r} is no longer a setting: {instead}")
+            if strict:
+                raise ConfigError(f"{key}={value!r} is no longer a setting: {instead}")
+            logger.warning("%s=%r is no longer a setting (%s): ignored", key, value, instead)
     return data
 
 
@@ -123,8 +135,9 @@ class RunConfig(Config):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None = None, *, key_path: str = "",
                   **overrides: Any) -> RunConfig:
-        """As :meth:`Config.from_dict`, reading the keys of earlier versions (:func:`upgraded`)."""
-        return super().from_dict(upgraded(data), key_path=key_path, **overrides)
+        """As :meth:`Config.from_dict`, reading the keys of earlier versions (:func:`upgraded`, not
+        strict: a saved run keeps loading; :func:`build_config` checks a user's settings)."""
+        return super().from_dict(upgraded(data, strict=False), key_path=key_path, **overrides)
 
     def optim_sections(self) -> dict[str, OptimConfig]:
         """The optimiser loops of the run by key path (each takes the run's ``precision``)."""
