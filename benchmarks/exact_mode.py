@@ -52,7 +52,7 @@ def main() -> None:
     ev = run.config.evaluate
     teacher = run.teacher()
     student = run.student(teacher)
-    reference = ev.reference.build()
+    reference = teacher.deq.eval_solver  # the converged teacher (teacher.eval_solver)
     solver = get_solver(ev.exact_solver, max_iter=ev.exact_max_iter, tol=ev.exact_tol)
     truncated = get_solver(ev.exact_solver, max_iter=64, tol=0.0)
     rows: dict[str, dict[str, list[Tensor]]] = {}

@@ -248,3 +248,19 @@ def test_the_tie_rule_benchmark_compares_rules_the_search_no_longer_exposes(quic
     assert list(rules) == [list(bench.RULES)[0], list(bench.RULES)[5]]
     for per in rules.values():
         assert all(0.0 <= per[str(k)]["metric"] <= 1.0 for k in bench.BUDGETS)
+
+
+def test_one_key_sets_the_converged_teachers_solver(tmp_path, capsys):
+    """``teacher.eval_solver`` is the report's converged teacher (its NFE, and the z* of every
+    error); the key that used to set the report's alone is refused with the one to use."""
+    out = tmp_path / "seven"
+    assert main(["run", "digits", "--quick", "--out", str(out), "--set", *TINY, "baselines.enabled=false",
+                 "plus.enabled=false", "teacher.eval_solver.max_iter=7"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"]["solver"]["max_iter"] == 7
+    assert 1 <= report["teacher"]["nfe"] <= 7
+    capsys.readouterr()
+    assert main(["run", "digits", "--quick", "--out", str(tmp_path / "old"), "--set", *TINY,
+                 "evaluate.reference.max_iter=7"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate.reference" in err and "teacher.eval_solver" in err

@@ -46,11 +46,13 @@ REMOVED: dict[str, tuple[Any, str]] = {
     "plans.tie_with_teacher": (True, _FIXED_RULE),
     "plans.teacher_within_se": (0.0, _FIXED_RULE),
     "plans.teacher_head": (True, _FIXED_RULE),
+    "evaluate.reference": (None, "the report's converged teacher and z* use the teacher's eval solver: "
+                                 "set teacher.eval_solver (e.g. --set teacher.eval_solver.max_iter=30)"),
 }
-"""Settings that were removed, key -> (the value that meant today's behaviour, what to do instead).
-That value is dropped; any other is an error that says what replaced it in settings a user gives
-(:func:`build_config`), and a logged warning in a saved run's configuration (which keeps
-loading: its stages' outputs were made with it)."""
+"""Settings that were removed, key -> (the value that meant today's behaviour, or ``None`` for
+none; what to do instead). That value is dropped. Any other is an error that says what replaced
+it in the settings a user gives (:func:`build_config`), and is logged and dropped in a saved run's
+configuration (which keeps loading: its stages' outputs were made with it)."""
 
 
 def _pop(data: dict, key: str) -> tuple[bool, Any]:
@@ -65,7 +67,7 @@ def upgraded(data: Mapping[str, Any] | None, strict: bool = True) -> dict[str, A
     """``data`` (a run configuration as written by any cdeq 0.1) with :data:`MOVED` keys in their
     new place and :data:`REMOVED` keys dropped. A moved key given beside its new key with another
     value is a :class:`ConfigError`; so is a removed key set to anything but its neutral value when
-    ``strict`` (otherwise that is logged as a warning)."""
+    ``strict`` (otherwise it is logged and dropped)."""
     data = copy.deepcopy(dict(data or {}))
     for old, new in MOVED.items():
         found, value = _pop(data, old)
@@ -85,7 +87,7 @@ def upgraded(data: Mapping[str, Any] | None, strict: bool = True) -> dict[str, A
         if found and value != neutral:
             if strict:
                 raise ConfigError(f"{key}={value!r} is no longer a setting: {instead}")
-            logger.warning("%s=%r is no longer a setting (%s): ignored", key, value, instead)
+            logger.info("%s=%r is no longer a setting (%s): ignored", key, value, instead)
     return data
 
 

@@ -2,8 +2,9 @@
 
 For every budget ``k``, on the validation split and on the test split: the teacher truncated to
 ``k`` NFE with each solver, the C-DEQ student with its plan of at most ``k`` NFE, the baselines,
-the task metric and the relative error to the reference equilibrium ``z*``; the converged
-teacher. On the test split also the exact mode (student warm start against the teacher solver
+the task metric and the relative error to the equilibrium ``z*``; the converged teacher. ``z*``
+and the converged teacher are the teacher's eval solver (``teacher.eval_solver`` in a run, the
+one place for it). On the test split also the exact mode (student warm start against the teacher solver
 from ``z_0``). Then what each prediction costs (:mod:`cdeq.run.cost`): FLOPs per sample, layer-call
 equivalents and interleaved wall time, and the teacher-accuracy cost chosen on validation figures.
 """
@@ -19,7 +20,6 @@ from torch import Tensor
 
 from ..consistency.search import relative_error
 from ..consistency.student import ConsistencyStudent
-from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
 from ..engine.config import Config, ConfigError, check_int, check_positive
 from ..engine.fit import model_device
@@ -35,8 +35,11 @@ class EvalConfig(Config):
     """Attributes:
         budgets: NFE budgets ``k``.
         solvers: truncated-teacher solvers compared.
-        reference: the solver for ``z*`` and the converged teacher's figures.
-        exact_solver / exact_tol: the solver and tolerance of the exact-mode comparison.
+        exact_solver / exact_tol / exact_max_iter: the solver and tolerance of the exact-mode
+            comparison (student warm start against a cold start, both run to ``exact_tol``), and
+            of the converged teacher's FLOPs and wall time in the cost figures (a deployment's
+            tolerance). The converged teacher's metric, NFE and ``z*`` are the teacher's eval
+            solver (``teacher.eval_solver``).
         exact_select_batches: selection (validation) batches on which the exact mode's warm-start
             plan (the student's 1-, 2- or 4-NFE plan) is chosen; the test split only measures it.
         batch_size, max_batches: evaluation batches, validation and test (``max_batches`` 0: all).
@@ -50,8 +53,6 @@ class EvalConfig(Config):
 
     budgets: tuple = (1, 2, 3, 4, 6, 8, 12, 16)
     solvers: tuple = ("picard", "anderson", "broyden")
-    reference: SolverSpec = dataclasses.field(
-        default_factory=lambda: SolverSpec(name="anderson", max_iter=100, tol=1e-5))
     exact_solver: str = "anderson"
     exact_tol: float = 1e-4
     exact_max_iter: int = 100
@@ -89,6 +90,14 @@ class EvalConfig(Config):
         if not isinstance(self.teacher_tolerance, (int, float)):
             raise ConfigError(f"teacher_tolerance={self.teacher_tolerance!r} is not valid; give a "
                               "number (negative: the default rule)")
+
+
+def solver_json(solver: Any) -> dict[str, Any]:
+    """A solver's name and options as JSON: ``{"name", "max_iter", "tol", "stop_mode", "options"}``
+    (``options``: those beyond the three)."""
+    opts = solver.options.to_dict()
+    main = {k: opts.pop(k) for k in ("max_iter", "tol", "stop_mode")}
+    return {"name": solver.name, **main, "options": opts}
 
 
 class _Acc:
@@ -168,8 +177,9 @@ def truncated_states(solver: Any, f: Callable, z0: Any, u: Any, budgets: list[in
 
 def _sweep(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, config: EvalConfig,
            batches: Any, extra: dict[str, Callable] | None, split: str) -> dict[str, Any]:
-    """Metric and relative error to ``z*`` of every method at every budget on ``batches``."""
-    reference = config.reference.build()
+    """Metric and relative error to ``z*`` of every method at every budget on ``batches``; ``z*``
+    and the converged teacher: the teacher's eval solver."""
+    reference = teacher.deq.eval_solver
     budgets = sorted(set(config.budgets))
     names = list(config.solvers) + (["cdeq"] if student is not None else []) + list(extra or {})
     accs = {name: {k: _Acc() for k in budgets} for name in names}
@@ -206,7 +216,7 @@ def _sweep(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, co
     return {
         "teacher": {"metric": teacher_acc.value(), "nfe": ref_nfe / ref_n,
                     "unconverged_fraction": ref_unconv / ref_n,
-                    "solver": dataclasses.asdict(config.reference)},
+                    "solver": solver_json(reference)},
         "methods": {name: {str(k): a.value() for k, a in per.items() if a.count}
                     for name, per in accs.items()},
         "relative_error": {name: {str(k): a.error() for k, a in per.items() if a.count}

@@ -36,7 +36,12 @@ class TeacherConfig(Config):
             weights are kept either way.
         valid_batch_size: batch size of the validation passes.
         backward: a registered backward strategy (``implicit``, ``phantom``, ``jacobian_free``).
-        train_solver / eval_solver: forward solvers in training and evaluation.
+        train_solver: the forward solver in training.
+        eval_solver: the teacher's converged solver, the one place for it: the model's eval mode
+            (validation while training, the plan search's ``z*``, the teacher's ``solve`` plan
+            steps) and the report's converged teacher (its metric and NFE, and the ``z*`` every
+            relative error is measured against). Its default is tight (``tol`` 1e-5) so that the
+            report's errors to ``z*`` mean something near the equilibrium.
         jac_reg: weight of the Hutchinson Jacobian penalty (0 disables it).
         max_steps: stop after this many optimiser steps (0: no limit).
     """
@@ -53,7 +58,7 @@ class TeacherConfig(Config):
     train_solver: SolverSpec = dataclasses.field(
         default_factory=lambda: SolverSpec(name="anderson", max_iter=15, tol=1e-3))
     eval_solver: SolverSpec = dataclasses.field(
-        default_factory=lambda: SolverSpec(name="anderson", max_iter=50, tol=1e-4))
+        default_factory=lambda: SolverSpec(name="anderson", max_iter=100, tol=1e-5))
     jac_reg: float = 0.0
     max_steps: int = 0
 

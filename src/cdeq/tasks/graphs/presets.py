@@ -14,7 +14,7 @@ FULL_RUN: dict[str, Any] = {
     "teacher": {"epochs": 10, "batch_size": 1, "optim": {"lr": 0.01, "weight_decay": 0.1},
                 "backward": "implicit",
                 "train_solver": {"name": "anderson", "max_iter": 30, "tol": 1e-3},
-                "eval_solver": {"name": "anderson", "max_iter": 60, "tol": 1e-4}},
+                "eval_solver": {"name": "anderson", "max_iter": 100, "tol": 1e-5}},
     "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 40, "tol": 1e-5}},
     "distill": {"batch_size": 1, "epochs": 30},
     "plans": {"batches": 1},
@@ -24,12 +24,12 @@ FULL_RUN: dict[str, Any] = {
 QUICK_RUN: dict[str, Any] = {
     "task_config": {"hidden": 16, "steps_per_epoch": 10, "record_copies": 3},
     "teacher": {"epochs": 4, "batch_size": 1, "optim": {"lr": 0.05, "weight_decay": 0.1},
-                "train_solver": {"name": "anderson", "max_iter": 15, "tol": 1e-3}},
+                "train_solver": {"name": "anderson", "max_iter": 15, "tol": 1e-3},
+                "eval_solver": {"name": "anderson", "max_iter": 40, "tol": 1e-5}},
     "record": {"batch_size": 1, "solver": {"name": "anderson", "max_iter": 16, "tol": 1e-5}},
     "distill": {"batch_size": 1, "epochs": 2},
     "plans": {"max_nfe": 4, "batches": 1},
-    "evaluate": {"budgets": [1, 2, 4], "batch_size": 1, "latency_batch": 1, "latency_repeats": 1,
-                 "reference": {"max_iter": 40}},
+    "evaluate": {"budgets": [1, 2, 4], "batch_size": 1, "latency_batch": 1, "latency_repeats": 1},
 }
 
 GRAPHS: dict[str, dict[str, Any]] = {"full": FULL_RUN, "quick": QUICK_RUN}

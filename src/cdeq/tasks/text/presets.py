@@ -23,12 +23,11 @@ FULL_RUN: dict[str, Any] = {
                 "optim": {"lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 100},
                 "backward": "jacobian_free",
                 "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3},
-                "eval_solver": {"name": "anderson", "max_iter": 40, "tol": 1e-4}},
+                "eval_solver": {"name": "anderson", "max_iter": 60, "tol": 1e-5}},
     "record": {"batch_size": 64, "dtype": "float16",
                "solver": {"name": "anderson", "max_iter": 40, "tol": 1e-4}},
     "distill": {"batch_size": 32, "max_residual": 1e-2},
-    "evaluate": {"batch_size": 64, "latency_batch": 32,
-                 "reference": {"name": "anderson", "max_iter": 60, "tol": 1e-5}},
+    "evaluate": {"batch_size": 64, "latency_batch": 32},
 }
 
 QUICK_RUN: dict[str, Any] = {
@@ -36,12 +35,11 @@ QUICK_RUN: dict[str, Any] = {
     "task_config": {"quick": True},
     "teacher": {"epochs": 4, "batch_size": 8, "optim": {"lr": 1e-2}, "backward": "jacobian_free",
                 "train_solver": {"name": "anderson", "max_iter": 8, "tol": 1e-3},
-                "eval_solver": {"name": "anderson", "max_iter": 20, "tol": 1e-4}},
+                "eval_solver": {"name": "anderson", "max_iter": 30, "tol": 1e-5}},
     "record": {"batch_size": 16, "solver": {"name": "anderson", "max_iter": 12, "tol": 1e-4}},
     "distill": {"epochs": 2, "batch_size": 8},
     "plans": {"max_nfe": 4, "batches": 1},
-    "evaluate": {"budgets": [1, 2, 4], "latency_repeats": 1, "batch_size": 8, "latency_batch": 8,
-                 "reference": {"max_iter": 30}},
+    "evaluate": {"budgets": [1, 2, 4], "latency_repeats": 1, "batch_size": 8, "latency_batch": 8},
 }
 
 TEXT: dict[str, dict[str, Any]] = {"full": FULL_RUN, "quick": QUICK_RUN}
