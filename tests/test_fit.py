@@ -64,8 +64,8 @@ def test_schedule_is_linear_warmup_then_cosine_to_zero():
 
 
 def test_optim_config_is_validated():
-    with pytest.raises(ConfigError, match="precision"):
-        OptimConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="unknown key 'precision'"):
+        OptimConfig.from_dict({"precision": "bf16"})  # the caller's autocast: cdeq.engine.precision
     with pytest.raises(ConfigError, match="unknown key 'lr'"):
         TeacherConfig.from_dict({"lr": 0.1})  # moved to teacher.optim.lr
     assert TeacherConfig.from_dict({"optim": {"lr": 0.1}}).optim.weight_decay == 1e-4
@@ -116,9 +116,11 @@ def test_early_stopping_keeps_the_best_weights():
     assert all(torch.equal(states[2]["stopping"]["best_state"][k], v) for k, v in model.state_dict().items())
 
 
-def test_gradients_are_clipped_and_bf16_autocasts_the_forward():
+def test_gradients_are_clipped_and_the_callers_bf16_autocasts_the_forward_alone():
+    from cdeq.engine.precision import autocast
+
     model, _, batches = _regression()
-    dtypes = []
+    dtypes, hooked = [], []
 
     def step(batch, progress):
         x, t = batch
@@ -129,11 +131,19 @@ def test_gradients_are_clipped_and_bf16_autocasts_the_forward():
     def norm():
         total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
         assert float(total) <= 0.01 * (1 + 1e-5)
+        hooked.append(torch.is_autocast_enabled("cpu"))
 
-    cfg = OptimConfig(lr=0.01, grad_clip=0.01, precision="bf16")
-    fit(model, step, batches, cfg, epochs=1, steps_per_epoch=4, hooks=Hooks(after_step=norm))
+    def validate():
+        hooked.append(torch.is_autocast_enabled("cpu"))
+        return 0.0
+
+    cfg = OptimConfig(lr=0.01, grad_clip=0.01)
+    with autocast("bf16", "cpu"):
+        fit(model, step, batches, cfg, epochs=1, steps_per_epoch=4,
+            hooks=Hooks(after_step=norm, validate=validate))
     assert dtypes == [torch.bfloat16] * 4 and model.weight.dtype == torch.float32
-    fit(model, step, batches, dataclasses.replace(cfg, precision="fp32"), epochs=1, steps_per_epoch=4)
+    assert hooked == [False] * 5  # the optimiser's side and validation run in full precision
+    fit(model, step, batches, cfg, epochs=1, steps_per_epoch=4)
     assert dtypes[4:] == [torch.float32] * 4
 
 

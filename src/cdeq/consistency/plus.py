@@ -313,8 +313,7 @@ def train_plus(student: ConsistencyStudent, trajectories: Sequence[TrajectoryBat
     init = plus.initialiser
     fitted = train_learned_init(init, student.teacher, trajectories,
                                 config.init_epochs * _recorded_samples(trajectories),
-                                optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0,
-                                                  precision=distill_config.optim.precision),
+                                optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0),
                                 max_residual=distill_config.max_residual, seed=seed)
     start = match_start_time(plus, init, trajectories)
     logger.info("C-DEQ+: h(u) has median relative residual %.3g, nearest the recorded iterate %d "

@@ -1,11 +1,13 @@
 """The one training loop of cdeq: teacher training, distillation and both baselines use :func:`fit`.
 
-One optimiser step is: ``step_fn(batch, progress)`` (under ``torch.autocast`` for ``bf16``) gives
-this rank's part of the global loss; backward (through DistributedDataParallel under torchrun);
-gradient-norm clipping; AdamW; the learning-rate schedule (linear warm-up, then cosine decay to 0,
-from ``torch.optim.lr_scheduler``); ``after_step`` (an EMA update, say). After each epoch: an
-optional validation score with early stopping (the best weights are kept), then ``on_epoch_end``
-with the optimiser/scheduler state, which resumes the run bit for bit.
+One optimiser step is: ``step_fn(batch, progress)`` (under the caller's autocast, if any: call
+:func:`fit` inside :func:`cdeq.engine.precision.autocast` for bf16 mixed precision) gives this
+rank's part of the global loss; then, in full precision, backward (through
+DistributedDataParallel under torchrun); gradient-norm clipping; AdamW; the learning-rate
+schedule (linear warm-up, then cosine decay to 0, from ``torch.optim.lr_scheduler``);
+``after_step`` (an EMA update, say). After each epoch: an optional validation score with early
+stopping (the best weights are kept), then ``on_epoch_end`` with the optimiser/scheduler state,
+which resumes the run bit for bit.
 
 Example:
     >>> import torch.nn.functional as F
@@ -32,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .config import Config, check_choice, check_int, check_positive
-from .precision import PRECISIONS, autocast, clock
+from .config import Config, check_int, check_positive
+from .precision import caller_autocast, clock, full_precision
 from .progress import progress
 
 logger = logging.getLogger(__name__)
@@ -56,21 +58,21 @@ class OptimConfig(Config):
         warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr`` over this many steps; the
             cosine decay to 0 runs over the remaining steps.
         grad_clip: clip the global gradient norm to this (0: no clipping).
-        precision: ``fp32``, or ``bf16`` (autocast of forward and loss; weights stay float32).
+
+    Mixed precision is no setting of the loop: :func:`fit` autocasts each step as its caller does
+    (a run: its ``precision``).
     """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    precision: str = "fp32"
 
     def validate(self) -> None:
         check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
         check_positive("grad_clip", self.grad_clip, allow_zero=True)
-        check_choice("precision", self.precision, PRECISIONS)
 
 
 def build_optimizer(params: Sequence[nn.Parameter], config: OptimConfig, total_steps: int
@@ -224,7 +226,10 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
     ``epoch_time`` (s); with ``hooks.validate``, ``valid`` and the chosen ``best_epoch``. A run resumed
     from ``state`` (what ``on_epoch_end`` received after epoch ``start_epoch - 1``) continues it.
     ``sync=False`` trains this process alone even under torchrun (a stage only rank 0 runs).
-    Each epoch's summary is logged (this module's logger) at ``log_level``.
+    Each epoch's summary is logged (this module's logger) at ``log_level``. Each step runs under
+    the caller's autocast (bf16 mixed precision: call ``fit`` inside
+    :func:`cdeq.engine.precision.autocast`); backward, the optimiser, the hooks and validation run
+    in full precision.
     """
     hooks = hooks or Hooks()
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
@@ -243,46 +248,50 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
     # a checkpoint written before the loop counted steps: full epochs of steps_per_epoch
     step = history["steps"][-1] if history.get("steps") else start_epoch * steps_per_epoch
     stopped = hooks.patience > 0 and stopper.wait >= hooks.patience  # resumed after the stop
-    for epoch in range(start_epoch, 0 if stopped else epochs):
-        if max_steps and step >= max_steps:
-            break
-        gen.manual_seed(seed * 1000 + epoch)
-        torch.manual_seed(seed * 1000 + epoch)  # the global RNG too: a resumed epoch = a fresh one
-        t0 = clock(device)
-        model.train()
-        if hooks.on_epoch_start is not None:
-            hooks.on_epoch_start(epoch)
-        sums, step = _epoch(run, opt, sched, params, config, batches(epoch, gen), device, step, total,
-                            max_steps, hooks, name, f"epoch {epoch + 1}/{epochs}", hint, sync)
-        _record(history, sums, step, clock(device) - t0)
-        stop = False
+    step_context = caller_autocast(device)  # the steps autocast as the caller does; the rest not
+    with full_precision(device):
+        for epoch in range(start_epoch, 0 if stopped else epochs):
+            if max_steps and step >= max_steps:
+                break
+            gen.manual_seed(seed * 1000 + epoch)
+            torch.manual_seed(seed * 1000 + epoch)  # the global RNG too: a resumed epoch = a fresh one
+            t0 = clock(device)
+            model.train()
+            if hooks.on_epoch_start is not None:
+                hooks.on_epoch_start(epoch)
+            sums, step = _epoch(run, opt, sched, params, config, batches(epoch, gen), device, step, total,
+                                max_steps, hooks, name, f"epoch {epoch + 1}/{epochs}", hint, sync,
+                                step_context)
+            _record(history, sums, step, clock(device) - t0)
+            stop = False
+            if hooks.validate is not None:
+                model.eval()
+                score = torch.tensor(float(hooks.validate()), dtype=torch.float64, device=device)
+                if sync:  # one score for every rank, so that all stop at the same epoch
+                    score = distributed.all_reduce_sum(score) / distributed.world_size()
+                history.setdefault("valid", []).append(float(score))
+                stop = stopper.update(epoch, history["valid"][-1])
+                history["best_epoch"] = [stopper.best_epoch]
+            logger.log(log_level, "%s epoch %d: %s%s", name, epoch + 1, _summary(history),
+                       f", stopped early (best epoch {stopper.best_epoch + 1})" if stop else "")
+            if hooks.on_epoch_end is not None:
+                hooks.on_epoch_end(epoch, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                           "history": history, "stopping": stopper.state(),
+                                           **(hooks.extra_state() if hooks.extra_state else {})})
+            if stop:
+                break
         if hooks.validate is not None:
-            model.eval()
-            score = torch.tensor(float(hooks.validate()), dtype=torch.float64, device=device)
-            if sync:  # one score for every rank, so that all stop at the same epoch
-                score = distributed.all_reduce_sum(score) / distributed.world_size()
-            history.setdefault("valid", []).append(float(score))
-            stop = stopper.update(epoch, history["valid"][-1])
-            history["best_epoch"] = [stopper.best_epoch]
-        logger.log(log_level, "%s epoch %d: %s%s", name, epoch + 1, _summary(history),
-                   f", stopped early (best epoch {stopper.best_epoch + 1})" if stop else "")
-        if hooks.on_epoch_end is not None:
-            hooks.on_epoch_end(epoch, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                       "history": history, "stopping": stopper.state(),
-                                       **(hooks.extra_state() if hooks.extra_state else {})})
-        if stop:
-            break
-    if hooks.validate is not None:
-        stopper.restore()
-    model.eval()
+            stopper.restore()
+        model.eval()
     return history
 
 
 def _epoch(run: Callable, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter],
            config: OptimConfig, batches: Iterable[Any], device: torch.device, step: int, total: int,
-           max_steps: int, hooks: Hooks, name: str, desc: str, hint: str, sync: bool
-           ) -> tuple[dict[str, float], int]:
-    """One epoch of optimiser steps; returns the summed stats (with ``count``) and the step."""
+           max_steps: int, hooks: Hooks, name: str, desc: str, hint: str, sync: bool,
+           step_context: Callable[[], Any]) -> tuple[dict[str, float], int]:
+    """One epoch of optimiser steps, each ``run`` under ``step_context()``; returns the summed
+    stats (with ``count``) and the step."""
     sums: dict[str, float] = {"count": 0.0}
     # DDP averages the gradients over ranks, and each rank's loss is its part of the global loss:
     # scaled by the world size, the average is the gradient of the global loss
@@ -291,7 +300,7 @@ def _epoch(run: Callable, opt: torch.optim.Optimizer, sched: Any, params: list[n
     for batch in bar:
         if max_steps and step >= max_steps:
             break
-        with autocast(config.precision, device):
+        with step_context():  # the caller's autocast, if any
             loss, stats = run(batch, min(1.0, step / total))
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(f"{name} loss became {float(loss.detach())} at step {step} "

@@ -17,7 +17,6 @@ from ..consistency.search import PlanSearchConfig
 from ..consistency.student import StudentConfig
 from ..consistency.trajectory import RecordConfig
 from ..engine.config import Config, ConfigError, check_int, merged
-from ..engine.fit import OptimConfig
 from ..engine.precision import check_device, check_precision
 from ..tasks import TASKS, Task
 from .baselines import BaselineConfig
@@ -55,9 +54,17 @@ it in the settings a user gives (:func:`build_config`), and is logged and droppe
 configuration (which keeps loading: its stages' outputs were made with it)."""
 
 
+OPTIM_SECTIONS = ("teacher.optim", "distill.optim", "baselines.init_optim", "baselines.unrolled_optim")
+"""The optimiser loops of a run, which had a ``precision`` of their own before the run's was the
+one place for it."""
+
+
 def _pop(data: dict, key: str) -> tuple[bool, Any]:
-    section, name = key.rsplit(".", 1)
-    parent = data.get(section)
+    """Remove the dotted ``key`` from the nested mapping ``data``: ``(found, value)``."""
+    *sections, name = key.split(".")
+    parent: Any = data
+    for section in sections:
+        parent = parent.get(section) if isinstance(parent, dict) else None
     if isinstance(parent, dict) and name in parent:
         return True, parent.pop(name)
     return False, None
@@ -82,6 +89,15 @@ def upgraded(data: Mapping[str, Any] | None, strict: bool = True) -> dict[str, A
                               f"{new}; set only {new}")
         target[name] = value
         logger.info("%s is now %s: read as %s=%r", old, new, new, value)
+    run_precision = data.get("precision", "fp32")
+    for section in OPTIM_SECTIONS:  # each loop's precision was the run's (or unset: fp32)
+        found, value = _pop(data, f"{section}.precision")
+        if found and value not in ("fp32", run_precision):
+            message = (f"{section}.precision={value!r} is no longer a setting: the run-level "
+                       f"precision sets every stage (--set precision={value})")
+            if strict:
+                raise ConfigError(message)
+            logger.info("%s: ignored", message)
     for key, (neutral, instead) in REMOVED.items():
         found, value = _pop(data, key)
         if found and value != neutral:
@@ -99,8 +115,8 @@ class RunConfig(Config):
     (``cpu``, ``cuda[:N]``, ``auto``) is where every stage runs, models and batches moved there;
     ``cpu`` by default, as the GPU path is tested on CPU only (docs/gpu.md). It records where the
     run last started: a run may resume or be evaluated elsewhere. ``precision`` (``fp32``,
-    ``bf16``) is the one place for mixed precision: it sets every optimiser loop's
-    ``optim.precision`` (left unset in a run) and autocasts recording, plan search and evaluation.
+    ``bf16``) is the one place for mixed precision: every stage runs under its autocast (the
+    optimiser steps of the trained stages, recording, plan search and evaluation).
     """
 
     task: str = "digits"
@@ -126,12 +142,6 @@ class RunConfig(Config):
         check_int("threads", self.threads, minimum=0)
         check_device(self.device)
         check_precision(self.precision)
-        for key, optim in self.optim_sections().items():  # one place: the run's precision
-            if optim.precision not in ("fp32", self.precision):
-                raise ConfigError(f"{key}.precision={optim.precision!r} is not valid in a run "
-                                  f"configuration; set the run-level precision instead (--set "
-                                  f"precision={optim.precision})")
-            optim.precision = self.precision
         self.task_cls().Config.from_dict(self.task_config, key_path="task_config")
 
     @classmethod
@@ -140,12 +150,6 @@ class RunConfig(Config):
         """As :meth:`Config.from_dict`, reading the keys of earlier versions (:func:`upgraded`, not
         strict: a saved run keeps loading; :func:`build_config` checks a user's settings)."""
         return super().from_dict(upgraded(data, strict=False), key_path=key_path, **overrides)
-
-    def optim_sections(self) -> dict[str, OptimConfig]:
-        """The optimiser loops of the run by key path (each takes the run's ``precision``)."""
-        return {"teacher.optim": self.teacher.optim, "distill.optim": self.distill.optim,
-                "baselines.init_optim": self.baselines.init_optim,
-                "baselines.unrolled_optim": self.baselines.unrolled_optim}
 
     def task_cls(self) -> type[Task]:
         return TASKS[self.task]
@@ -159,13 +163,6 @@ def build_config(task: str, user: dict | None = None, quick: bool = False) -> Ru
     if user.get("task", task) != task:
         raise ConfigError(f"task={user['task']!r} is not valid here: the run's task is {task!r} (the "
                           "TASK of `cdeq run TASK`); leave task out of --set and --config")
-    for key in RunConfig().optim_sections():  # a run's config.json, reused, agrees with itself
-        section, name = key.split(".")
-        given = (user.get(section) or {}).get(name) if isinstance(user.get(section), dict) else None
-        if isinstance(given, dict) and given.get("precision", user.get("precision", "fp32")) != \
-                user.get("precision", "fp32"):
-            raise ConfigError(f"{key}.precision={given['precision']!r} is not a setting of its own: "
-                              "the run-level precision sets every stage (--set precision=bf16)")
     data = merged(TASKS[task].run_defaults(quick), user)
     data["task"] = task
     return RunConfig.from_dict(data)

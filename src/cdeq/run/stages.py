@@ -160,9 +160,10 @@ class Run(RunDirectory):
         cfg = self.config
         torch.manual_seed(cfg.seed)
         model = self.task.build_model().to(self.device)
-        history = self.resumed("teacher", model, "teacher training", lambda start, state, save: (
-            train_teacher(self.task, model, cfg.teacher, seed=cfg.seed,
-                          on_epoch_end=save, start_epoch=start, optimizer_state=state)))
+        with self.autocast():  # the run's precision: each optimiser step autocasts
+            history = self.resumed("teacher", model, "teacher training", lambda start, state, save: (
+                train_teacher(self.task, model, cfg.teacher, seed=cfg.seed,
+                              on_epoch_end=save, start_epoch=start, optimizer_state=state)))
         elapsed = sum(history["epoch_time"])  # every epoch's, those before a resume included
         model.eval()
         with self.autocast():
@@ -207,9 +208,10 @@ class Run(RunDirectory):
         trajectories = list(store) if store.fits_in_memory() else store
         torch.manual_seed(cfg.seed)
         student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student).to(self.device)
-        history = self.resumed("student", student, "distillation", lambda start, state, save: (
-            distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
-                    on_epoch_end=save, start_epoch=start, resume_state=state)))
+        with self.autocast():
+            history = self.resumed("student", student, "distillation", lambda start, state, save: (
+                distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
+                        on_epoch_end=save, start_epoch=start, resume_state=state)))
         elapsed = sum(history["epoch_time"])
         self.log(f"distilled in {elapsed:.0f}s")
         search, calls = self._search_plans(student, teacher)
@@ -246,8 +248,9 @@ class Run(RunDirectory):
         trajectories = list(store) if store.fits_in_memory() else store
         chain = chain_batches(cfg.plus, cfg.distill, self.task, cfg.record)
         torch.manual_seed(cfg.seed)
-        plus, info = train_plus(self.student(teacher), trajectories, cfg.plus, cfg.distill,
-                                self.task.loss, seed=cfg.seed, task_batches=chain)
+        with self.autocast():
+            plus, info = train_plus(self.student(teacher), trajectories, cfg.plus, cfg.distill,
+                                    self.task.loss, seed=cfg.seed, task_batches=chain)
         search, calls = self._search_plans(plus, teacher)
         self.save_module("student_plus", plus, {
             "plans": plans_to_json(plus.plans), "search": search,
@@ -302,9 +305,10 @@ class Run(RunDirectory):
             init = bl.LearnedInit.for_teacher(teacher, bcfg.init_hidden, bcfg.init_conv).to(self.device)
             store = TrajectoryStore(self.dir / "trajectories")
             trajectories = list(store) if store.fits_in_memory() else store
-            info = bl.train_learned_init(init, teacher, trajectories, samples,
-                                         batch_size=bcfg.init_batch_size, optim=bcfg.init_optim,
-                                         max_residual=bcfg.max_residual, seed=cfg.seed)
+            with self.autocast():
+                info = bl.train_learned_init(init, teacher, trajectories, samples,
+                                             batch_size=bcfg.init_batch_size, optim=bcfg.init_optim,
+                                             max_residual=bcfg.max_residual, seed=cfg.seed)
             with self.autocast():
                 solvers = bl.select_init_solvers(
                     init, teacher, self.task, self.task.selection_batches(cfg.evaluate.batch_size),
@@ -319,7 +323,8 @@ class Run(RunDirectory):
                 continue
             torch.manual_seed(cfg.seed)
             net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
-            info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed)
+            with self.autocast():
+                info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed)
             self.save_module(name, net, {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
                                          "work": info["work"], "losses": info["losses"]})
 
