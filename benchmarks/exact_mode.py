@@ -75,11 +75,11 @@ def main() -> None:
         u_s, u_t = student.teacher_inputs(x)
         for k in (1, 2, 3, 4):
             plan = student.plan_for(k)
-            add(f"student plan, {plan_nfe(plan)} NFE", plan_nfe(plan), student.run_plan(u_s, plan, u_t),
+            add(f"student plan, {plan_nfe(plan)} NFE", plan_nfe(plan), student._run_plan(u_s, plan, u_t),
                 z_ref, u_t)
         for n in (1, 2, 4, 8, 12):
             add(f"teacher iterate {n}", n, truncated.solve(teacher.cell, z0, u, max_iter=n).z, z_ref, u)
-        d = student.run_plan(u_s, student.plan_for(1), u_t) - z_ref
+        d = student._run_plan(u_s, student.plan_for(1), u_t) - z_ref
         scale = z_ref.reshape(len(d), -1).norm(dim=1) / d.reshape(len(d), -1).norm(dim=1).clamp_min(1e-12)
         for e in (0.3, 0.1, 0.03, 0.01, 0.003, 0.001):
             z = z_ref + e * scale.reshape(-1, *[1] * (d.dim() - 1)) * d
@@ -116,7 +116,7 @@ def _cost_of_plans(run: Run, teacher: object, student: object, solver: object) -
     calls, fns = {}, {"cold start z_0": lambda: solver.solve(teacher.cell, z0, u)}
     for k in (1, 2, 4):
         plan = student.plan_for(k)
-        calls[str(k)] = count_flops(lambda plan=plan: student.run_plan(u_s, plan, u_t)).total / layer
+        calls[str(k)] = count_flops(lambda plan=plan: student._run_plan(u_s, plan, u_t)).total / layer
         fns[f"student plan {k}"] = lambda plan=plan: student.solve_exact(x, solver, plan)
     timing = time_methods(fns, repeats=20, warmup=2, threads=1)
     for name, t in timing.items():

@@ -106,7 +106,7 @@ def chain_plan(plus):
 
     @torch.no_grad()
     def fn(x, k: int):
-        return plus.apply_plan(x, [("jump", plus.start_time)] + [("jump", plus.reentry_time)] * (k - 1))
+        return plus.predict(x, plan=[("jump", plus.start_time)] + [("jump", plus.reentry_time)] * (k - 1))
 
     return fn
 

@@ -228,7 +228,7 @@ def test_student_leaves_the_teacher_as_the_caller_built_it():
                                     if not n.startswith("teacher.")}
     # a student step through the shared injection and a teacher re-entry step: no teacher grads
     u = student.inject(x)
-    z = student.run_plan(u, [("jump", 0.01), ("step",), ("jump", 1.0)])
+    z = student._run_plan(u, [("jump", 0.01), ("step",), ("jump", 1.0)])
     nn.functional.cross_entropy(student.head(z), y).backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in student.cell.parameters())
@@ -239,7 +239,7 @@ def test_teacher_step_keeps_the_gradient_with_respect_to_the_state():
     student = ConsistencyStudent(model)
     u = model.inject(x).detach()
     z = torch.randn(8, 16, requires_grad=True)
-    student.run_plan(u, [("step",)], z0=z).sum().backward()
+    student._run_plan(u, [("step",)], z0=z).sum().backward()
     z2 = z.detach().requires_grad_()
     model.cell(z2, u).sum().backward()
     assert torch.allclose(z.grad, z2.grad)
@@ -325,7 +325,7 @@ def test_plan_search_never_lets_the_error_to_z_star_rise():
             measured = []
             u_s, u_t = student.teacher_inputs(x)
             for k in range(1, 5):
-                z = student.run_plan(u_s, student.plan_for(k), u_t)
+                z = student._run_plan(u_s, student.plan_for(k), u_t)
                 measured.append(float(relative_error(z, z_star).mean()))
         assert [log[str(k)]["relative_error"] for k in range(1, 5)] == pytest.approx(measured, rel=1e-4)
         return measured

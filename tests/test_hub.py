@@ -207,7 +207,7 @@ def user_pipeline(cell, width=6, seed=0):
 def test_pipeline_saves_and_loads_a_user_cell(cell, tmp_path):
     pipe, x = user_pipeline(cell)
     out = pipe(x, nfe=2)
-    assert out.shape == (16, 2) and torch.equal(out, pipe.predict(x, nfe=2)[0])
+    assert out.shape == (16, 2) and torch.equal(out, pipe.student.predict(x, nfe=2)[0])
     pipe.save_pretrained(tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     assert cfg["teacher"]["cell"]["class"] == f"{__name__}:{type(cell).__name__}"
@@ -297,3 +297,24 @@ def test_export_reads_out_with_the_teachers_head_when_the_plan_says_so(student_a
     path, _ = hub.export_one_step(student, x, tmp_path / "student.pt2")
     with torch.no_grad():
         assert torch.allclose(hub.load_exported(path)(x), expected, atol=1e-5)
+
+
+def test_one_way_to_predict_and_the_old_names_warn(student_and_x):
+    """``pipe(x, nfe=k)`` is the logits of the student's ``predict``, its engine; a given plan runs
+    through ``predict`` too; the names of cdeq 0.1 still answer for one release, with a warning."""
+    student, x = student_and_x
+    pipe = cdeq.Pipeline(student)
+    logits, z = student.predict(x, nfe=2)
+    assert torch.equal(pipe(x, nfe=2), logits)
+    plan = student.plan_for(2)
+    assert torch.equal(student.predict(x, plan=plan)[1], z)
+    with pytest.raises(ValueError, match="nfe=1 is below the 2 layer calls"):
+        student.predict(x, 1, plan=plan)
+    with pytest.warns(DeprecationWarning, match="pipe\\(x, nfe\\)"):
+        assert torch.equal(pipe.predict(x, nfe=2)[0], logits)
+    with pytest.warns(DeprecationWarning, match="predict\\(x, plan=plan\\)"), torch.no_grad():
+        assert torch.equal(student.apply_plan(x, plan)[1], z)
+    with pytest.warns(DeprecationWarning, match="Pipeline\\(student\\).select_plans"):
+        from cdeq import select_plans
+    assert select_plans is cdeq.consistency.search.select_plans
+    assert "select_plans" not in cdeq.__all__ and not hasattr(cdeq.Pipeline, "apply_plan")

@@ -225,9 +225,9 @@ def test_a_solve_operation_is_n_steps_of_the_teachers_solver():
     model.cell.calls = student.cell.calls = 0
     with torch.no_grad():
         u = model.inject(x)
-        z = student.run_plan(u, plan)
+        z = student._run_plan(u, plan)
         assert (student.cell.calls, model.cell.calls) == (1, 3)
-        start = student.run_plan(u, plan[:1])
+        start = student._run_plan(u, plan[:1])
         expected = get_solver("anderson", max_iter=3, tol=0.0).solve(model.cell, start, u).z
     assert torch.allclose(z, expected)
     assert check_plan([["jump", 0.1], ["solve", 2]]) == [("jump", 0.1), ("solve", 2)]

@@ -66,7 +66,7 @@ def test_new_and_legacy_arithmetic_agree_without_the_correction(folder):
         for t in (new.schedule.t_min, 0.7, torch.tensor([0.1, 0.5, 2.0, 5.0] * (x.shape[0] // 4))):
             torch.testing.assert_close(new.F(z, t, u), old.F(z, t, u), rtol=1e-5, atol=1e-5)
         z0 = new.initial_state(u)
-        torch.testing.assert_close(new.run_plan(u, new.plans[1]), old.F(z0, new.schedule.t_min, u),
+        torch.testing.assert_close(new._run_plan(u, new.plans[1]), old.F(z0, new.schedule.t_min, u),
                                    rtol=1e-5, atol=1e-5)
 
 

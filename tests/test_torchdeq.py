@@ -79,7 +79,7 @@ def distil_and_check(teacher, batches, tmp_path, check_save=True):
     x = batches[0][0]
     with torch.no_grad():
         z_star = teacher.deq.solve(teacher.inject(x)).z
-        z1 = pipe.predict(x, nfe=1)[1]
+        z1 = pipe.student.predict(x, nfe=1)[1]
         z_trunc = cdeq.get_solver("picard", max_iter=1, tol=0).solve(
             teacher.cell, torch.zeros_like(z_star), teacher.inject(x)).z
 

@@ -19,7 +19,6 @@ from .consistency import (
     TimeSchedule,
     distill,
     record,
-    select_plans,
 )
 from .deq import DEQ, DEQModel, ImplicitBackward, JacobianFreeBackward, PhantomBackward, SolverSpec
 from .engine.config import Config, ConfigError
@@ -67,5 +66,18 @@ __all__ = [
     "record",
     "register_solver",
     "saveable",
-    "select_plans",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Names of cdeq 0.1 kept for one release: ``cdeq.select_plans`` is now
+    ``cdeq.Pipeline(student).select_plans`` (its engine: :func:`cdeq.consistency.search.select_plans`)."""
+    if name == "select_plans":
+        import warnings
+
+        from .consistency.search import select_plans
+
+        warnings.warn("cdeq.select_plans is deprecated; use cdeq.Pipeline(student).select_plans(batches, "
+                      "loss=...) (the old name goes in the next release)", DeprecationWarning, stacklevel=2)
+        return select_plans
+    raise AttributeError(f"module 'cdeq' has no attribute {name!r}")

@@ -276,7 +276,7 @@ def _select_plans(student: ConsistencyStudent, batches: Iterable[Any], score: Sc
         return _Scored(plan, states, float(flat.sum()) / n, l_sum / n, e_sum / max(1, e_count), flat)
 
     def extend(states: list[Tensor], ops: Plan) -> list[Tensor]:
-        return [student.run_plan(u_s, ops, u_t, z0=z)
+        return [student._run_plan(u_s, ops, u_t, z0=z)
                 for z, (u_s, u_t, _, _) in zip(states, data, strict=True)]
 
     def readout(c: _Scored) -> _Scored:

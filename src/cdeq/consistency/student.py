@@ -18,7 +18,8 @@ cost per state element is the same as for one tensor.
 Inference runs a *plan* (:mod:`cdeq.consistency.plans`): jumps ``("jump", t)``, teacher steps
 ``("step",)``, residual-timed jumps ``("jump_auto",)``, ``n`` steps of the teacher's solver
 ``("solve", n)``, and optionally a last ``("teacher_head",)`` that reads the state out with the
-teacher's head (:meth:`ConsistencyStudent.read`).
+teacher's head. :meth:`ConsistencyStudent.predict` is the one way to run one on inputs (users
+call it through ``cdeq.Pipeline``: ``pipe(x, nfe=k)``).
 
 A plan starts from :meth:`ConsistencyStudent.initial_state` (zeros) at the time
 :attr:`ConsistencyStudent.start_time` (``t_min``). A subclass may start elsewhere by overriding
@@ -27,15 +28,14 @@ time matched to its residual); whatever the start computes runs inside every pre
 counts in the student's cost.
 
 Plans for more than one call are chosen on data (``cdeq.Pipeline(student).select_plans(batches,
-loss=...)``, :mod:`cdeq.consistency.search`);
-until then ``predict`` refuses ``nfe > 1``.
+loss=...)``, :mod:`cdeq.consistency.search`); until then ``predict`` refuses ``nfe > 1``.
 
 Example:
-    >>> student = ConsistencyStudent(teacher)                             # doctest: +SKIP
-    >>> student.predict(x, nfe=1)           # doctest: +SKIP
-    >>> select_plans(student, val_batches, loss=F.cross_entropy)  # doctest: +SKIP
-    >>> student.predict(x, nfe=4)           # doctest: +SKIP
-    >>> student.run_plan(u, [("jump", student.schedule.t_min), ("step",), ("jump", 3.5)])  # doctest: +SKIP
+    >>> student = ConsistencyStudent(teacher)                                 # doctest: +SKIP
+    >>> logits, z = student.predict(x, nfe=1)                                 # doctest: +SKIP
+    >>> pipe = cdeq.Pipeline(student).select_plans(val_batches, loss=F.cross_entropy)  # doctest: +SKIP
+    >>> logits = pipe(x, nfe=4)                  # student.predict(x, nfe=4)[0]  # doctest: +SKIP
+    >>> student.predict(x, plan=[("jump", student.start_time), ("step",), ("jump", 3.5)])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import copy
 import dataclasses
 import logging
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -62,6 +63,11 @@ __all__ = ["ChannelMLP", "ConsistencyStudent", "StudentConfig", "TimeEmbedding",
            "plan_nfe"]
 
 log = logging.getLogger(__name__)
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated; use {new} (the old name goes in the next release)",
+                  DeprecationWarning, stacklevel=3)
 
 
 def frozen_call(fn: Any, *args: Any) -> Any:
@@ -362,7 +368,7 @@ class ConsistencyStudent(nn.Module):
         u_t = frozen_call(self.teacher.injection, x)
         return (u_t if self.injection is None else self.injection(x)), u_t
 
-    def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Any = None) -> Any:
+    def _run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Any = None) -> Any:
         """Run ``plan`` from ``z0`` (by default :meth:`initial_state`: zeros, which a first jump
         uses without arithmetic on it); returns the state ``(B, ...)`` (of the teacher's
         structure)."""
@@ -409,24 +415,51 @@ class ConsistencyStudent(nn.Module):
         return self.plans[max(fitting)]
 
     @torch.no_grad()
-    def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
-        """``(logits, z)`` using at most ``nfe`` layer calls."""
-        return self.apply_plan(x, self.plan_for(nfe))
+    def predict(self, x: Any, nfe: int | None = None, *, plan: Plan | None = None
+                ) -> tuple[Tensor, Any]:
+        """``(logits, z)`` of the inputs ``x`` (a batch ``(B, ...)``) with at most ``nfe`` layer
+        calls (default 1), without gradients: the selected plan for that budget
+        (:meth:`plan_for`), or ``plan`` when given (checked; ``nfe``, if given too, must cover
+        it).
 
-    def apply_plan(self, x: Any, plan: Plan) -> tuple[Tensor, Tensor]:
-        """``(logits, z)`` of ``plan`` run on ``x``. The teacher's injection runs only for a plan
-        with teacher steps (they alone read it), so an own injection runs alone otherwise."""
+        Returns the logits ``(B, ...)`` (the student's head, or the teacher's when the plan ends
+        with ``("teacher_head",)``) and the state ``z`` ``(B, ...)`` the plan reached (of the
+        teacher's structure). The teacher's injection runs only for a plan with teacher steps
+        (they alone read it), so an own injection runs alone otherwise."""
+        if plan is None:
+            return self._apply_plan(x, self.plan_for(1 if nfe is None else nfe))
+        plan = check_plan(plan)
+        if nfe is not None and plan_nfe(plan) > nfe:
+            raise ValueError(f"nfe={nfe!r} is below the {plan_nfe(plan)} layer calls of the plan given")
+        return self._apply_plan(x, plan)
+
+    def _apply_plan(self, x: Any, plan: Plan) -> tuple[Tensor, Any]:
         if any(op[0] in ("step", "solve") for op in plan):
             u, u_t = self.teacher_inputs(x)
         else:
             u, u_t = self.inject(x), None
-        z = self.run_plan(u, plan, u_t)
-        return self.read(z, plan), z
+        z = self._run_plan(u, plan, u_t)
+        return self._read(z, plan), z
 
-    def read(self, z: Tensor, plan: Plan) -> Tensor:
-        """The logits of the state ``z`` that ``plan`` reached: the student's head, or the
-        teacher's when the plan ends with ``("teacher_head",)``."""
+    def _read(self, z: Any, plan: Plan) -> Tensor:
+        """The logits of the state ``z`` that ``plan`` reached."""
         return frozen_call(self.teacher.head, z) if reads_teacher(plan) else self.head(z)
+
+    # --- names of cdeq 0.1, kept for one release ---------------------------------------------------
+    def apply_plan(self, x: Any, plan: Plan) -> tuple[Tensor, Any]:
+        """Deprecated: ``predict(x, plan=plan)`` (which runs without gradients)."""
+        _deprecated("ConsistencyStudent.apply_plan(x, plan)", "predict(x, plan=plan)")
+        return self._apply_plan(x, plan)
+
+    def run_plan(self, u: Any, plan: Plan, u_teacher: Any = None, z0: Any = None) -> Any:
+        """Deprecated: ``predict(x, plan=plan)[1]`` (from the inputs, not the injection)."""
+        _deprecated("ConsistencyStudent.run_plan(u, plan)", "predict(x, plan=plan)[1]")
+        return self._run_plan(u, plan, u_teacher, z0)
+
+    def read(self, z: Any, plan: Plan) -> Tensor:
+        """Deprecated: ``predict(x, plan=plan)[0]``."""
+        _deprecated("ConsistencyStudent.read(z, plan)", "predict(x, plan=plan)[0]")
+        return self._read(z, plan)
 
     @torch.no_grad()
     def solve_exact(self, x: Any, solver: Any, plan: Plan | None = None) -> tuple[Tensor, Any, int]:
@@ -437,6 +470,6 @@ class ConsistencyStudent(nn.Module):
         """
         plan = plan or self.plans[1]
         u, u_t = self.teacher_inputs(x)
-        z_hat = self.run_plan(u, plan, u_t)
+        z_hat = self._run_plan(u, plan, u_t)
         res = solver.solve(self.teacher.cell, z_hat, u_t)
         return res.z, res, plan_nfe(plan)

@@ -2,7 +2,8 @@
 ``torch.compile``.
 
 :class:`PlanModule` is ``x -> logits`` for one fixed plan (``student.plan_for(k)``), with the
-student's own :meth:`run_plan`, so eager and compiled compute the same thing.
+student's own :meth:`~cdeq.consistency.student.ConsistencyStudent.predict`, so eager and compiled
+compute the same thing.
 :func:`compile_plan` compiles it with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA and the
 default mode elsewhere, and, given an example input, checks the compiled output against eager.
 
@@ -41,7 +42,7 @@ class PlanModule(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Any) -> Tensor:
-        return self.student.apply_plan(x, self.plan)[0]
+        return self.student.predict(x, plan=self.plan)[0]
 
 
 def default_mode(device: torch.device | str) -> str | None:

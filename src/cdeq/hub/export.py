@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..consistency.plans import plan_body
-from ..consistency.student import ConsistencyStudent
+from ..consistency.plans import plan_body, reads_teacher
+from ..consistency.student import ConsistencyStudent, frozen_call
 from ..engine.io import CorruptFileError
 from ..engine.tree import leaves, tree_map
 
@@ -57,7 +57,7 @@ class OneStepStudent(nn.Module):
             ref = leaves(z)[0]
             t = torch.full((ref.shape[0],), self.t, dtype=ref.dtype, device=ref.device)
             z = tree_map(lambda a, g: self.c_skip * a + self.c_out * g, z, s.G(z, t, u))
-        return s.read(z, self.plan)
+        return frozen_call(s.teacher.head, z) if reads_teacher(self.plan) else s.head(z)
 
 
 def _input_spec(x: Tensor, dynamic: bool) -> dict[str, Any]:

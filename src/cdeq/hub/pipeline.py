@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -217,19 +218,27 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
 
         ``batches``: ``(x, y)`` pairs with ``loss`` (a task loss ``(logits, y) -> mean``), or, with
         no ``loss``, inputs ``x`` (or pairs, labels ignored) scored against the converged teacher.
-        ``kwargs`` go to :func:`cdeq.consistency.search.select_plans`; the search log is kept in
-        ``self.search``."""
+        ``kwargs`` go to :func:`cdeq.consistency.search.select_plans` (``score`` and
+        ``higher_is_better`` for a metric of each item, ``config`` for the search's settings); the
+        search log is kept in ``self.search``. This is the one way to choose plans; the search
+        function is its engine."""
         config = kwargs.pop("config", None) or PlanSearchConfig(max_nfe=max_nfe)
         self.search = select_plans(self.student, batches, loss=loss, config=config, **kwargs)
         return self
 
-    def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Tensor]:
-        """``(logits, z)`` with at most ``nfe`` layer calls."""
-        return self.student.predict(x, nfe)
-
     def forward(self, x: Any, nfe: int = 1) -> Tensor:
-        """Logits ``(B, ...)`` with at most ``nfe`` layer calls."""
+        """``pipe(x, nfe=k)``: the logits ``(B, ...)`` of the inputs ``x`` (a batch ``(B, ...)``)
+        with at most ``nfe`` layer calls, without gradients (the plan chosen for that budget; its
+        engine is :meth:`ConsistencyStudent.predict`, which also returns the state reached)."""
         return self.student.predict(x, nfe)[0]
+
+    def predict(self, x: Any, nfe: int = 1) -> tuple[Tensor, Any]:
+        """Deprecated: ``pipe(x, nfe)`` for the logits, ``pipe.student.predict(x, nfe)`` for
+        ``(logits, z)``."""
+        warnings.warn("Pipeline.predict is deprecated; use pipe(x, nfe) for the logits, or "
+                      "pipe.student.predict(x, nfe) for (logits, z) (it goes in the next release)",
+                      DeprecationWarning, stacklevel=2)
+        return self.student.predict(x, nfe)
 
     def config_dict(self) -> dict[str, Any]:
         """The ``config.json`` content (raises ``ConfigError`` when a module cannot be recorded)."""

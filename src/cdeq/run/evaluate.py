@@ -201,11 +201,9 @@ def _sweep(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, co
             for k, z in truncated_states(solver, teacher.cell, z0, u, budgets).items():
                 accs[s][k].add(task, teacher.head(z), y, z, z_ref)
         if student is not None:
-            u_s, u_t = student.teacher_inputs(x)
             for k in budgets:
-                plan = student.plan_for(k)
-                z = student.run_plan(u_s, plan, u_t)
-                accs["cdeq"][k].add(task, student.read(z, plan), y, z, z_ref)
+                logits, z = student.predict(x, nfe=k)
+                accs["cdeq"][k].add(task, logits, y, z, z_ref)
         for name, fn in (extra or {}).items():
             for k in budgets:
                 out = fn(x, k)

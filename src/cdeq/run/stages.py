@@ -134,7 +134,8 @@ class Run(RunDirectory):
         return self._task
 
     def autocast(self) -> Any:
-        """The run's precision (:func:`cdeq.engine.precision.autocast`) for recording and inference."""
+        """The run's precision (:func:`cdeq.engine.precision.autocast`): every stage runs under it
+        (the optimiser steps of the trained stages, recording, plan search and evaluation)."""
         return autocast(self.config.precision, self.device)
 
     def teacher(self) -> DEQModel:
@@ -146,6 +147,8 @@ class Run(RunDirectory):
         return model
 
     def student(self, teacher: DEQModel | None = None) -> ConsistencyStudent:
+        """The distilled C-DEQ student (stage ``distill``) with its selected plans (eval mode);
+        ``teacher``: the run's teacher when already loaded."""
         teacher = teacher or self.teacher()
         student = ConsistencyStudent(teacher, TimeSchedule(self.config.schedule),
                                      self.config.student).to(self.device)
@@ -157,6 +160,8 @@ class Run(RunDirectory):
     # --- stages -------------------------------------------------------------------------------
     @writes
     def train(self) -> dict[str, Any]:
+        """Stage ``train``: the teacher DEQ (:mod:`cdeq.run.teacher`), resumed from its checkpoint
+        when one exists; returns its held-out metric and NFE (also in ``teacher.safetensors``)."""
         cfg = self.config
         torch.manual_seed(cfg.seed)
         model = self.task.build_model().to(self.device)
@@ -180,6 +185,8 @@ class Run(RunDirectory):
 
     @writes
     def record(self) -> TrajectoryStore:
+        """Stage ``record``: the teacher's solver trajectories on the training split, in shards
+        (``trajectories/``), with the layer calls they took (part of the student's cost)."""
         cfg = self.config
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
@@ -202,6 +209,8 @@ class Run(RunDirectory):
 
     @writes
     def distill(self) -> ConsistencyStudent:
+        """Stage ``distill``: the C-DEQ student distilled from the recorded trajectories (resumed
+        from its checkpoint when one exists), then its plans chosen on the selection batches."""
         cfg = self.config
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
@@ -238,8 +247,8 @@ class Run(RunDirectory):
 
     @writes
     def plus(self) -> ConsistencyStudent:
-        """Stage ``plus``: C-DEQ+ from the distilled student (:mod:`cdeq.consistency.plus`), its plans chosen
-        on the selection (validation) data."""
+        """Stage ``plus``: C-DEQ+ from the distilled student (:mod:`cdeq.consistency.plus`), its
+        plans chosen on the selection (validation) data."""
         from ..consistency.plus import train_plus
 
         cfg = self.config
@@ -282,11 +291,14 @@ class Run(RunDirectory):
             models.append(("student_plus", self.student_plus(teacher, student)))
         for name, model in models:
             meta = self.read_meta(name)
-            meta["search"], meta.setdefault("work", {})["plan_search"] = self._search_plans(model, teacher)
+            search, calls = self._search_plans(model, teacher)
+            meta["search"] = search
+            meta.setdefault("work", {})["plan_search"] = calls
             meta["plans"] = plans_to_json(model.plans)
             self.save_module(name, model, meta)
 
     def _score(self, logits: torch.Tensor, y: Any) -> tuple[torch.Tensor, float]:
+        """The plan search's score: the task metric of each item and the loss summed over them."""
         items = self.task.metric_items(logits, y)
         return items, float(self.task.loss(logits, y)) * items.numel()
 
@@ -325,8 +337,9 @@ class Run(RunDirectory):
             net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
             with self.autocast():
                 info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed)
-            self.save_module(name, net, {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
-                                         "work": info["work"], "losses": info["losses"]})
+            meta = {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
+                    "work": info["work"], "losses": info["losses"]}
+            self.save_module(name, net, meta)
 
     def _student_samples(self) -> int:
         """The training samples of C-DEQ's distillation, plus C-DEQ+'s (its initialiser's fit and
@@ -375,6 +388,9 @@ class Run(RunDirectory):
 
     @writes
     def evaluate(self) -> dict[str, Any]:
+        """Stage ``evaluate``: every trained method at every budget against the truncated and the
+        converged teacher (:mod:`cdeq.run.evaluate`); writes ``report.json``, ``table.md`` and
+        ``plot.png`` and returns the report."""
         teacher = self.teacher()
         student = self.student(teacher)
         has_plus = (self.dir / "student_plus.safetensors").exists()
@@ -388,7 +404,8 @@ class Run(RunDirectory):
                                         for k in report["budgets"]}
                 report["exact_mode_plus"] = exact_mode(self.task, teacher, plus, self.config.evaluate,
                                                        report["budgets"])
-        report["precision"], report["timing"]["device"] = self.config.precision, str(self.device)
+        report["precision"] = self.config.precision
+        report["timing"]["device"] = str(self.device)
         costs, work = {}, {}
         for name, key in (("teacher", "teacher"), ("student", "cdeq")):
             meta = self.read_meta(name)
