@@ -30,14 +30,10 @@ import torch
 from torch import Tensor
 
 from cdeq.consistency.plans import plan_nfe
+from cdeq.engine.tree import relative_error
 from cdeq.run.cost import count_flops, time_methods
 from cdeq.run.stages import Run
 from cdeq.solvers import get_solver
-
-
-def _rel_error(z: Tensor, z_ref: Tensor) -> Tensor:
-    b = z.shape[0]
-    return (z - z_ref).reshape(b, -1).norm(dim=1) / z_ref.reshape(b, -1).norm(dim=1).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -61,7 +57,7 @@ def main() -> None:
         res = solver.solve(teacher.cell, z, u)
         row = rows.setdefault(name, {"before": [], "error": [], "solver": [], "converged": []})
         row["before"].append(torch.full((z.shape[0],), float(before)))
-        row["error"].append(_rel_error(z, z_ref))
+        row["error"].append(relative_error(z, z_ref))
         row["solver"].append(res.nfe.float())
         row["converged"].append(res.converged.float())
 

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from cdeq.consistency import search as plan_search
-from cdeq.consistency.conditioning import relative_error
 from cdeq.consistency.plans import plan_to_json
 from cdeq.engine.precision import to_device
+from cdeq.engine.tree import relative_error
 from cdeq.run.stages import Run
 
 STUDENT_HEAD = {"tie_with_teacher": False, "teacher_head": False, "teacher_within_se": 1.0}

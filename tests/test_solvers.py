@@ -536,3 +536,17 @@ def test_builtin_solvers_are_registered():
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_one_relative_residual_formula():
+    """The solvers' relative residual and the relative error of a state to its image are the same
+    numbers, bit for bit (one formula: cdeq.engine.tree.relative), and so is the evaluation's
+    recomputation of a solver's trace."""
+    from cdeq.engine.tree import relative_error
+    from cdeq.solvers.loop import residuals
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 3, 4, generator=gen)
+    fz = torch.tanh(z + 0.1 * torch.randn(5, 3, 4, generator=gen))
+    res, _, _ = residuals(fz.reshape(5, -1), z.reshape(5, -1), True)
+    assert torch.equal(res, relative_error(z, fz))

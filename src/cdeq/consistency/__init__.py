@@ -1,10 +1,11 @@
 """C-DEQ: the time schedule, trajectories, the consistency student, distillation and inference."""
 
+from ..engine.tree import relative_error
 from .distill import DistillConfig, distill, relative_distance
 from .ema import EMA
 from .pairs import PAIR_SAMPLERS, PairSampler
 from .schedule import ScheduleConfig, TimeSchedule
-from .search import PlanSearchConfig, loss_score, relative_error, select_plans
+from .search import PlanSearchConfig, loss_score, select_plans
 from .student import ConsistencyStudent, Plan, StudentConfig, frozen_call
 from .trajectory import RecordConfig, TrajectoryBatch, TrajectoryStore, record, record_batch
 

@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_structure
 
-from ..engine.tree import relative_error  # noqa: F401  (the student's modules import it here)
-
 
 def _per_sample(v: Tensor, like: Tensor) -> Tensor:
     """``(B,)`` -> ``(B, 1, ..., 1)`` broadcastable against ``like``."""

@@ -25,7 +25,7 @@ from ..deq.model import DEQModel
 from ..engine.fit import OptimConfig, budget_steps, fit, model_device, training_work
 from ..engine.precision import to_device
 from ..engine.tree import batch_size as rows_of
-from ..engine.tree import leaves, squared_norms, tree_map
+from ..engine.tree import leaves, relative, squared_norms, tree_map
 from ..solvers.loop import take_rows
 from .conditioning import ChannelMLP, injected_parts
 from .trajectory import TrajectoryBatch
@@ -103,10 +103,8 @@ class LearnedInit(nn.Module):
 
 
 def _rel_sq(z: Any, ref: Any) -> Tensor:
-    if isinstance(z, Tensor):
-        b = z.shape[0]
-        return (z - ref).reshape(b, -1).pow(2).sum(1) / (ref.reshape(b, -1).pow(2).sum(1) + 1e-12)
-    return squared_norms(tree_map(torch.sub, z, ref)) / (squared_norms(ref) + 1e-12)
+    """The squared relative error ``(B,)`` (:func:`cdeq.engine.tree.relative` of squared norms)."""
+    return relative(squared_norms(tree_map(torch.sub, z, ref)), squared_norms(ref))
 
 
 def _init_data(teacher: DEQModel, trajectories: Iterable[TrajectoryBatch], max_residual: float

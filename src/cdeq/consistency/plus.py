@@ -48,8 +48,7 @@ from ..engine import distributed
 from ..engine.config import Config, check_bool, check_choice, check_int, check_positive
 from ..engine.fit import OptimConfig, batch_rows, model_device
 from ..engine.precision import to_device
-from ..engine.tree import leaves
-from .conditioning import relative_error
+from ..engine.tree import leaves, relative_error
 from .distill import DistillConfig, LossTerm, TaskBatches, TermInputs, distill, relative_distance
 from .initialiser import LearnedInit, train_learned_init
 from .schedule import TimeSchedule

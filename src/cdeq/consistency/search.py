@@ -46,7 +46,7 @@ from torch import Tensor
 from ..engine.config import Config, ConfigError, check_int
 from ..engine.fit import model_device
 from ..engine.precision import to_device
-from .conditioning import relative_error
+from ..engine.tree import relative, relative_error, squared_norms
 from .plans import TEACHER_HEAD, Plan, plan_to_json
 from .student import ConsistencyStudent
 
@@ -137,9 +137,7 @@ def loss_score(loss: Callable[[Tensor, Any], Tensor]) -> ScoreFn:
 def teacher_score(logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, float]:
     """Label-free score: each row's relative squared distance to the converged teacher's logits
     (lower is better). ``logits``, ``teacher_logits``: ``(B, ...)``."""
-    n = logits.shape[0]
-    d = (logits - teacher_logits).reshape(n, -1).pow(2).sum(1)
-    d = d / (teacher_logits.reshape(n, -1).pow(2).sum(1) + 1e-12)
+    d = relative(squared_norms(logits - teacher_logits), squared_norms(teacher_logits))
     return d, float(d.sum())
 
 

@@ -53,9 +53,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..deq.model import DEQModel
 from ..engine.config import Config, check_bool, check_int
-from ..engine.tree import leaves
+from ..engine.tree import leaves, relative_error
 from ..solvers import get_solver
-from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _per_sample, injected_parts, relative_error
+from .conditioning import ChannelMLP, TimeEmbedding, _broadcast, _per_sample, injected_parts
 from .plans import Plan, check_plan, plan_body, plan_nfe, reads_teacher
 from .schedule import ScheduleConfig, TimeSchedule
 

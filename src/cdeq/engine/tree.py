@@ -97,15 +97,24 @@ def squared_norms(tree: Any) -> Tensor:
     return total
 
 
+def relative(distance: Tensor, size: Tensor) -> Tensor:
+    """The one relative-error formula of cdeq: ``distance / (size + 1e-12)`` per sample ``(B,)``
+    (the norms of a difference and of its reference). The solvers' relative residual
+    (``|f(z) - z| / |f(z)|``, :func:`cdeq.solvers.loop.residuals`) and :func:`relative_error` use
+    it."""
+    return distance / (size + 1e-12)
+
+
 def relative_error(z: Any, ref: Any) -> Tensor:
     """Per-sample relative error ``(B,)`` of states ``(B, ...)`` (tensors or structures):
     ``sqrt(sum_parts |z_p - ref_p|^2) / sqrt(sum_parts |ref_p|^2)``; with ``ref = f(z)`` it is the
-    relative residual of ``z``."""
+    relative residual of ``z`` (as the solvers compute it)."""
     if isinstance(z, Tensor):
         b = z.shape[0]
-        return (z - ref).reshape(b, -1).norm(dim=1) / (ref.reshape(b, -1).norm(dim=1) + 1e-12)
+        return relative(torch.linalg.vector_norm((z - ref).reshape(b, -1), dim=1),
+                        torch.linalg.vector_norm(ref.reshape(b, -1), dim=1))
     diff = tree_map(torch.sub, z, ref)
-    return squared_norms(diff).sqrt() / (squared_norms(ref).sqrt() + 1e-12)
+    return relative(squared_norms(diff).sqrt(), squared_norms(ref).sqrt())
 
 
 @dataclasses.dataclass(frozen=True)

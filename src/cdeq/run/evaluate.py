@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..consistency.search import relative_error
 from ..consistency.student import ConsistencyStudent
 from ..deq.model import DEQModel
 from ..engine.config import Config, ConfigError, check_int, check_positive
 from ..engine.fit import model_device
 from ..engine.progress import progress
-from ..engine.tree import Layout
+from ..engine.tree import Layout, relative_error
 from ..solvers import SOLVERS, get_solver
+from ..solvers.loop import residuals
 from ..tasks.base import Task, on_device
 from . import cost
 
@@ -128,17 +128,6 @@ Predictor = Callable[[Any], Any]
 """``x -> logits`` (or ``(logits, z)``): one method at one budget, input to prediction."""
 
 
-def _residual(z: Tensor, fz: Tensor, rel: bool) -> Tensor:
-    """The solver's residual of one evaluation (the formula of ``cdeq.solvers.base``)."""
-    g = fz - z
-    res = torch.linalg.vector_norm(g, dim=1)
-    finite = torch.isfinite(res)
-    if rel:
-        res = res / (torch.linalg.vector_norm(fz, dim=1) + 1e-12)
-        finite &= torch.isfinite(res)
-    return torch.where(finite, res, torch.inf)
-
-
 def truncated_states(solver: Any, f: Callable, z0: Any, u: Any, budgets: list[int]
                      ) -> dict[int, Any]:
     """The solver's result ``z`` cut to each budget ``k``, from one run of ``max(budgets)`` steps.
@@ -162,7 +151,7 @@ def truncated_states(solver: Any, f: Callable, z0: Any, u: Any, budgets: list[in
     res = solver.solve(capture, z0, u, max_iter=max(budgets))
     full = all(z.shape[0] == batch for z, _ in outs) and len(outs) == max(budgets)
     if full:
-        mine = torch.stack([_residual(z, layout.pack(o).to(z.dtype), rel) for z, o in outs])
+        mine = torch.stack([residuals(layout.pack(o).to(z.dtype), z, rel)[0] for z, o in outs])
         full = torch.equal(mine, res.trace)
     if not full:
         return {k: solver.solve(f, z0, u, max_iter=k).z for k in budgets}

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..engine.precision import caller_autocast, full_precision, working_dtype
-from ..engine.tree import Layout
+from ..engine.tree import Layout, relative
 
 
 @dataclasses.dataclass
@@ -149,7 +149,7 @@ def residuals(fz: Tensor, z: Tensor, rel_mode: bool,
     # never negative, so ``< inf`` is ``isfinite`` in one comparison.
     finite = abs_res < torch.inf
     if rel_mode:
-        res = abs_res / (torch.linalg.vector_norm(fz, dim=1) + 1e-12)
+        res = relative(abs_res, torch.linalg.vector_norm(fz, dim=1))
         finite &= res < torch.inf
     else:
         res = abs_res
