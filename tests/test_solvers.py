@@ -550,3 +550,21 @@ def test_one_relative_residual_formula():
     fz = torch.tanh(z + 0.1 * torch.randn(5, 3, 4, generator=gen))
     res, _, _ = residuals(fz.reshape(5, -1), z.reshape(5, -1), True)
     assert torch.equal(res, relative_error(z, fz))
+
+
+def test_a_solver_is_named_by_its_name_or_a_spec_and_the_old_forms_warn():
+    """One way to name a solver in the API: a registered name with keyword options, or a
+    ``SolverSpec`` (a mapping from a file is read by ``SolverSpec.from_dict``); a dict or a built
+    solver still work for one release, with a warning."""
+    from cdeq.deq import DEQ
+    from cdeq.solvers import SolverSpec
+
+    spec = SolverSpec(name="picard", max_iter=7, tol=0.0, options={"damping": 0.5})
+    by_name = get_solver("picard", max_iter=7, tol=0.0, damping=0.5)
+    assert get_solver(spec).options == by_name.options == spec.build().options
+    assert SolverSpec.from_json({"name": "picard", "max_iter": 7, "tol": 0.0, "damping": 0.5}) == spec
+    assert DEQ(torch.tanh, solver=spec).solver.options == by_name.options
+    with pytest.warns(DeprecationWarning, match="naming a solver by a dict is deprecated"):
+        assert get_solver({"name": "picard", "damping": 0.5}, max_iter=7, tol=0.0).options == by_name.options
+    with pytest.warns(DeprecationWarning, match="by a built Solver"):
+        assert DEQ(torch.tanh, solver=by_name).solver is by_name

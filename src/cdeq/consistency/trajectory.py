@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
 from ..engine.checks import check_finite_inputs, check_labels  # noqa: F401 (check_labels: distill imports it here)
 from ..engine.config import Config, ConfigError, check_choice, check_int
@@ -48,6 +47,7 @@ from ..engine.io import (
 from ..engine.precision import to_device
 from ..engine.progress import progress
 from ..engine.tree import Layout, leaves, tree_map
+from ..solvers import SolverSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

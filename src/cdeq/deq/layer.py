@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -25,44 +24,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_unflatten
 
-from ..engine.config import Config, ConfigError, check_int, check_positive
 from ..engine.tree import check_tensors, zeros_like
-from ..solvers import SOLVERS, Solver, SolverResult, get_solver
+from ..solvers import Solver, SolverResult, SolverSpec, get_solver
 from .backward import BackwardStrategy, get_backward
 
 
-@dataclasses.dataclass
-class SolverSpec(Config):
-    """A solver and its options, as written in a configuration file."""
-
-    name: str = "anderson"
-    max_iter: int = 30
-    tol: float = 1e-4
-    stop_mode: str = "rel"
-    options: dict = dataclasses.field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.name not in SOLVERS:
-            raise ConfigError(f"solver name={self.name!r} is not valid; choose from {sorted(SOLVERS)}")
-        check_int("max_iter", self.max_iter, minimum=1)
-        check_positive("tol", self.tol, allow_zero=True)
-        self.build()  # validates the solver-specific options
-
-    def build(self, **overrides: Any) -> Solver:
-        kwargs = {"max_iter": self.max_iter, "tol": self.tol, "stop_mode": self.stop_mode}
-        kwargs.update(self.options)
-        kwargs.update(overrides)
-        return get_solver(self.name, **kwargs)
-
-
-def _as_solver(spec: str | dict | Solver | SolverSpec, **defaults: Any) -> Solver:
+def _as_solver(spec: str | SolverSpec, **defaults: Any) -> Solver:
+    """The solver named by ``spec``: a registered name (``defaults``: ``max_iter``, ``tol``) or a
+    :class:`SolverSpec` (a dict or a built solver still work for one release, with a warning)."""
     if isinstance(spec, SolverSpec):
         return spec.build()
     if isinstance(spec, str):
         return get_solver(spec, **defaults)
     if isinstance(spec, dict):
-        merged = {**defaults, **spec}
-        return get_solver(merged)
+        return get_solver({**defaults, **spec})
     return get_solver(spec)
 
 
@@ -71,8 +46,10 @@ class DEQ(nn.Module):
 
     Args:
         cell: a module (or callable) ``f(z, x) -> z``, ``z`` of shape ``(B, ...)``.
-        solver: forward solver for training (name, dict, :class:`SolverSpec` or :class:`Solver`).
-        eval_solver: forward solver in eval mode (defaults to ``solver``).
+        solver: forward solver for training: a registered name (``"anderson"``; ``max_iter`` and
+            ``tol`` below) or a :class:`SolverSpec` (a dict or a built solver still work for one
+            release, with a ``DeprecationWarning``).
+        eval_solver: forward solver in eval mode, named the same way (defaults to ``solver``).
         backward: a :class:`BackwardStrategy`, a registered name (``implicit``, ``phantom``,
             ``jacobian_free`` or one added with ``register_backward``) or
             ``{"name": ..., **options}``.
@@ -87,8 +64,8 @@ class DEQ(nn.Module):
     def __init__(
         self,
         cell: nn.Module | Callable[[Tensor, Any], Tensor],
-        solver: str | dict | Solver | SolverSpec = "anderson",
-        eval_solver: str | dict | Solver | SolverSpec | None = None,
+        solver: str | SolverSpec = "anderson",
+        eval_solver: str | SolverSpec | None = None,
         backward: str | dict | BackwardStrategy = "implicit",
         max_iter: int = 30,
         tol: float = 1e-4,

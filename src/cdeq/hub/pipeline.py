@@ -43,12 +43,12 @@ from ..consistency.plus import PlusStudent
 from ..consistency.schedule import ScheduleConfig, TimeSchedule
 from ..consistency.search import PlanSearchConfig, select_plans
 from ..consistency.student import ConsistencyStudent, Plan, StudentConfig
-from ..deq.layer import SolverSpec, _is_shape
+from ..deq.layer import _is_shape
 from ..deq.model import DEQModel
 from ..engine.config import ConfigError
 from ..engine.io import CorruptFileError, load_tensors, read_json, save_tensors, write_json
 from ..engine.precision import resolve_device
-from ..solvers import Solver
+from ..solvers import Solver, SolverSpec
 from .describe import build, describe
 
 __all__ = ["Pipeline", "from_pretrained", "load_student", "save_pretrained"]
@@ -103,9 +103,14 @@ def build_teacher(recipe: dict[str, Any]) -> DEQModel:
         shape = tree_unflatten([tuple(s) for s in shape["shapes"]], treespec_loads(shape["__structure__"]))
     elif isinstance(shape, dict):
         shape = build(shape["__module__"])
+    deq = dict(recipe.get("deq", {}))
+    defaults = {"max_iter": deq.get("max_iter", 30), "tol": deq.get("tol", 1e-4)}  # DEQ's
+    for key in ("solver", "eval_solver"):  # a solver saved as JSON is read into its spec
+        if isinstance(deq.get(key), dict):
+            deq[key] = SolverSpec.from_json({**defaults, **deq[key]})
     return DEQModel(build(recipe["injection"]), build(recipe["cell"]), build(recipe["head"]),
                     state_shape=shape, channels=recipe["channels"], channel_dim=recipe["channel_dim"],
-                    **recipe.get("deq", {}))
+                    **deq)
 
 
 def solver_settings(teacher: DEQModel) -> dict[str, Any]:
@@ -120,10 +125,9 @@ def solver_settings(teacher: DEQModel) -> dict[str, Any]:
 def apply_solver_settings(teacher: DEQModel, settings: dict[str, Any]) -> None:
     """Give ``teacher`` the solvers and backward of :func:`solver_settings`' JSON."""
     from ..deq.backward import get_backward
-    from ..solvers import get_solver
 
-    teacher.deq.solver = get_solver(settings["solver"])
-    teacher.deq.eval_solver = get_solver(settings["eval_solver"])
+    teacher.deq.solver = SolverSpec.from_json(settings["solver"]).build()
+    teacher.deq.eval_solver = SolverSpec.from_json(settings["eval_solver"]).build()
     teacher.deq.backward_strategy = get_backward(settings["backward"])
     teacher.deq_kwargs.update(settings)
 

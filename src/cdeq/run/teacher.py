@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from ..deq.backward import BACKWARDS
-from ..deq.layer import SolverSpec
 from ..deq.regularizers import jacobian_frobenius
 from ..engine import distributed
 from ..engine.checks import check_finite_inputs, check_labels
 from ..engine.config import Config, check_choice, check_int, check_positive
 from ..engine.fit import Hooks, OptimConfig, batch_rows, fit, model_device
+from ..solvers import SolverSpec
 from ..tasks.base import Task, on_device
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from .base import (
     Solver,
     SolverOptions,
     SolverResult,
+    SolverSpec,
     get_solver,
     register_solver,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "Solver",
     "SolverOptions",
     "SolverResult",
+    "SolverSpec",
     "get_solver",
     "register_solver",
 ]

@@ -13,6 +13,7 @@ that with ``check_every > 1`` a GPU can run ahead.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -180,6 +181,12 @@ def _check_part(z0: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {z0.dtype}")
 
 
+def _old_form(what: str) -> None:
+    warnings.warn(f"naming a solver by {what} is deprecated; give its registered name (and options "
+                  "as keywords) or a SolverSpec (SolverSpec.from_dict for a mapping read from a "
+                  "file); the old form goes in the next release", DeprecationWarning, stacklevel=4)
+
+
 # --- registry ----------------------------------------------------------------------------------
 SOLVERS: dict[str, type[Solver]] = {}
 
@@ -192,14 +199,63 @@ def register_solver(cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-def get_solver(spec: str | Solver | dict, **options: Any) -> Solver:
-    """Build a solver from a name (``"anderson"``), a dict ``{"name": ..., **options}`` or
-    return a given :class:`Solver` as is."""
+@dataclasses.dataclass
+class SolverSpec(Config):
+    """A solver named with its options: with a registered name (a string and keyword options),
+    the one way to name a solver in cdeq's API. A configuration file or the command line writes
+    it as a mapping (``{"name": "anderson", "max_iter": 30}``), read by :meth:`from_dict`.
+
+    Attributes:
+        name: a registered solver (``picard``, ``anderson``, ``broyden``, or one added with
+            :func:`register_solver`).
+        max_iter, tol, stop_mode: the common options (:class:`SolverOptions`).
+        options: the solver's own options (e.g. Anderson's ``memory``) and the other common ones.
+    """
+
+    name: str = "anderson"
+    max_iter: int = 30
+    tol: float = 1e-4
+    stop_mode: str = "rel"
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.name not in SOLVERS:
+            raise ConfigError(f"solver name={self.name!r} is not valid; choose from {sorted(SOLVERS)}")
+        check_int("max_iter", self.max_iter, minimum=1)
+        check_positive("tol", self.tol, allow_zero=True)
+        self.build()  # validates the solver-specific options
+
+    def build(self, **overrides: Any) -> Solver:
+        """The solver, with ``overrides`` of its options."""
+        kwargs = {"max_iter": self.max_iter, "tol": self.tol, "stop_mode": self.stop_mode}
+        kwargs.update(self.options)
+        kwargs.update(overrides)
+        return get_solver(self.name, **kwargs)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SolverSpec:
+        """A spec from JSON that lists every option beside the name (as a saved pretrained
+        directory does: ``{"name", "max_iter", "tol", ..., "memory"}``) or under ``options``."""
+        data = dict(data)
+        common = {k: data.pop(k) for k in ("name", "max_iter", "tol", "stop_mode") if k in data}
+        return cls.from_dict({**common, "options": {**data.pop("options", {}), **data}})
+
+
+def get_solver(spec: str | SolverSpec, **options: Any) -> Solver:
+    """Build a solver from a registered name (``"anderson"``) and its options, or from a
+    :class:`SolverSpec` (``options`` override its own).
+
+    A dict ``{"name": ..., **options}`` or a built :class:`Solver` still work for one release, with
+    a ``DeprecationWarning``: give a name or a spec (a mapping from a file: ``SolverSpec.from_dict``)."""
+    if isinstance(spec, SolverSpec):
+        return spec.build(**options)
     if isinstance(spec, Solver):
+        _old_form("a built Solver")
         if options:
             return type(spec)(spec.options, **options)
         return spec
     if isinstance(spec, dict):
+        _old_form("a dict")
         spec = dict(spec)
         if "name" not in spec:
             raise ConfigError(f"a solver dict needs a 'name' key; choose from {sorted(SOLVERS)}")

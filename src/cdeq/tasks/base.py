@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..deq.layer import SolverSpec
 from ..deq.model import DEQModel
 from ..engine.config import Config
+from ..solvers import SolverSpec
 
 Batch = tuple[Any, Any]
 
