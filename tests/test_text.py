@@ -326,7 +326,7 @@ def test_folder_splits_are_kept_apart(wiki_dir, monkeypatch):
 
 
 def test_model_solvers_come_from_the_configuration(char_file):
-    """The built model's solvers are the run configuration's (quick: eval max_iter 20, not 40)."""
+    """The built model's solvers are the run configuration's (quick: eval max_iter 30, not 60)."""
     pipeline = pytest.importorskip("cdeq.run.stages")
     for quick in (True, False):
         config = pipeline.build_config("text", {"task_config": {"data": str(char_file), **TINY}},
@@ -338,4 +338,4 @@ def test_model_solvers_come_from_the_configuration(char_file):
             assert type(solver).__name__.lower() == spec.name
             assert (solver.options.max_iter, solver.options.tol) == (spec.max_iter, spec.tol)
     quick_task = TextTask(TextConfig(data=str(char_file), quick=True))
-    assert quick_task.build_model().deq.eval_solver.options.max_iter == 20
+    assert quick_task.build_model().deq.eval_solver.options.max_iter == 30
