@@ -123,3 +123,74 @@ def test_a_plain_function_cell_distils(tmp_path):
     teacher.eval()
     pipe = distil_and_check(teacher, batches, tmp_path)
     assert pipe.student.cell.fn is plain_cell  # a function has no weights to copy
+
+
+class PairCell(nn.Module):
+    """TorchDEQ's multi-equilibrium form, ``deq(f, (a0, b0))``: a pair of states of unequal widths,
+    written as one ``f((a, b), x)``; TorchDEQ calls it through ``lambda a, b: cell((a, b), u)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aa, self.bb, self.ab = nn.Linear(16, 16), nn.Linear(6, 6), nn.Linear(16, 6)
+        with torch.no_grad():
+            for lin in (self.aa, self.bb, self.ab):
+                lin.weight.mul_(0.8)
+
+    def forward(self, z, x):
+        a, b = z
+        return torch.tanh(self.aa(a) + x), torch.tanh(self.bb(b) + self.ab(a))
+
+
+class PairHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(22, 4)
+
+    def forward(self, z):
+        return self.fc(torch.cat(list(z), dim=1))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchdeq") is None, reason="torchdeq (bench extra) absent")
+def test_a_torchdeq_multi_equilibrium_model_converts_and_distils(tmp_path):
+    from torchdeq import get_deq
+
+    torch.manual_seed(0)
+    batches = data()
+    enc, cell, dec = nn.Linear(8, 16), PairCell(), PairHead()
+    deq = get_deq(f_solver="anderson", f_max_iter=40, f_tol=1e-6)
+    opt = torch.optim.Adam([*enc.parameters(), *cell.parameters(), *dec.parameters()], lr=1e-2)
+
+    def start(x):
+        return torch.zeros(x.shape[0], 16), torch.zeros(x.shape[0], 6)
+
+    for _ in range(3):  # trained by TorchDEQ itself
+        for x, y in batches:
+            u = enc(x)
+            z_out, _ = deq(lambda a, b, u=u: cell((a, b), u), start(x))
+            loss = F.cross_entropy(dec(z_out[-1]), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    teacher = cdeq.DEQModel(enc, cell, dec, solver="anderson", max_iter=60, tol=1e-7,
+                            state_shape=((16,), (6,))).eval()
+    x = batches[0][0]
+    with torch.no_grad():
+        u = enc(x)
+        theirs = get_deq(f_solver="anderson", f_max_iter=100, f_tol=1e-8)(
+            lambda a, b: cell((a, b), u), start(x))[0][-1]
+        ours = teacher.deq.solve(u, teacher.initial_state(u)).z
+        assert isinstance(ours, tuple) and len(ours) == 2
+        for mine, other in zip(ours, theirs, strict=True):  # the same equilibrium, part by part
+            assert torch.allclose(mine, other, atol=1e-5)
+    trajs = cdeq.record(teacher, batches, cdeq.RecordConfig.from_dict(
+        {"solver": {"name": "anderson", "max_iter": 30, "tol": 1e-6}, "batch_size": 64}))
+    student = cdeq.ConsistencyStudent(teacher)
+    cdeq.distill(student, trajs, cdeq.DistillConfig.from_dict({"epochs": 8, "optim": {"lr": 3e-3}}),
+                 task_loss=F.cross_entropy)
+    pipe = cdeq.Pipeline(student).select_plans(batches, loss=F.cross_entropy, max_nfe=3)
+    with torch.no_grad():
+        z1 = cdeq.get_solver("picard", max_iter=1, tol=0).solve(teacher.cell, teacher.initial_state(u), u).z
+        err = cdeq.engine.tree.relative_error
+        assert float(err(pipe.predict(x, nfe=1)[1], ours).mean()) < float(err(z1, ours).mean())
+    pipe.save_pretrained(tmp_path / "pair")
+    assert torch.equal(cdeq.Pipeline.from_pretrained(tmp_path / "pair")(x, nfe=3), pipe(x, nfe=3))

@@ -138,6 +138,9 @@ class Layout:
         spec = pytree.tree_structure(z)
         return cls(spec, part_names(z), [tuple(p.shape[1:]) for p in parts], [p.dtype for p in parts])
 
+    def __deepcopy__(self, memo: dict) -> Layout:
+        return self  # immutable (a module holding one, such as a DEQModel, may be deep-copied)
+
     @property
     def single(self) -> bool:
         return self.spec is None
