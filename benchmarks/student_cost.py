@@ -84,10 +84,12 @@ class LegacyStudent(ConsistencyStudent):
 OLD = StudentConfig(correction_hidden=64, input_mix=False)
 
 
-def build_cell_model(name: str, quick: bool, folder: Path) -> tuple[DEQModel, Any]:
-    """``(teacher with random weights, its task)`` at the task preset's model size; MNIST and
-    CIFAR-10 on random stand-in images of their shape written into ``folder``."""
-    task_config = dict(build_config(name, {}, quick=quick).task_config)
+def build_cell_model(name: str, quick: bool, folder: Path, overrides: dict | None = None
+                     ) -> tuple[DEQModel, Any]:
+    """``(teacher with random weights, its task)`` at the task preset's model size (with the
+    ``task_config`` ``overrides``, e.g. ``{"scales": 3}``); MNIST and CIFAR-10 on random stand-in
+    images of their shape written into ``folder``."""
+    task_config = {**build_config(name, {}, quick=quick).task_config, **(overrides or {})}
     cls = TASKS[name]
     if name in STAND_IN:
         c, h, w, classes = STAND_IN[name]

@@ -43,6 +43,21 @@ def test_one_student_call_costs_one_layer_call(name, quick, folder):
     assert 1.0 <= warm <= cold <= 1.10, (name, quick, cold, warm)
 
 
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_one_student_call_costs_one_layer_call_on_the_multiscale_cell(quick, folder):
+    """MNIST's multiscale cell (``task_config.scales=3``): a state of three parts, each
+    conditioned on its own channels."""
+    torch.manual_seed(0)
+    teacher, task = bench.build_cell_model("mnist", quick, folder, {"scales": 3})
+    x = bench.example_input(task, BATCH["mnist"])
+    student = bench.students(teacher)["new"]
+    assert isinstance(student.initial_state(student.inject(x)), tuple) and student.channels == (
+        task.config.channels,) * 3
+    cold = bench.layer_calls(teacher, student, x)
+    warm = bench.layer_calls(teacher, student, x)
+    assert 1.0 <= warm <= cold <= 1.10, (quick, cold, warm)
+
+
 def test_the_old_design_fails_the_bound(folder):
     """The check can fail: the previous student (correction MLP, per-sample time MLP) costs
     several layer calls on the quick Cora cell (10.2 in the quick run's report)."""

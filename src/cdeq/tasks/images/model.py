@@ -7,16 +7,21 @@ The layer, with ``u`` the injected input (a strided convolution of the image)::
     f(z, u) = GN(relu(z + y))
 
 with weight-normalised convolutions. The head pools ``z*`` and applies a linear layer.
+
+With ``scales`` > 1 (``task_config.scales``) the state is MDEQ's tuple of resolutions, one such
+block per scale fused at every call (:class:`MultiscaleCell`), and the head reads every scale.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...deq.regularizers import apply_weight_norm
 
-__all__ = ["ConvDEQCell", "ConvInjection", "PoolHead"]
+__all__ = ["ConvDEQCell", "ConvInjection", "MultiscaleCell", "MultiscaleHead", "MultiscaleInjection",
+           "PoolHead"]
 
 
 class ConvInjection(nn.Module):
@@ -78,3 +83,114 @@ class PoolHead(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.fc(F.adaptive_avg_pool2d(z, self.grid).flatten(1))
+
+
+# --- the multiscale model (``task_config.scales`` > 1) ---------------------------------------------
+class MultiscaleInjection(nn.Module):
+    """Image -> one injection per resolution ``(u_0, ..., u_{N-1})``: ``u_0`` is
+    :class:`ConvInjection`'s map ``(B, C, H, W)``, each next one a stride-2 3x3 convolution of the
+    previous (``(B, C, ceil(H/2^i), ceil(W/2^i))``), so every scale of the state has its own."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, scales: int) -> None:
+        super().__init__()
+        self.scales = scales
+        self.base = ConvInjection(in_channels, channels, stride)
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+                          nn.GroupNorm(min(8, channels), channels)) for _ in range(scales - 1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        out = [self.base(x)]
+        for down in self.down:
+            out.append(down(out[-1]))
+        return tuple(out)
+
+
+class _Down(nn.Sequential):
+    """Scale ``i`` to a coarser scale ``j``: ``j - i`` stride-2 3x3 convolutions (MDEQ's fusion)."""
+
+    def __init__(self, channels: int, steps: int, groups: int) -> None:
+        layers: list[nn.Module] = []
+        for s in range(steps):
+            layers.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False))
+            layers.append(nn.GroupNorm(min(groups, channels), channels))
+            if s < steps - 1:
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+
+class _Up(nn.Module):
+    """Scale ``i`` to a finer scale ``j``: a 1x1 convolution, then nearest upsampling to its size."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.norm = nn.GroupNorm(min(groups, channels), channels)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        return F.interpolate(self.norm(self.conv(x)), size=size, mode="nearest")
+
+
+class MultiscaleCell(nn.Module):
+    """MDEQ's multiscale layer: the state is a tuple of ``scales`` maps ``(B, C, H_i, W_i)``, finest
+    first. Each scale runs :class:`ConvDEQCell`'s residual block on its own map with its own
+    injection (``x_i = z_i + GN(conv2(GN(relu(conv1(z_i)))) + u_i)``), then every scale fuses all
+    of them, ``f_j = GN(relu(sum_i T_ij(x_i)))``, with ``T_jj`` the identity, stride-2
+    convolutions from finer scales and 1x1 convolutions plus upsampling from coarser ones. With one
+    scale it is :class:`ConvDEQCell` (whose own class the image tasks keep for ``scales=1``)."""
+
+    channel_dim = 1
+
+    def __init__(self, channels: int, scales: int, groups: int = 8, hidden_mult: int = 2) -> None:
+        super().__init__()
+        self.width, self.scales = channels, scales
+        self.channels = (channels,) * scales  # one entry per part of the state
+        hidden = channels * hidden_mult
+        self.conv1 = nn.ModuleList(nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
+                                   for _ in range(scales))
+        self.conv2 = nn.ModuleList(nn.Conv2d(hidden, channels, 3, padding=1, bias=False)
+                                   for _ in range(scales))
+        self.gn1 = nn.ModuleList(nn.GroupNorm(min(groups, hidden), hidden) for _ in range(scales))
+        self.gn2 = nn.ModuleList(nn.GroupNorm(min(groups, channels), channels) for _ in range(scales))
+        self.gn3 = nn.ModuleList(nn.GroupNorm(min(groups, channels), channels) for _ in range(scales))
+        self.fuse = nn.ModuleDict()
+        for i in range(scales):
+            for j in range(scales):
+                if i < j:
+                    self.fuse[f"{i}_{j}"] = _Down(channels, j - i, groups)
+                elif i > j:
+                    self.fuse[f"{i}_{j}"] = _Up(channels, groups)
+        for conv in [*self.conv1, *self.conv2]:
+            nn.init.normal_(conv.weight, 0, 0.01)
+        apply_weight_norm(self, "weight")
+
+    def state_shape(self, u: tuple[Tensor, ...]) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(part.shape) for part in u)
+
+    def forward(self, z: tuple[Tensor, ...], u: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        xs = []
+        for i, (zi, ui) in enumerate(zip(z, u, strict=True)):
+            y = self.gn1[i](F.relu(self.conv1[i](zi)))
+            xs.append(zi + self.gn2[i](self.conv2[i](y) + ui))
+        out = []
+        for j, xj in enumerate(xs):
+            total = xj
+            for i, xi in enumerate(xs):
+                if i < j:
+                    total = total + self.fuse[f"{i}_{j}"](xi)
+                elif i > j:
+                    total = total + self.fuse[f"{i}_{j}"](xi, xj.shape[-2:])
+            out.append(self.gn3[j](F.relu(total)))
+        return tuple(out)
+
+
+class MultiscaleHead(nn.Module):
+    """Every scale average-pooled to a ``grid x grid`` map, concatenated, classified linearly."""
+
+    def __init__(self, channels: int, scales: int, classes: int, grid: int = 4) -> None:
+        super().__init__()
+        self.grid = grid
+        self.fc = nn.Linear(channels * scales * grid * grid, classes)
+
+    def forward(self, z: tuple[Tensor, ...]) -> Tensor:
+        return self.fc(torch.cat([F.adaptive_avg_pool2d(part, self.grid).flatten(1) for part in z], 1))

@@ -34,7 +34,7 @@ from ..datadir import data_dir
 from . import presets
 from .data import DataError, load_cifar10_archive, load_digits_split, load_idx_folder, load_npz, to_nchw
 from .folder import FolderData, is_image_folder
-from .model import ConvDEQCell, ConvInjection, PoolHead
+from .model import ConvDEQCell, ConvInjection, MultiscaleCell, MultiscaleHead, MultiscaleInjection, PoolHead
 
 __all__ = ["Cifar10Task", "DigitsTask", "ImageConfig", "ImageTask", "MnistTask", "load_arrays"]
 
@@ -45,6 +45,9 @@ class ImageConfig(Config):
         dataset: ``digits``, ``mnist``, ``cifar10``, or ``npz``/``idx``/``folder`` with ``data``.
         data: path of a user's ``.npz`` / IDX folder / image folder (or overrides a built-in file).
         channels, stride: width of the state and the injection's downsampling.
+        scales: resolutions of the state: 1 (the default) is one map ``(B, C, H, W)``; ``N`` > 1 is
+            MDEQ's multiscale state, a tuple of ``N`` maps halving in size, fused at every layer
+            call, each with its own injection, read by a head over every scale.
         train_subset, test_subset: use only the first this many images of a split (0: all).
         valid_fraction: the share of the (subset) training split held out for validation,
             drawn with ``seed``.
@@ -61,6 +64,7 @@ class ImageConfig(Config):
     data: str = ""
     channels: int = 32
     stride: int = 1
+    scales: int = 1
     hidden_mult: int = 2
     residual: bool = True
     train_subset: int = 0
@@ -82,6 +86,9 @@ class ImageConfig(Config):
             raise ConfigError(f"dataset={self.dataset!r} needs data=PATH")
         check_int("channels", self.channels, minimum=4)
         check_choice("stride", self.stride, [1, 2, 4])
+        check_int("scales", self.scales, minimum=1)
+        if self.scales > 4:
+            raise ConfigError(f"scales={self.scales!r} is not valid; give 1 to 4 resolutions")
         check_int("hidden_mult", self.hidden_mult, minimum=1)
         check_int("train_subset", self.train_subset, minimum=0)
         check_int("test_subset", self.test_subset, minimum=0)
@@ -207,6 +214,10 @@ class ImageTask(Task):
     def build_model(self) -> DEQModel:
         c = self.config
         torch.manual_seed(c.seed)
+        if c.scales > 1:
+            return DEQModel(MultiscaleInjection(self.in_channels, c.channels, c.stride, c.scales),
+                            MultiscaleCell(c.channels, c.scales, hidden_mult=c.hidden_mult),
+                            MultiscaleHead(c.channels, c.scales, self.num_classes))
         return DEQModel(ConvInjection(self.in_channels, c.channels, c.stride),
                         ConvDEQCell(c.channels, hidden_mult=c.hidden_mult, residual=c.residual),
                         PoolHead(c.channels, self.num_classes))
