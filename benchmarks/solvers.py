@@ -7,6 +7,11 @@ Problems (float32, CPU):
   radius agree) and small inputs, so ``tanh`` stays near its linear range and the Jacobian at the fixed
   point keeps eigenvalues close to +-0.95: Picard needs well over a hundred steps.
 - ``conv``: ``z = tanh(GroupNorm(conv3x3(z)) + inj)``, ``B=64``, 16 channels, 16x16.
+- ``multiscale``: the image tasks' multiscale cell (``task_config.scales=3``, MDEQ's fusion of
+  three resolutions) as initialised for training, ``B=64``, 16 channels, a state of three maps
+  16x16, 8x8 and 4x4 (one residual over all parts). cdeq solves the tuple itself; TorchDEQ
+  solves it as its ``deq(f, (a0, b0, c0))`` does, the parts flattened into one vector by its own
+  multi-tensor wrapper (``MDEQWrapper``).
 
 For every solver the script reports the mean NFE per sample (every evaluation of ``f`` on a sample
 counts one: cdeq stops each sample on its own, TorchDEQ's solvers evaluate the whole batch at every
@@ -48,16 +53,19 @@ import torch
 from torch import Tensor, nn
 
 from cdeq.deq import spectral_radius
+from cdeq.engine.tree import leaves, relative_error, tree_map
 from cdeq.solvers import get_solver
+from cdeq.tasks.images.model import MultiscaleCell
 
 try:  # TorchDEQ is optional: without it only cdeq's solvers run.
     import torchdeq
     from torchdeq.solver import get_solver as td_get_solver
+    from torchdeq.utils.layer_utils import MDEQWrapper
 
     TORCHDEQ_ERROR: str | None = None
 except Exception as err:  # pragma: no cover - depends on the environment
     torchdeq = None
-    td_get_solver = None
+    td_get_solver = MDEQWrapper = None
     TORCHDEQ_ERROR = f"{type(err).__name__}: {err}"
 
 
@@ -123,15 +131,26 @@ def make_problems(quick: bool, seed: int) -> list[dict[str, Any]]:
         "x": inj,
         "z0": torch.zeros(cb, ch, hw, hw),
     })
+    torch.manual_seed(seed)  # the cell as the image tasks initialise it
+    cell = MultiscaleCell(ch, scales=3, hidden_mult=1).requires_grad_(False)
+    sizes = [hw, (hw + 1) // 2, (hw + 3) // 4]
+    inj = tuple(torch.randn(cb, ch, s, s, generator=gen) for s in sizes)
+    problems.append({
+        "name": "multiscale",
+        "desc": f"MDEQ-style 3 scales B={cb} C={ch} {'/'.join(f'{s}x{s}' for s in sizes)}",
+        "f": cell,
+        "x": inj,
+        "z0": tuple(torch.zeros_like(t) for t in inj),
+    })
     return problems
 
 
 # --- runners -----------------------------------------------------------------------------------
-def rel_residual(f: Callable[[Tensor, Any], Tensor], z: Tensor, x: Any) -> Tensor:
+def rel_residual(f: Callable[[Any, Any], Any], z: Any, x: Any) -> Tensor:
+    """``|f(z) - z| / |f(z)|`` per sample, over every part of a structured state."""
     with torch.no_grad():
         fz = f(z, x)
-    num = (fz - z).flatten(1).norm(dim=1)
-    return num / (fz.flatten(1).norm(dim=1) + 1e-12)
+    return relative_error(z, fz)
 
 
 def run_cdeq(name: str, options: dict[str, Any], problem: dict[str, Any], tol: float,
@@ -158,12 +177,16 @@ def run_torchdeq(name: str, options: dict[str, Any], problem: dict[str, Any], to
                  max_iter: int) -> Callable[[], dict[str, Any]]:
     solver = td_get_solver(name)
     f, x, z0 = problem["f"], problem["x"], problem["z0"]
-    batch = z0.shape[0]
+    batch = leaves(z0)[0].shape[0]
     rows = [0]
+    wrapper = None
+    if not isinstance(z0, Tensor):  # TorchDEQ's multi-tensor path: the parts as one vector
+        wrapper = MDEQWrapper(lambda *parts: f(tuple(parts), x), list(z0))
+        z0 = wrapper.list2vec(list(z0))
 
     def func(z: Tensor) -> Tensor:
         rows[0] += z.shape[0]
-        return f(z, x)
+        return f(z, x) if wrapper is None else wrapper(z)
 
     def once() -> dict[str, Any]:
         rows[0] = 0
@@ -171,6 +194,8 @@ def run_torchdeq(name: str, options: dict[str, Any], problem: dict[str, Any], to
         with torch.no_grad():
             z, _, info = solver(func, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **options)
         elapsed = time.perf_counter() - start
+        if wrapper is not None:
+            z = tuple(wrapper.vec2list(z))
         return {
             "time": elapsed,
             "nfe": rows[0] / batch,
@@ -184,8 +209,8 @@ def run_torchdeq(name: str, options: dict[str, Any], problem: dict[str, Any], to
 
 def jacobian_radius(problem: dict[str, Any], z: Tensor, samples: int = 32) -> dict[str, float]:
     """Power-method spectral radius of ``J_f`` at the solution, on the first ``samples`` samples."""
-    z = z[:samples]
-    x = problem["x"][:samples]
+    z = tree_map(lambda t: t[:samples], z)
+    x = tree_map(lambda t: t[:samples], problem["x"])
     rho = spectral_radius(problem["f"], z, x, iters=200)
     return {"median": float(rho.median()), "max": float(rho.max())}
 
@@ -268,8 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-iter", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--problems", default="tanh-easy,tanh-hard,conv",
-                        help="comma-separated subset of tanh-easy, tanh-hard, conv")
+    parser.add_argument("--problems", default="tanh-easy,tanh-hard,conv,multiscale",
+                        help="comma-separated subset of tanh-easy, tanh-hard, conv, multiscale")
     parser.add_argument("--solvers", default="picard,anderson,broyden",
                         help="comma-separated subset of picard, anderson, broyden")
     parser.add_argument("--check-every", default="",
