@@ -140,7 +140,8 @@ class UnrolledNet(nn.Module):
         self.injection = copy.deepcopy(teacher.injection)
         self.cell = copy.deepcopy(teacher.cell)
         self.head = copy.deepcopy(teacher.head)
-        self._initial_state = teacher.deq.initial_state  # zeros shaped by the cell: no parameters
+        # zeros of the teacher's state shape (its state_shape argument, a structure too): no parameters
+        self._initial_state = teacher.initial_state
         for p in self.parameters():
             p.requires_grad_(True)
 

@@ -92,7 +92,7 @@ def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callab
         rows = batch_rows(y) / distributed.world_size()  # summed over ranks: the global batch
         x, y, share = distributed.shard(x, y)  # this rank's slice of the global batch
         u = model.inject(x)
-        z, info = model.deq(u)
+        z, info = model.deq(u, model.initial_state(u))  # the model's state shape (a structure too)
         logits = model.head(z)
         check_finite_inputs(x, "teacher training")  # clear errors for bad data (cheap)
         check_labels(logits, y, "teacher training")
