@@ -14,7 +14,6 @@ from torch.overrides import TorchFunctionMode
 from cdeq.deq import DEQ, jacobian_frobenius, spectral_radius
 from cdeq.engine.config import ConfigError
 from cdeq.engine.precision import autocast, resolve_device
-from cdeq.engine.tree import Layout
 from cdeq.solvers import get_solver, loop
 
 NAMES = ["picard", "anderson", "broyden"]
