@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install install-dev demo test lint bench bench-training bench-threads
+.PHONY: install install-dev demo test lint docs bench bench-training bench-threads
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -10,13 +10,19 @@ install:
 
 install-dev:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .[dev]
+	$(PIP) install -q -e .[dev,docs]
 
 demo: install
 	cdeq demo --out runs/demo
 
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks
+
+# The documentation site (mkdocs.yml) into site/ (not committed). A broken link, a page left out
+# of the navigation or a docstring that does not parse fails the build; `make test` builds it too
+# (tests/test_docs.py). `mkdocs serve` shows it while you edit.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
 
 test: install-dev lint
 	$(PYTHON) -m pytest tests

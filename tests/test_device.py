@@ -220,7 +220,7 @@ def test_a_distillation_step_creates_tensors_on_the_input_device(pairs):
         student._run_plan(student.inject(x), [("jump", 0.1), ("step",), ("jump", 1.0)])
     assert any(not torch.equal(a, b) for a, b in zip(before, student.cell.parameters(), strict=True))
     # Tensors made on the CPU whatever the input's device; remove an entry once its file is fixed
-    # (listed in docs/gpu.md).
+    # (listed in docs/how-to/gpu.md).
     pending = ("consistency/schedule.py",)
     assert [where for where in check.found if not where.startswith(pending)] == []
 

@@ -1,6 +1,6 @@
 """cdeq: deep equilibrium models and their consistency-distilled (C-DEQ) students.
 
-Example:
+Examples:
     >>> teacher = cdeq.DEQModel(injection, cell, head, solver="anderson")  # doctest: +SKIP
     >>> trajectories = cdeq.record(teacher, train_batches, cdeq.RecordConfig())  # doctest: +SKIP
     >>> student = cdeq.ConsistencyStudent(teacher)                          # doctest: +SKIP

@@ -4,7 +4,7 @@ C-DEQ+ (:mod:`cdeq.consistency.plus`) starts the student's jumps from it; the le
 baseline (:mod:`cdeq.run.baselines`, as in HyperDEQ / Skip-DEQ) runs solver steps from it. Both
 fit it the same way: :func:`train_learned_init`, the relative squared error to the recorded ``z*``.
 
-Example:
+Examples:
     >>> init = LearnedInit.for_teacher(teacher, hidden=32)                 # doctest: +SKIP
     >>> train_learned_init(init, teacher, trajectories, samples=20_000)    # doctest: +SKIP
     >>> z0 = init.init_state(teacher, teacher.inject(x))                   # doctest: +SKIP

@@ -30,7 +30,7 @@ counts in the student's cost.
 Plans for more than one call are chosen on data (``cdeq.Pipeline(student).select_plans(batches,
 loss=...)``, :mod:`cdeq.consistency.search`); until then ``predict`` refuses ``nfe > 1``.
 
-Example:
+Examples:
     >>> student = ConsistencyStudent(teacher)                                 # doctest: +SKIP
     >>> logits, z = student.predict(x, nfe=1)                                 # doctest: +SKIP
     >>> pipe = cdeq.Pipeline(student).select_plans(val_batches, loss=F.cross_entropy)  # doctest: +SKIP

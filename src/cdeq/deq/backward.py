@@ -18,7 +18,7 @@ unrolled ones step every part together.
 Strategies are registered by name like solvers (:func:`register_backward`); the keys each one
 accepts are the fields of its ``Options`` dataclass.
 
-Example:
+Examples:
     >>> get_backward({"name": "phantom", "steps": 3})
     PhantomBackward(steps=3, damping=0.5)
     >>> sorted(BACKWARDS)
@@ -92,7 +92,8 @@ class ImplicitBackward(BackwardStrategy):
 
     Args:
         solver: solver of the adjoint fixed point (name, dict or :class:`Solver`).
-        max_iter, tol: its limits.
+        max_iter: its iteration limit.
+        tol: its tolerance.
     """
 
     name = "implicit"

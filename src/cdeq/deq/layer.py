@@ -1,6 +1,6 @@
 """The DEQ layer: the fixed point of a user layer ``f(z, x)``, with a chosen backward.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> class Cell(nn.Module):
@@ -53,7 +53,8 @@ class DEQ(nn.Module):
         backward: a :class:`BackwardStrategy`, a registered name (``implicit``, ``phantom``,
             ``jacobian_free`` or one added with ``register_backward``) or
             ``{"name": ..., **options}``.
-        max_iter, tol: defaults for solvers given by name.
+        max_iter: default iteration limit for solvers given by name.
+        tol: default tolerance for solvers given by name.
 
     ``forward(x, z0=None)`` returns ``(z, info)``: ``z`` of the shape of ``z0`` (zeros shaped by
     ``cell.state_shape(x)`` when ``z0`` is ``None``) and ``info`` the forward :class:`SolverResult`.

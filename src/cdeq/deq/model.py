@@ -19,7 +19,7 @@ like the parts of ``u``. A ``state_shape`` may then be a structure of per-sample
 function returning one of full shapes), and ``channels``/``channel_dim`` one value per part (or
 one for every part); inferred, each part's channel axis is read off the part.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> model = DEQModel(nn.Linear(20, 64), lambda z, u: torch.tanh(0.5 * z + u), nn.Linear(64, 10))
@@ -64,9 +64,12 @@ class DEQModel(nn.Module):
         state_shape: per-sample state dims (``(64,)``), a tuple / list / dict of them for a
             structured state, or ``u -> full shape(s)``; default: the cell's ``state_shape``
             method, else the shape of ``u`` (of each part of ``u``).
-        channels, channel_dim: size and axis of the state's channel dimension (for a student),
-            one value or one per part (a tuple in the parts' order); default: the cell's
-            attributes, else inferred from the state.
+        channels: size of the state's channel dimension (for a student), one value or one per
+            part (a tuple in the parts' order); default: the cell's ``channels`` attribute, else
+            inferred from the state.
+        channel_dim: axis of that dimension, one value or one per part; default: the cell's
+            ``channel_dim`` attribute, else 1 for ``(B, C, H, W)`` states and the last axis
+            otherwise.
         **deq_kwargs: solver, eval_solver, backward, max_iter, tol for :class:`DEQ`.
     """
 

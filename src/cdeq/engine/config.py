@@ -6,7 +6,7 @@ unknown keys (naming the allowed ones) and values whose type does not match the 
 ``teacher.train_solver.max_iter``, and the expected form), and ``validate`` runs on construction
 so a bad value is an error at the point where it was written, not deep inside a training loop.
 
-Example:
+Examples:
     >>> from dataclasses import dataclass
     >>> @dataclass
     ... class Opt(Config):

@@ -1,7 +1,7 @@
 """Old import paths kept working for one release: ``import cdeq.pipeline`` finds
 :mod:`cdeq.run.stages` and warns with a :class:`DeprecationWarning` that names the new path.
 
-Example:
+Examples:
     >>> install_aliases("cdeq", {"fit": "cdeq.engine.fit"})  # doctest: +SKIP
     >>> import cdeq.fit  # DeprecationWarning: cdeq.fit moved to cdeq.engine.fit  # doctest: +SKIP
 """

@@ -11,7 +11,7 @@
 - only rank 0 writes run files (:func:`is_main`); recording writes shard ``i`` on rank
   ``i % world_size`` and rank 0 writes the manifest after a :func:`barrier`.
 
-See docs/distributed.md for several machines.
+See docs/tutorials/multi-process.md for several machines.
 """
 
 from __future__ import annotations

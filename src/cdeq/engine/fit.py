@@ -9,7 +9,7 @@ schedule (linear warm-up, then cosine decay to 0, from ``torch.optim.lr_schedule
 stopping (the best weights are kept), then ``on_epoch_end`` with the optimiser/scheduler state,
 which resumes the run bit for bit.
 
-Example:
+Examples:
     >>> import torch.nn.functional as F
     >>> model = nn.Linear(3, 1)
     >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
@@ -103,7 +103,7 @@ class LayerCalls:
     """Counts the forward calls of ``modules`` and the rows (leading dimension of the first tensor
     argument: samples, or a graph's nodes) they processed, while the ``with`` block runs.
 
-    Example:
+    Examples:
         >>> lin = nn.Linear(2, 2)
         >>> with LayerCalls(lin) as count:
         ...     _ = lin(torch.zeros(5, 2)); _ = lin(torch.zeros(3, 2))

@@ -13,7 +13,7 @@
   :func:`full_precision` and re-enter the caller's autocast around each call of ``f`` with
   :func:`caller_autocast`.
 
-Example:
+Examples:
     >>> import torch
     >>> device = resolve_device("cpu")
     >>> with autocast("bf16", device):

@@ -14,7 +14,7 @@ OpenMP's wait policy (``OMP_WAIT_POLICY=PASSIVE``: waiting threads sleep instead
 read once, when ``import torch`` loads the OpenMP runtime, so it cannot be changed from here; it
 can only be set in the environment before Python starts. :func:`wait_policy` reports it.
 
-Example:
+Examples:
     >>> from cdeq.engine.threads import choose_threads
     >>> choose_threads(0, cores=2, busy=1.0)   # one of two cores taken by another process
     1

@@ -1,7 +1,7 @@
 """Using a distilled model: the :class:`Pipeline` (student and plans, callable, saved and loaded),
 export to a standalone one-step model, compiled plans, and the module recipes that saving uses.
 
-Example:
+Examples:
     >>> pipe = cdeq.hub.Pipeline(student).select_plans(val_batches, loss=F.cross_entropy)  # doctest: +SKIP
     >>> pipe.save_pretrained("my-cdeq")                                                  # doctest: +SKIP
 """

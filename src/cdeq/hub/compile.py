@@ -7,7 +7,7 @@ compute the same thing.
 :func:`compile_plan` compiles it with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA and the
 default mode elsewhere, and, given an example input, checks the compiled output against eager.
 
-Example:
+Examples:
     >>> fast = compile_plan(student, nfe=2, example=x)   # doctest: +SKIP
     >>> logits = fast(x)                                  # doctest: +SKIP
 """

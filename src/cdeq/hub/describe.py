@@ -14,7 +14,7 @@ The init arguments come from, in order:
 A plain function (a parameter-free cell ``f(z, u)``) is recorded by its import path. Loading
 imports the named modules: load recipes only from sources you trust, as with any code.
 
-Example:
+Examples:
     >>> from torch import nn
     >>> describe(nn.Linear(3, 4))
     {'class': 'torch.nn.modules.linear:Linear', 'init': {'in_features': 3, 'out_features': 4}}

@@ -6,7 +6,7 @@ plan) and no data-dependent control flow, so ``torch.export`` and ``torch.compil
 tracing, together with the input shape it was exported for; :func:`load_exported` checks inputs
 against that shape and names it when they differ.
 
-Example:
+Examples:
     >>> path, method = export_one_step(student, example_x, "student.pt2")   # doctest: +SKIP
     >>> load_exported(path)(x)                                               # doctest: +SKIP
 """

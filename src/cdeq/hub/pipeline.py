@@ -17,7 +17,7 @@ its ``PyTorchModelHubMixin``: ``from_pretrained`` then also takes a hub reposito
 with exactly one layer call and no data-dependent control flow, so ``torch.export`` and
 ``torch.compile`` handle it; :func:`export_one_step` writes it (``.pt2``).
 
-Example:
+Examples:
     >>> pipe = Pipeline(student).select_plans(train_batches, loss=F.cross_entropy)   # doctest: +SKIP
     >>> logits = pipe(x, nfe=2)                                    # doctest: +SKIP
     >>> pipe.save_pretrained("my-cdeq"); Pipeline.from_pretrained("my-cdeq")      # doctest: +SKIP
@@ -194,8 +194,9 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
 
     Args:
         student: a (distilled) :class:`ConsistencyStudent`; ``pipe.teacher`` is its teacher.
-        task, task_config: for students of a registered task, rebuild the teacher through the
-            task instead of recording its modules.
+        task: for students of a registered task, its name: the teacher is then rebuilt through
+            the task instead of from its recorded modules.
+        task_config: that task's settings (``task_config`` of a run).
     """
 
     def __init__(self, student: ConsistencyStudent, task: str | None = None,

@@ -2,7 +2,7 @@
 distillation, C-DEQ+, baselines, evaluation), their configuration, cost counting, reports,
 summaries and seeds.
 
-Example:
+Examples:
     >>> from cdeq.run import Run, build_config                     # doctest: +SKIP
     >>> run = Run("runs/digits", build_config("digits", quick=True))  # doctest: +SKIP
     >>> report = run.run_all()                                       # doctest: +SKIP

@@ -113,7 +113,7 @@ class RunConfig(Config):
 
     ``task`` holds the task's own settings (validated by the task's config class). ``device``
     (``cpu``, ``cuda[:N]``, ``auto``) is where every stage runs, models and batches moved there;
-    ``cpu`` by default, as the GPU path is tested on CPU only (docs/gpu.md). It records where the
+    ``cpu`` by default, as the GPU path is tested on CPU only (docs/how-to/gpu.md). It records where the
     run last started: a run may resume or be evaluated elsewhere. ``precision`` (``fp32``,
     ``bf16``) is the one place for mixed precision: every stage runs under its autocast (the
     optimiser steps of the trained stages, recording, plan search and evaluation).

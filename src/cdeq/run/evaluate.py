@@ -215,7 +215,7 @@ def _sweep(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, co
 def evaluate(task: Task, teacher: DEQModel, student: ConsistencyStudent | None,
              config: EvalConfig, extra_methods: dict[str, Callable[[Any, int], Tensor]] | None = None,
              seed: int | None = None) -> dict[str, Any]:
-    """Run the sweep; returns the report dictionary (fields in ``docs/results.md``).
+    """Run the sweep; returns the report dictionary (fields in ``docs/reference/report-files.md``).
 
     ``extra_methods`` maps a name to ``(x, k) -> (logits, z)`` for baselines evaluated at the same
     budgets (``None`` for budgets they do not support). Validation figures choose; the test

@@ -1,6 +1,6 @@
 """Batched fixed-point solvers with per-sample stopping and one result type.
 
-Example:
+Examples:
     >>> import torch
     >>> from cdeq.solvers import get_solver
     >>> W = 0.5 * torch.eye(4)

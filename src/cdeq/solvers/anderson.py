@@ -41,7 +41,7 @@ class AndersonOptions(SolverOptions):
 class Anderson(Solver):
     """Anderson acceleration; one evaluation of ``f`` per step, memory ``O(m B n)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> W = 0.9 * torch.eye(3)
         >>> res = Anderson(tol=1e-6).solve(lambda z, x: z @ W + x, torch.zeros(2, 3), torch.ones(2, 3))

@@ -87,7 +87,7 @@ def _record_indices(record: Record, max_iter: int) -> list[int] | None:
 class Solver:
     """Base class. Subclasses set ``name``, ``Options`` and the update rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> solver = get_solver("picard", max_iter=100, tol=1e-8)
         >>> res = solver.solve(lambda z, x: 0.5 * z + x, torch.zeros(2, 3), torch.ones(2, 3))

@@ -51,7 +51,7 @@ def _apply_ht(U: Tensor, V: Tensor, v: Tensor) -> Tensor:
 class Broyden(Solver):
     """Limited-memory Broyden; one evaluation of ``f`` per step.
 
-    Example:
+    Examples:
         >>> import torch
         >>> W = torch.tensor([[0.5, 0.3], [-0.2, 0.6]])
         >>> res = Broyden(tol=1e-6).solve(lambda z, x: z @ W.T + x, torch.zeros(2, 2), torch.ones(2, 2))

@@ -4,7 +4,7 @@
 ``shared/data`` that exists in a folder above this package (the project's shared data folder
 beside the checkout) or in the current directory.
 
-Example:
+Examples:
     >>> data_dir() / "mnist" / "mnist.npz"        # doctest: +SKIP
     PosixPath('.../shared/data/mnist/mnist.npz')
 """

@@ -12,7 +12,7 @@ A :class:`Graph` holds one attributed graph with node labels and split masks:
 normalised adjacency with self loops ``D^-1/2 (A + I) D^-1/2`` ``(N, N)``, both sparse COO;
 ``y = (labels, mask)``.
 
-Example:
+Examples:
     >>> g = load_planetoid(data_dir() / "planetoid", "cora")  # doctest: +SKIP
     >>> g.num_nodes, g.num_features, g.num_classes
     (2708, 1433, 7)

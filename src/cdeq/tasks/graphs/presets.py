@@ -1,7 +1,7 @@
 """Run defaults of the graph tasks, as data: ``{"full": sections, "quick": sections}`` per task.
 
 One graph is one batch: every batch size is 1, and a teacher "epoch" is ``steps_per_epoch``
-steps (docs/graphs.md has the measurements behind the full settings). The full teacher's solvers
+steps (docs/concepts/graphs.md has the measurements behind the full settings). The full teacher's solvers
 and backward are also the ones :meth:`GraphTask.build_model` gives the model.
 """
 

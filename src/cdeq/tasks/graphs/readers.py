@@ -5,7 +5,7 @@ unpickler that only builds numpy arrays, ``defaultdict``/``list`` and a stand-in
 ``scipy.sparse.csr_matrix`` (anything else in the file is refused, so a foreign pickle cannot run
 code). A saved ``torch_geometric.data.Data`` is read when torch_geometric is installed.
 
-Example:
+Examples:
     >>> g = load_planetoid(data_dir() / "planetoid", "cora")  # doctest: +SKIP
     >>> int(g.train_mask.sum()), int(g.val_mask.sum()), int(g.test_mask.sum())
     (140, 500, 1000)

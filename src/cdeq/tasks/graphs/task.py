@@ -15,7 +15,7 @@ Settings (config key ``setting``):
 node subsets, edge dropout, feature dropout; the first copy is the unperturbed graph) so that a
 student learns the map to the fixed point rather than one ``z*``.
 
-Example:
+Examples:
     >>> task = CoraTask(CoraTask.Config(setting="inductive"))  # doctest: +SKIP
     >>> model = task.build_model()  # doctest: +SKIP
 """

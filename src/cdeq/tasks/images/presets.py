@@ -10,7 +10,7 @@ from typing import Any
 
 # C-DEQ+'s initialiser on images: a 4-wide channel MLP of u without the convolution, cheap enough
 # that a k-call plan fits a cost of k layer calls (tests/test_student_cost.py). Chosen on the
-# digits validation loss at equal cost (docs/method.md, section 5b).
+# digits validation loss at equal cost (docs/concepts/method.md, C-DEQ+).
 PLUS: dict[str, Any] = {"init_hidden": 4, "init_conv": False}
 
 # A smoke-size run for any image task (seconds on a CPU).

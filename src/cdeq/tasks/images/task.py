@@ -9,7 +9,7 @@ An image folder (``dataset="folder"``, :mod:`.folder`) is streamed: its files ar
 batch in DataLoader workers, never held in memory together; its ``val/`` folder, when present, is
 the validation split.
 
-Example:
+Examples:
     >>> task = DigitsTask(ImageConfig())                     # doctest: +SKIP
     >>> task.split_sizes()                                   # doctest: +SKIP
     {'train': 1260, 'valid': 140, 'test': 397}

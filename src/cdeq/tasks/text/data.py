@@ -226,8 +226,9 @@ def load_corpus(path: str | os.PathLike, level: str = "char", valid_fraction: fl
             line boundary for words) or a folder holding ``wiki.{train,valid,test}.tokens`` or
             ``{train,valid,test}.txt``.
         level: ``"char"`` or ``"word"``.
-        max_train_tokens, max_eval_tokens: keep only the first this many symbols of the training
-            and of each held-out split (0: all). The vocabulary comes from what is kept.
+        max_train_tokens: keep only the first this many symbols of the training split (0: all).
+            The vocabulary comes from what is kept.
+        max_eval_tokens: the same for each held-out split.
         max_vocab: at word level, keep only the most frequent ``max_vocab - 1`` words (0: all).
 
     Raises:

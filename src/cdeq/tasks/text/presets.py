@@ -3,7 +3,7 @@
 - ``QUICK_TASK``: the ``task_config`` values ``quick=True`` puts in place of fields left at
   their defaults (a few thousand characters, a 32-wide block).
 - ``TEXT``: the run defaults ``{"full": sections, "quick": sections}``: the teacher settings
-  that reach the documented accuracy (docs/text.md), and the later stages sized for text windows
+  that reach the documented accuracy (docs/concepts/text.md), and the later stages sized for text windows
   (B windows x seq_len positions x d_model per state). The teacher's solvers here are also the
   ones :meth:`TextTask.build_model` gives the model.
 """

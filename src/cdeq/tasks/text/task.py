@@ -1,12 +1,12 @@
 """Language-modelling tasks: ``text`` (a user's text) and ``shakespeare`` (Tiny Shakespeare).
 
-Splits (see :mod:`.data` and ``docs/text.md``): a single file is cut into train / valid / test
+Splits (see :mod:`.data` and ``docs/concepts/text.md``): a single file is cut into train / valid / test
 (``1 - valid_fraction - test_fraction`` / ``valid_fraction`` / ``test_fraction``, by default
 90% / 5% / 5%); a WikiText-layout folder's three files are the three splits. Training windows
 come from the training split, selection and validation windows from the validation split, test
 windows from the test split only.
 
-Example:
+Examples:
     >>> task = TextTask(TextConfig(data=path, level="char"))        # doctest: +SKIP
     >>> model = task.build_model()                                   # doctest: +SKIP
     >>> x, y = next(iter(task.train_batches(8)))                     # doctest: +SKIP
