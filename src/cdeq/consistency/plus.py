@@ -114,8 +114,12 @@ class PlusStudent(ConsistencyStudent):
     the time ``start_time`` instead of from zeros at ``t_min``.
 
     Args:
-        teacher, schedule, config, example: as for :class:`ConsistencyStudent`.
-        init_hidden, init_conv: the initialiser's width and depthwise convolution (images).
+        teacher: the trained DEQ, as for :class:`ConsistencyStudent`.
+        schedule: the time schedule, as for :class:`ConsistencyStudent`.
+        config: the student's architecture, as for :class:`ConsistencyStudent`.
+        example: an example input, as for :class:`ConsistencyStudent`.
+        init_hidden: the width of the initialiser's channel-wise MLP.
+        init_conv: add the initialiser's depthwise 3x3 convolution (image states).
         start_time: the time of ``h(u)`` in ``[t_min, T)`` (default ``t_min``; :func:`train_plus`
             matches it to ``h(u)``'s residual).
         reentry_time: the time C-DEQ+'s chains of jumps were trained at after the first jump
