@@ -26,7 +26,7 @@ ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc|data|obj|const):(<code>)~?"
 
 # ----------------------------------------------------------------------------- command line
 def cli_markdown() -> str:
-    os.environ["COLUMNS"] = "100"  # argparse wraps its help to the terminal width
+    os.environ["COLUMNS"] = "88"  # argparse wraps its help to the terminal width
     from cdeq.cli import build_parser
 
     parser = build_parser()

@@ -27,12 +27,14 @@ class EMA:
             p.requires_grad_(False)
 
     def current_decay(self) -> float:
+        """The decay of the next update (ramped up over the first steps with ``warmup``)."""
         if not self.warmup:
             return self.decay
         return min(self.decay, (1 + self.steps) / (10 + self.steps))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Move the target's parameters toward ``model``'s (same architecture); copy its buffers."""
         d = self.current_decay()
         for t, s in zip(self.target.parameters(), model.parameters(), strict=True):
             t.lerp_(s.detach(), 1 - d)

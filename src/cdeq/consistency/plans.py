@@ -68,6 +68,7 @@ def check_plan(plan: Any) -> Plan:
 
 
 def plan_to_json(plan: Plan) -> list[list]:
+    """A plan as JSON data: each operation a list, e.g. ``[["jump", 0.002], ["step"]]``."""
     return [list(op) for op in plan]
 
 

@@ -28,6 +28,19 @@ from ..engine.config import Config, ConfigError, check_choice, check_positive
 
 @dataclasses.dataclass
 class ScheduleConfig(Config):
+    """How iterates get their times, and the boundary scalings (see the module docstring).
+
+    Attributes:
+        kind: ``karras`` (a rho-grid over the iterate index) or ``residual`` (time read off the
+            iterate's relative residual).
+        eps: the smallest time, that of the start ``z_0``.
+        T: the time of the equilibrium ``z*``, where ``F(z, T, u) = z``.
+        rho: the exponent of the Karras grid.
+        scaling: ``linear`` (``c_skip = t/T``) or ``edm``.
+        sigma_data: the data scale of the ``edm`` scalings.
+        residual_end: the relative residual mapped to ``T`` by the ``residual`` kind.
+    """
+
     kind: str = "karras"
     eps: float = 0.002
     T: float = 5.0

@@ -81,6 +81,7 @@ class RecordConfig(Config):
                               f"[0, {self.solver.max_iter - 1}] (solver.max_iter)")
 
     def iterate_indices(self) -> list[int]:
+        """The iterate indices to keep, sorted, ``0`` included."""
         if self.indices:
             return sorted(set(self.indices) | {0})
         out, k = list(range(9)), 12
@@ -154,9 +155,12 @@ class TrajectoryStore:
         self.root = Path(root)
 
     def shard_path(self, i: int) -> Path:
+        """The file of shard ``i`` (one recorded batch)."""
         return self.root / f"shard_{i:05d}.safetensors"
 
     def write(self, i: int, batch: TrajectoryBatch, dtype: str = "float32") -> None:
+        """Write ``batch`` as shard ``i``, its iterates and ``z*`` stored in ``dtype``
+        (``float32``, ``float16`` or ``bfloat16``), atomically and checksummed."""
         stored = batch.to(DTYPES[dtype])
         tensors: dict[str, Tensor] = {"residual": batch.residual, "star_residual": batch.star_residual}
         spec = {"x": flatten(batch.x, "x", tensors), "y": flatten(batch.y, "y", tensors)}
@@ -169,6 +173,12 @@ class TrajectoryStore:
         save_tensors(self.shard_path(i), tensors, kind="trajectory", meta=meta)
 
     def read(self, i: int, dtype: torch.dtype = torch.float32) -> TrajectoryBatch:
+        """Shard ``i`` as a :class:`TrajectoryBatch`, its iterates and ``z*`` converted to ``dtype``.
+
+        Raises:
+            FileNotFoundError: the shard is missing (the message names the command that records it).
+            CorruptFileError: the shard is damaged or not a trajectory shard.
+        """
         path = self.shard_path(i)
         if not path.exists():
             raise FileNotFoundError(
@@ -190,6 +200,7 @@ class TrajectoryStore:
             raise CorruptFileError(f"{path} lacks the entry {err}") from err
 
     def manifest(self) -> dict[str, Any]:
+        """The store's ``manifest.json`` (shard count and recording settings)."""
         path = self.root / self.MANIFEST
         if not path.exists():
             raise FileNotFoundError(f"no trajectories at {self.root} (missing {self.MANIFEST}); "
@@ -245,9 +256,20 @@ def record(
 ) -> list[TrajectoryBatch] | TrajectoryStore:
     """Record teacher trajectories for ``batches`` (training data only).
 
-    With a ``store`` the shards are written to disk (existing shards are kept: resume) and the
-    store is returned; otherwise the batches are returned in memory. ``on_recorded(i)`` runs
-    after batch ``i`` is recorded and before its shard is written (a skipped shard gets no call).
+    Args:
+        model: the trained teacher (set to eval mode); batches go to its device.
+        batches: ``(x, y)`` training batches; ``y`` is kept for the task loss of distillation.
+        config: the recording solver, the iterates kept, the storage precision and a sample cap.
+        store: write one shard per batch there (existing shards are kept: an interrupted
+            recording resumes) instead of keeping the batches in memory.
+        total: the number of batches, for the progress bar.
+        on_recorded: called as ``on_recorded(i)`` after batch ``i`` is recorded and before its
+            shard is written (a skipped shard gets no call).
+
+    Returns:
+        The store, or the list of :class:`TrajectoryBatch` in memory: per batch the iterates
+        ``(B, L, ...)`` at ``config.iterate_indices()`` (each part so for a structured state),
+        the solution ``z_star`` ``(B, ...)`` and the relative residuals ``(B, L)`` and ``(B,)``.
     """
     out: list[TrajectoryBatch] = []
     seen = 0

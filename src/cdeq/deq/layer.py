@@ -114,6 +114,17 @@ class DEQ(nn.Module):
         return solver.solve(self.f, z0, x, **solve_kwargs)
 
     def forward(self, x: Any, z0: Any = None) -> tuple[Any, SolverResult]:
+        """Solve ``z = cell(z, x)`` from ``z0`` (zeros by default).
+
+        Args:
+            x: the cell's input: a tensor ``(B, ...)`` or any structure of tensors.
+            z0: the start: ``(B, ...)``, or a tuple / list / dict of such parts; zeros of the cell's
+                state shape when ``None``.
+
+        Returns:
+            ``(z, info)``: the equilibrium (shaped like ``z0``), carrying gradients through the
+            backward strategy when they are needed, and the forward solve's :class:`SolverResult`.
+        """
         info = self.solve(x, z0)
         z = info.z
         if torch.is_grad_enabled() and (self.training or _needs_grad(x, self.cell)):

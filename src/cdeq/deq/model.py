@@ -97,6 +97,7 @@ class DEQModel(nn.Module):
         return self.deq.cell
 
     def inject(self, x: Any) -> Any:
+        """The input injection ``u = injection(x)`` (computed once per input; not a layer call)."""
         return self.injection(x)
 
     def initial_state(self, u: Any) -> Any:
@@ -160,7 +161,17 @@ class DEQModel(nn.Module):
         return tuple(cs), tuple(ds)
 
     def forward(self, x: Any, z0: Any = None) -> tuple[Tensor, SolverResult]:
-        """Return ``(logits, info)`` where ``info`` is the forward solver's result."""
+        """``head(z*)`` for the input ``x``.
+
+        Args:
+            x: the model's input (``(B, ...)``, or what the injection takes).
+            z0: the solver's start (``(B, ...)`` or a structure of parts); zeros of the state
+                shape when ``None``.
+
+        Returns:
+            ``(logits, info)``: the head's output ``(B, ...)`` and the forward solve's
+            :class:`SolverResult` (``info.nfe``, ``info.residual``, ``info.converged`` per sample).
+        """
         u = self.inject(x)
         z, info = self.deq(u, self.initial_state(u) if z0 is None else z0)
         return self.head(z), info

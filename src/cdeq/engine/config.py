@@ -45,12 +45,14 @@ def _suggest(key: str, allowed: Iterable[str]) -> str:
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """A :class:`ConfigError` naming ``name`` and the allowed values unless ``value`` is in ``choices``."""
     choices = list(choices)
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; allowed values: {choices}")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """A :class:`ConfigError` unless ``value`` is a number > 0 (>= 0 with ``allow_zero``)."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not (value >= 0 if allow_zero else value > 0):
         bound = ">= 0" if allow_zero else "> 0"
@@ -58,16 +60,19 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 def check_range(name: str, value: float, low: float, high: float) -> None:
+    """A :class:`ConfigError` unless ``value`` is a number in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ConfigError(f"{name}={value!r} is not valid; it must lie in [{low}, {high}]")
 
 
 def check_bool(name: str, value: bool) -> None:
+    """A :class:`ConfigError` unless ``value`` is ``True`` or ``False``."""
     if not isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} is not valid; it must be true or false")
 
 
 def check_int(name: str, value: int, minimum: int = 0) -> None:
+    """A :class:`ConfigError` unless ``value`` is an integer >= ``minimum`` (booleans refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} is not valid; it must be an integer >= {minimum}")
 
@@ -195,8 +200,10 @@ class Config:
             raise ConfigError(f"{key_path or cls.__name__}: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as nested plain data (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
 
     def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes``; an unknown key is a :class:`ConfigError` naming the allowed ones."""
         check_keys(type(self).__name__, changes, [f.name for f in dataclasses.fields(self)])
         return dataclasses.replace(self, **changes)

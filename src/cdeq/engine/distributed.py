@@ -26,6 +26,7 @@ from torch import distributed as dist
 
 
 def env_requests_distributed() -> bool:
+    """True when torchrun's variables ask for more than one process (``WORLD_SIZE > 1``)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
@@ -45,22 +46,27 @@ def init() -> bool:
 
 
 def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 without a process group)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def is_main() -> bool:
+    """True on rank 0, the process that writes files."""
     return rank() == 0
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
     if is_distributed():
         dist.barrier()
 

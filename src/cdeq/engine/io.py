@@ -71,14 +71,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file renamed into place."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path``, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``; a file that is not JSON is a :class:`CorruptFileError` naming it."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
@@ -305,6 +308,7 @@ def flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> Any:
 
 
 def unflatten(spec: Any, tensors: Mapping[str, Tensor]) -> Any:
+    """The inverse of :func:`flatten`: rebuild the object ``spec`` describes from ``tensors``."""
     if spec is None:
         return None
     if "tensor" in spec:

@@ -15,7 +15,7 @@ What the rest of cdeq needs of such a state lives here, on top of PyTorch's pytr
   state has one residual and one error to ``z*``:
   ``error = sqrt(sum_parts |z_p - ref_p|^2) / sqrt(sum_parts |ref_p|^2)`` per sample.
 
-Example:
+Examples:
     >>> import torch
     >>> z = (torch.ones(2, 3), {"c": torch.zeros(2, 4, 5)})
     >>> layout = Layout.of(z)

@@ -38,7 +38,21 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 
 def saveable(cls: type) -> type:
-    """Class decorator: record each instance's init arguments so that it can be rebuilt."""
+    """Class decorator: record each instance's init arguments so that it can be rebuilt.
+
+    :meth:`cdeq.Pipeline.save_pretrained` writes a module's import path and init arguments;
+    without this decorator they are read from attributes of the same names. Use it on a class
+    whose arguments are not kept as attributes. The arguments must be JSON data or modules
+    that can themselves be recorded.
+
+    Examples:
+        >>> @saveable
+        ... class Cell(nn.Module):
+        ...     def __init__(self, width: int, scale: float = 0.5):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(width, width)     # ``width`` is not kept as an attribute
+        ...         self.scale = scale                     # doctest: +SKIP
+    """
     init = cls.__init__
     signature = inspect.signature(init)
 

@@ -274,9 +274,21 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
         write_json(save_directory / CONFIG, cfg)
 
     def save_pretrained(self, directory: str | os.PathLike, **hub_kwargs: Any) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` to ``directory``; returns it.
+        """Write the pipeline to ``directory``: ``config.json`` (how to rebuild the teacher, the
+        schedule, the student's configuration and its plans) and ``model.safetensors``.
 
-        ``hub_kwargs`` (``push_to_hub``, ``repo_id``, ...) need ``huggingface_hub``."""
+        Args:
+            directory: the folder to write (created when missing).
+            **hub_kwargs: ``push_to_hub``, ``repo_id``, ... of ``huggingface_hub``'s
+                ``PyTorchModelHubMixin`` (needs the ``hub`` extra).
+
+        Returns:
+            The directory written.
+
+        Raises:
+            ConfigError: a module of the teacher cannot be recorded (the message says how to make
+                it recordable); nothing is written then.
+        """
         directory = Path(directory)
         self.config_dict()  # a module that cannot be recorded fails here, before any file is written
         if _MIXIN:
@@ -290,8 +302,20 @@ class Pipeline(nn.Module, *_MIXIN, **_MIXIN_KW):
     @classmethod
     def from_pretrained(cls, name_or_directory: str | os.PathLike, device: str | torch.device = "cpu",
                         **hub_kwargs: Any) -> Pipeline:
-        """Load a pipeline from a pretrained directory (or, with huggingface_hub, a repository id)
-        onto ``device`` (``cpu``, ``cuda``, ``auto``...)."""
+        """Load a pipeline written by :meth:`save_pretrained`.
+
+        Args:
+            name_or_directory: a pretrained directory or, with the ``hub`` extra, a Hugging Face
+                Hub repository id.
+            device: where to load it (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
+            **hub_kwargs: download options of ``huggingface_hub`` (``revision``, ``cache_dir``, ...).
+
+        Returns:
+            The pipeline, in eval mode, with the plans it was saved with.
+
+        Raises:
+            FileNotFoundError: no such directory (and not a repository id).
+        """
         name = str(name_or_directory)
         local = os.path.isdir(name)
         if not local and (os.path.exists(name) or os.path.isabs(name) or name.startswith(".")

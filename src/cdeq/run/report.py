@@ -28,6 +28,7 @@ COST_SLACK = 1.05
 
 
 def label(name: str) -> str:
+    """The display name of a method key of a report (``cdeq_plus`` -> ``C-DEQ+``)."""
     return LABELS.get(name, name)
 
 

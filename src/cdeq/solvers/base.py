@@ -192,7 +192,11 @@ SOLVERS: dict[str, type[Solver]] = {}
 
 
 def register_solver(cls: type[Solver]) -> type[Solver]:
-    """Class decorator: make a solver available by ``cls.name`` to :func:`get_solver`."""
+    """Class decorator: make a solver available by ``cls.name`` to :func:`get_solver`.
+
+    Raises:
+        ValueError: ``cls.name`` is empty.
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
     SOLVERS[cls.name] = cls

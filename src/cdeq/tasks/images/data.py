@@ -35,6 +35,20 @@ class DataError(ValueError):
 # --- loading ----------------------------------------------------------------------------------
 def check_arrays(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
                   source: str) -> tuple[np.ndarray, ...]:
+    """Check the image arrays and labels of the train and test splits; returns them unchanged.
+
+    Args:
+        x_tr: training images ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``.
+        y_tr: training labels ``(N,)``, integers.
+        x_te: test images, as ``x_tr``.
+        y_te: test labels, as ``y_tr``.
+        source: the file the arrays came from, named in errors.
+
+    Raises:
+        DataError: a wrong rank, an empty split, one label per image missing, labels that are
+            not non-negative integers, NaN or inf, or train and test images of different shapes;
+            the message names ``source``.
+    """
     for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
         if x.ndim not in (3, 4):
             raise DataError(f"{source}: x_{name} must be (N, H, W) or (N, H, W, C) or (N, C, H, W), "
@@ -117,6 +131,9 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def load_idx_folder(folder: str | Path) -> tuple[np.ndarray, ...]:
+    """Read a folder of IDX files as the MNIST family ships them (``train-images``,
+    ``train-labels``, ``t10k-images`` or ``test-images``, ``t10k-labels`` or ``test-labels``;
+    gzipped or not) into ``(x_train, y_train, x_test, y_test)``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder of IDX files")

@@ -275,6 +275,8 @@ def window_starts(n_tokens: int, seq_len: int, count: int) -> Tensor:
 
 
 def windows(ids: Tensor, starts: Tensor, seq_len: int, batch_size: int) -> Iterator[Batch]:
+    """Batches ``(x, y)`` of the windows at ``starts``: ``x`` the tokens ``(B, seq_len)``, ``y`` the
+    next tokens ``(B, seq_len)`` (``y[:, t] = x[:, t + 1]`` within the text); ``ids`` ``(n_tokens,)``."""
     offsets = torch.arange(seq_len + 1)
     for i in range(0, len(starts), batch_size):
         chunk = ids[starts[i: i + batch_size, None] + offsets].long()
