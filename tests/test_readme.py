@@ -77,3 +77,11 @@ def test_tutorial_torchdeq_runs(tmp_path, monkeypatch):
     ns = _run_blocks(TUTORIALS / "torchdeq.md", tmp_path, monkeypatch)
     assert ns["teacher"].cell is ns["net"].cell  # the weights are shared, not copied
     assert max(ns["pipe"].student.plans) == 2
+
+
+def test_tutorial_structured_state_runs(tmp_path, monkeypatch):
+    ns = _run_blocks(TUTORIALS / "structured-state.md", tmp_path, monkeypatch)
+    z_star = ns["trajectories"][0].z_star
+    assert isinstance(z_star, tuple) and [p.shape[1:] for p in z_star] == [(32,), (8,)]
+    assert ns["logits"].shape == (80, 4)
+    assert ns["loaded"].student.plans == ns["pipe"].student.plans
