@@ -44,7 +44,9 @@ INIT_SOLVERS = ("picard", "anderson")
 
 @dataclasses.dataclass
 class BaselineConfig(Config):
-    """Attributes:
+    """The baselines of a run: the learned initialiser and the unrolled networks.
+
+    Attributes:
         enabled: train and evaluate the baselines in ``cdeq run``.
         samples: training samples (optimiser steps x batch) of each baseline; 0: the student's
             distillation samples, read from ``student.safetensors``.

@@ -32,7 +32,9 @@ from . import cost
 
 @dataclasses.dataclass
 class EvalConfig(Config):
-    """Attributes:
+    """How a run is evaluated: the budgets, the methods compared, the exact mode and the timing.
+
+    Attributes:
         budgets: NFE budgets ``k``.
         solvers: truncated-teacher solvers compared.
         exact_solver / exact_tol / exact_max_iter: the solver and tolerance of the exact-mode

@@ -41,7 +41,9 @@ __all__ = ["Cifar10Task", "DigitsTask", "ImageConfig", "ImageTask", "MnistTask",
 
 @dataclasses.dataclass
 class ImageConfig(Config):
-    """Attributes:
+    """The image tasks' settings (``task_config``): the data, the model's size and the splits.
+
+    Attributes:
         dataset: ``digits``, ``mnist``, ``cifar10``, or ``npz``/``idx``/``folder`` with ``data``.
         data: path of a user's ``.npz`` / IDX folder / image folder (or overrides a built-in file).
         channels, stride: width of the state and the injection's downsampling.
