@@ -88,13 +88,31 @@ def test_two_processes_match_one(tmp_path):
     assert max(float((both_one["student"][k] - one["deq." + k]).abs().max()) for k in moved) > 1e-4
 
 
-def test_shard_without_process_group_is_identity():
+def test_a_batch_is_split_by_rows_or_owned_by_one_rank(monkeypatch):
+    """Without a process group a part is the whole batch; with N ranks a tensor batch (or a
+    structure of dense tensors) is split into contiguous rows whose shares sum to 1, and a batch
+    that cannot be split (a graph: features and a sparse adjacency) is computed whole by rank
+    ``index % N`` alone."""
     from cdeq.engine import distributed
 
     x, y = torch.randn(5, 2), torch.arange(5)
     assert distributed.world_size() == 1 and distributed.is_main()
-    sx, sy, share = distributed.shard(x, y)
-    assert sx is x and sy is y and share == 1.0
+    p = distributed.part(x, y, 3)
+    assert p.x is x and p.y is y and p.share == 1.0 and not p.empty
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    rows, shares, owners = [], [], []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        p = distributed.part(x, y, 3)
+        rows.append(p.y)
+        shares.append(p.share)
+        adjacency = torch.eye(5).to_sparse()
+        graph = distributed.part((x, adjacency), (y, y), 3)  # a sparse part: not split
+        owners.append(not graph.empty)
+    assert torch.equal(torch.cat(rows), y) and sum(shares) == 1.0
+    nested = distributed.part({"a": x, "b": (x, x)}, y, 0)  # rank 1: the second rows of each part
+    assert torch.equal(nested.x["b"][1], x[2:]) and torch.equal(nested.y, y[2:])
+    assert owners == [False, True]  # batch 3 belongs to rank 1
 
 
 if __name__ == "__main__":
@@ -102,19 +120,60 @@ if __name__ == "__main__":
 
 
 def test_whole_pipeline_under_torchrun(tmp_path):
-    """`torchrun -m cdeq.cli run ...` needs no change from the user: one log, one report, rank 0 writes."""
+    """`torchrun -m cdeq.cli run ...` needs no change from the user: one log, one report written by
+    rank 0, the metrics of one process (within float tolerance), and each rank computed its part
+    of every stage (the report's ``distributed`` section)."""
+    import json
+
+    from cdeq.cli import main
+    from cdeq.run.report import without_timing
+
     env = dict(os.environ, OMP_NUM_THREADS="1", CDEQ_PROGRESS="0")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    settings = ["--set", "threads=1", "teacher.epochs=1", "task_config.train_subset=256",
+                "task_config.test_subset=64", "distill.epochs=1", "evaluate.budgets=[1,2]",
+                "plans.max_nfe=2", "baselines.enabled=false", "plus.enabled=false",
+                "record.batch_size=64"]
     out = tmp_path / "ddp"
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         "-m", "cdeq.cli", "run", "digits", "--quick", "--out", str(out), "--set", "threads=1",
-         "teacher.epochs=1", "task_config.train_subset=128", "task_config.test_subset=64",
-         "distill.epochs=1", "evaluate.budgets=[1,2]", "plans.max_nfe=2", "baselines.enabled=false"],
+         "-m", "cdeq.cli", "run", "digits", "--quick", "--out", str(out), *settings],
         env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("run digits in") == 1  # only rank 0 logs
-    report = (out / "report.json").read_text()
-    assert '"cdeq"' in report
     assert (out / "log.txt").read_text().count("teacher: held-out") == 1
+    two = json.loads((out / "report.json").read_text())
+    assert main(["run", "digits", "--quick", "--out", str(tmp_path / "one"), *settings]) == 0
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    # every stage split its samples: the ranks' counts add up to the one process's, about half each
+    spread = two.pop("distributed")
+    assert spread["world_size"] == 2
+    assert set(spread["stages"]) == {"train", "record", "distill", "plan_search", "evaluate"}
+    for stage, entry in spread["stages"].items():
+        alone = one["distributed"]["stages"][stage]["samples_per_rank"]
+        counts = entry["samples_per_rank"]
+        assert entry["world_size"] == 2 and sum(counts) == alone[0], (stage, counts, alone)
+        assert min(counts) >= 0.3 * sum(counts), (stage, counts)
+    one.pop("distributed")
+    _close(without_timing(one), without_timing(two), "")
+
+
+def _close(a, b, where: str) -> None:
+    """``a`` and ``b`` equal, numbers within float tolerance, the stages' spread left out. Rows
+    solved in another batch differ by rounding: a sample may stop one solver iteration sooner or
+    later (mean NFE within 2%), and errors to ``z*`` within 1e-3 (relative); metrics within 1e-4."""
+    if isinstance(a, dict):
+        keys = {k for k in a if k != "distributed"}
+        assert keys == {k for k in b if k != "distributed"}, where
+        for k in keys:
+            _close(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        tol = 2e-2 if "nfe" in where else 1e-3 if "error" in where or "residual" in where else 1e-4
+        assert abs(a - b) <= tol * max(1.0, abs(a)), (where, a, b)
+    else:
+        assert a == b, (where, a, b)

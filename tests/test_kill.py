@@ -20,11 +20,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cdeq.engine.io import load_tensors
+from cdeq.run.report import without_timing
 
 KILLS = 5
 SETTINGS = ["threads=1", "baselines.enabled=false",  # the quick preset on less data: shorter reruns
@@ -42,20 +42,6 @@ def _env() -> dict:
 def _cmd(out: Path) -> list[str]:
     return [sys.executable, "-m", "cdeq.cli", "run", "digits", "--quick", "--out", str(out),
             "--set", *SETTINGS]
-
-
-def _is_timing(key: str) -> bool:
-    key = key.lower()
-    return "latency" in key or "time" in key or "timing" in key or key.endswith(("_s", "_ms"))
-
-
-def without_timing(obj: Any) -> Any:
-    """``obj`` (a report) with every timing field removed, at any depth."""
-    if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if not _is_timing(str(k))}
-    if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
 
 
 def test_without_timing_drops_only_timing_fields():

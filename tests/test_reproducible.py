@@ -15,28 +15,13 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from cdeq.cli import main
 from cdeq.run.baselines import BaselineConfig
-
-
-def _timing(key: str) -> bool:
-    key = key.lower()
-    return (any(word in key for word in ("time", "latency", "timing"))
-            or key.endswith("_ms") or key.endswith("_s"))
-
-
-def without_timing(value: Any) -> Any:
-    """``value`` with every mapping entry whose key names a timing removed, recursively."""
-    if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items() if not _timing(str(k))}
-    if isinstance(value, list):
-        return [without_timing(v) for v in value]
-    return value
+from cdeq.run.report import without_timing
 
 
 def test_timing_keys_are_recognised():

@@ -96,6 +96,8 @@ class TermInputs:
         share: this rank's share of a mean over the global minibatch (1 in one process).
         config: the distillation settings.
         task_loss: ``(logits, y) -> mean loss``, or ``None``.
+        index: the step's index in its epoch (a batch that cannot be split by rows, such as a
+            graph, is computed by rank ``index % N``: :func:`cdeq.engine.distributed.part`).
     """
 
     student: ConsistencyStudent
@@ -105,6 +107,7 @@ class TermInputs:
     share: float
     config: DistillConfig
     task_loss: Callable[[Tensor, Any], Tensor] | None
+    index: int = 0
 
 
 class LossTerm:
@@ -125,7 +128,7 @@ class LossTerm:
 
     @property
     def samples(self) -> int:
-        """Training samples the last call read besides the recorded minibatch (global count)."""
+        """Training samples the last call read on this rank besides the recorded minibatch."""
         return 0
 
 
@@ -243,19 +246,26 @@ def distill(
     def batches(epoch: int, gen: torch.Generator):
         order = list(range(n_batches))
         random.Random(seed * 1000 + epoch).shuffle(order)
+        j = 0
         for i in order:  # a recorded batch (read to the CPU) is moved to the student's device
             for mb in _minibatches(to_device(trajectories[i], device), config.batch_size, gen):
-                yield mb, gen  # the pair draws use the loop's per-epoch generator too
+                yield mb, gen, j  # the pair draws use the loop's per-epoch generator too
+                j += 1
 
-    def step(batch: tuple[TrajectoryBatch, torch.Generator], progress_: float
-             ) -> tuple[Tensor, dict[str, Any]]:
+    names = ["global", "local", "task", "loss"] + [term.name for term in terms]
+
+    def step(batch: tuple[TrajectoryBatch, torch.Generator, int], progress_: float
+             ) -> tuple[Tensor | None, dict[str, Any]]:
         # Under torchrun every rank draws the same pairs for the global minibatch and computes its
-        # own rows; the parts are scaled so that their sum over ranks is the global loss.
-        mb, gen = batch
-        parts = _loss(student, ema, mb, config, sampler, progress_, gen, task_loss, terms)
-        stats = {k: v.detach() for k, v in parts.items()}
-        rows = mb.batch_size + sum(term.samples for term in terms)
-        return parts["loss"], {**stats, "samples": rows / distributed.world_size()}
+        # own rows (or, for a minibatch that cannot be split, its owner computes it whole); the
+        # parts are scaled so that their sum over ranks is the global loss.
+        mb, gen, index = batch
+        out = _loss(student, ema, mb, config, sampler, progress_, gen, task_loss, terms, index)
+        if out is None:
+            return None, {**dict.fromkeys(names, 0.0), "samples": 0}
+        parts, rows = out
+        distributed.TALLY.add("distill", rows)
+        return parts["loss"], {**{k: v.detach() for k, v in parts.items()}, "samples": rows}
 
     def start(epoch: int) -> None:
         student.teacher.eval()  # the frozen teacher (and a shared injection) runs without dropout
@@ -304,22 +314,26 @@ def _steps_per_epoch(trajectories: Any, batch_size: int) -> int:
 
 def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: DistillConfig,
           sampler: PairSampler, progress_: float, gen: torch.Generator,
-          task_loss: Callable | None, terms: Sequence[LossTerm] = ()) -> dict[str, Tensor]:
+          task_loss: Callable | None, terms: Sequence[LossTerm] = (), index: int = 0
+          ) -> tuple[dict[str, Tensor], int] | None:
+    """This rank's part of minibatch ``index``'s loss terms and the rows it computed (training
+    samples); ``None`` when another rank owns the (unsplittable) minibatch."""
     bsz, num_points = mb.batch_size, mb.num_points
     star = leaves(mb.z_star)[0]
     n, m = sampler.sample(bsz, num_points, progress_, gen)  # the same draws on every rank
     n, m = n.to(star.device), m.to(star.device)
     keep = (mb.star_residual <= config.max_residual).to(star.dtype)
     weight = keep / keep.sum().clamp_min(1.0)  # normalised over the global minibatch
-    lo, hi, share = distributed.split_range(bsz, isinstance(mb.x, Tensor) and isinstance(mb.y, Tensor))
-    whole = (lo, hi) == (0, bsz)
-    if not whole:  # this rank's rows
-        rows = torch.arange(lo, hi, device=star.device)
-        mb = _take(mb, rows)
-        n, m, weight = n[rows], m[rows], weight[rows]
-    # consistency terms are sums of globally weighted rows; a batch computed whole on every rank
-    # (or by one process) counts once in total
-    weight = weight * (share if whole else 1.0)
+    share = 1.0
+    if distributed.world_size() > 1:
+        if distributed.splittable(mb.x, mb.y) and bsz >= distributed.world_size():
+            lo, hi = distributed.split_range(bsz)  # this rank's rows
+            rows = torch.arange(lo, hi, device=star.device)
+            mb = _take(mb, rows)
+            n, m, weight, share = n[rows], m[rows], weight[rows], (hi - lo) / bsz
+        elif distributed.owner(index) != distributed.rank():
+            return None  # another rank computes this minibatch whole
+    # consistency terms are sums of globally weighted rows: they sum over ranks to the global loss
     z_n = _select(mb.iterates, mb.z_star, n)
     t_n = _times(student, mb, n).to(star.dtype)
     u = _inject(student, mb.x)
@@ -349,9 +363,11 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
         parts["task"] = task
     parts["loss"] = (config.global_weight * parts["global"] + config.local_weight * parts["local"]
                      + parts["task"])
+    rows = mb.batch_size
     if terms:
-        inputs = TermInputs(student, mb, u, weight, share, config, task_loss)
+        inputs = TermInputs(student, mb, u, weight, share, config, task_loss, index)
         for term in terms:
             parts[term.name] = term(inputs)
             parts["loss"] = parts["loss"] + term.weight * parts[term.name]
-    return parts
+            rows += term.samples
+    return parts, rows

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_structure, tree_unflatten
 
 from ..deq.model import DEQModel
+from ..engine import distributed
 from ..engine.fit import OptimConfig, budget_steps, fit, model_device, training_work
 from ..engine.precision import to_device
 from ..engine.tree import batch_size as rows_of
@@ -143,19 +144,24 @@ def train_learned_init(init: LearnedInit, teacher: DEQModel, trajectories: Itera
     steps, epochs = budget_steps(samples, size, per_epoch)
 
     def batches(epoch: int, gen: torch.Generator):
+        j = 0
         for i in torch.randperm(len(data), generator=gen, device=gen.device).tolist():
             u, z_star, n = data[i]
             for idx in torch.randperm(n, generator=gen, device=gen.device).split(size):
                 idx = idx.to(leaves(z_star)[0].device)
-                yield take_rows(u, idx, n), tree_map(lambda t, idx=idx: t[idx], z_star)
+                z_rows = tree_map(lambda t, idx=idx: t[idx], z_star)
+                yield distributed.part(take_rows(u, idx, n), z_rows, j)  # this rank's rows
+                j += 1
 
-    def step(batch: tuple[Any, Tensor], progress_: float) -> tuple[Tensor, dict[str, Any]]:
-        u, z_star = batch
-        loss = _rel_sq(init.init_state(teacher, u), z_star).mean()
+    def step(batch: distributed.Part, progress_: float) -> tuple[Tensor | None, dict[str, Any]]:
+        if batch.empty:
+            return None, {"loss": 0.0, "samples": 0}
+        u, z_star = batch.x, batch.y
+        loss = _rel_sq(init.init_state(teacher, u), z_star).mean() * batch.share
         return loss, {"loss": loss.detach(), "samples": rows_of(z_star)}
 
     history = fit(init, step, batches, optim, epochs=epochs, steps_per_epoch=per_epoch,
-                  max_steps=steps, seed=seed, name="learned initialiser", sync=False,
+                  max_steps=steps, seed=seed, name="learned initialiser",
                   log_level=logging.DEBUG,
                   hint="lower the initialiser's learning rate")
     losses = history["loss"]

@@ -216,7 +216,7 @@ class StartTerm(LossTerm):
                                          inputs.share)
         dcfg, k, task_loss = inputs.config, self.config.chain_k, inputs.task_loss
         chain_batch = next(self._batches) if self._batches is not None else None
-        self._samples = batch_rows(chain_batch[1]) if chain_batch is not None else 0
+        self._samples = 0
         z_h = student.initial_state(u)  # a tensor, or a structure of tensors
         ref = leaves(z_h)[0]
         t = torch.full((mb.batch_size,), student.start_time, dtype=ref.dtype, device=ref.device)
@@ -227,11 +227,13 @@ class StartTerm(LossTerm):
             loss = loss + self.config.init_weight * (
                 relative_distance(z_h, mb.z_star, mb.z_star, dcfg.distance) * weight).sum()
         if k > 1 and chain_batch is not None:
-            x, y, part = distributed.shard(*chain_batch)
-            u_s = _inject(student, x)
-            first = student.F(student.initial_state(u_s), student.start_time, u_s)
-            loss = loss + part * chain_task_loss(student, first, u_s, y, k, task_loss,
-                                                 student.reentry_time)
+            p = distributed.part(*chain_batch, inputs.index)  # this rank's part of it
+            if not p.empty:
+                u_s = _inject(student, p.x)
+                first = student.F(student.initial_state(u_s), student.start_time, u_s)
+                loss = loss + p.share * chain_task_loss(student, first, u_s, p.y, k, task_loss,
+                                                        student.reentry_time)
+                self._samples = batch_rows(p.y)
         elif k > 1:
             loss = loss + share * chain_task_loss(student, out, u, mb.y, k, task_loss,
                                                   torch.full_like(t, student.reentry_time))

@@ -43,10 +43,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..engine import distributed
 from ..engine.config import Config, ConfigError, check_int
 from ..engine.fit import model_device
 from ..engine.precision import to_device
-from ..engine.tree import relative, relative_error, squared_norms
+from ..engine.tree import batch_size, relative, relative_error, squared_norms
 from .plans import TEACHER_HEAD, Plan, plan_to_json
 from .student import ConsistencyStudent
 
@@ -148,23 +149,27 @@ def default_last(student: ConsistencyStudent) -> int:
 
 def _search_data(student: ConsistencyStudent, batches: Iterable[Any], limit: int, to_teacher: bool
                  ) -> list[tuple[Any, Any, Any, Tensor]]:
-    """``(u_student, u_teacher, y, z*)`` of the first ``limit`` batches (``z*``: the teacher's eval
-    solver from its initial state); ``y`` is the converged teacher's logits when ``to_teacher``."""
-    data = []
-    for i, item in enumerate(batches):
-        if i >= limit:
+    """``(u_student, u_teacher, y, z*)`` of this rank's part of each of the first ``limit`` batches
+    (``z*``: the teacher's eval solver from its initial state; under torchrun each rank holds its
+    rows, or the batches it owns); ``y`` is the converged teacher's logits when ``to_teacher``."""
+    data, seen = [], 0
+    for p in distributed.parts(batches):
+        if p.index >= limit:
             break
-        x, y = item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None)
-        x, y = to_device((x, y), model_device(student))  # batches where the student is
+        seen += 1
+        if p.empty:
+            continue
+        x, y = to_device((p.x, p.y), model_device(student))  # batches where the student is
         u_s, u_t = student.teacher_inputs(x)
         z_star = student.teacher.deq.solve(u_t, student.teacher.initial_state(u_t)).z
+        distributed.TALLY.add("plan_search", batch_size(z_star))
         if to_teacher:
             y = student.teacher.head(z_star)
         elif y is None:
             raise ValueError("plan search with a loss or score needs (x, y) batches; pass labelled "
                              "batches, or no loss to score against the converged teacher")
         data.append((u_s, u_t, y, z_star))
-    if not data:
+    if not seen:
         raise ValueError("plan search needs at least one batch (validation or training data)")
     return data
 
@@ -262,14 +267,16 @@ def _select_plans(student: ConsistencyStudent, batches: Iterable[Any], score: Sc
 
     def scored(plan: Plan, states: list[Tensor], head: Callable[[Tensor], Tensor] = student.head
                ) -> _Scored:
-        items, l_sum, e_sum, e_count = [], 0.0, 0.0, 0
+        """The plan's scores over every rank's part of the selection data (a collective)."""
+        items, l_sum, e_sum, e_count = [torch.zeros(0)], 0.0, 0.0, 0
         for z, (_, _, y, z_star) in zip(states, data, strict=True):
             m, lo = score(head(z), y)
             items.append(m.detach().float().reshape(-1).cpu())
             l_sum += lo
             err = relative_error(z, z_star)
             e_sum, e_count = e_sum + float(err.sum()), e_count + err.numel()
-        flat = torch.cat(items)
+        flat = distributed.all_gather_cat(torch.cat(items))
+        l_sum, e_sum, e_count = distributed.reduce_sums([l_sum, e_sum, e_count])
         n = max(1, flat.numel())
         return _Scored(plan, states, float(flat.sum()) / n, l_sum / n, e_sum / max(1, e_count), flat)
 
@@ -298,6 +305,6 @@ def _select_plans(student: ConsistencyStudent, batches: Iterable[Any], score: Sc
         best[k], ref = _choose(cands, ref, rule, higher_is_better, teacher)
     best = {k: readout(v) for k, v in best.items()}
     student.plans = {k: list(v.plan) for k, v in best.items()}
-    log.info("selected plans for 1..%d NFE on %d batches", config.max_nfe, len(data))
+    log.info("selected plans for 1..%d NFE on %d batches (this rank's parts)", config.max_nfe, len(data))
     return {str(k): {"plan": plan_to_json(v.plan), "metric": v.metric, "loss": v.loss,
                      "relative_error": v.err} for k, v in best.items()}

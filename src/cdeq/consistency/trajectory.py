@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..deq.model import DEQModel
+from ..engine import distributed
 from ..engine.checks import check_finite_inputs, check_labels  # noqa: F401 (check_labels: distill imports it here)
 from ..engine.config import Config, ConfigError, check_choice, check_int
 from ..engine.fit import model_device
@@ -270,6 +271,10 @@ def record(
         The store, or the list of :class:`TrajectoryBatch` in memory: per batch the iterates
         ``(B, L, ...)`` at ``config.iterate_indices()`` (each part so for a structured state),
         the solution ``z_star`` ``(B, ...)`` and the relative residuals ``(B, L)`` and ``(B,)``.
+
+    Under torchrun with a ``store``, shard ``i`` is recorded and written by rank ``i % N`` alone
+    (:func:`cdeq.engine.distributed.owner`); rank 0 writes the manifest after a barrier. In memory,
+    every rank records every batch (each needs them all).
     """
     out: list[TrajectoryBatch] = []
     seen = 0
@@ -280,12 +285,14 @@ def record(
             break
         n = _batch_len(y)
         seen += n
-        if store is not None and store.shard_path(count).exists():
+        mine = store is None or distributed.owner(count) == distributed.rank()
+        if not mine or (store is not None and store.shard_path(count).exists()):
             count += 1
             continue
         batch = record_batch(model, x, y, config)
         if state is None:
             state = _state_parts(batch, config.dtype)
+        distributed.TALLY.add("record", batch.batch_size)
         if on_recorded is not None:
             on_recorded(count)
         if store is not None:
@@ -296,11 +303,14 @@ def record(
     if count == 0:
         raise ValueError("record got no batches: the training data is empty")
     if store is not None:
-        if state is None:  # every shard was there already (a resumed recording)
-            state = _state_parts(store.read(0), config.dtype)
-        write_json(store.root / TrajectoryStore.MANIFEST,
-                   {"shards": count, "samples": seen, "indices": config.iterate_indices(),
-                    "last": config.solver.max_iter, "dtype": config.dtype, "state": state})
+        distributed.barrier()  # every rank's shards are written
+        if distributed.is_main():
+            if state is None:  # rank 0 recorded no shard now (a resumed recording)
+                state = _state_parts(store.read(0), config.dtype)
+            write_json(store.root / TrajectoryStore.MANIFEST,
+                       {"shards": count, "samples": seen, "indices": config.iterate_indices(),
+                        "last": config.solver.max_iter, "dtype": config.dtype, "state": state})
+        distributed.barrier()  # the manifest is there for every rank
         return store
     return out
 
@@ -312,25 +322,23 @@ def _state_parts(batch: TrajectoryBatch, dtype: str) -> list[dict[str, Any]]:
 
 
 def record_counted(model: DEQModel, batches: Iterable[tuple[Any, Any]], config: RecordConfig,
-                   store: TrajectoryStore, counts: Callable[[], dict[str, int]], write: bool = True
-                   ) -> dict[str, int]:
+                   store: TrajectoryStore, counts: Callable[[], dict[str, int]]) -> dict[str, int]:
     """:func:`record` into ``store``, keeping each shard's share of the running ``counts()`` (e.g.
-    layer calls) in ``store.root / "work" / "<i>.json"``, written before the shard itself, so that
-    a killed and resumed recording still counts the shards it kept. Returns the totals over every
-    shard (``{}`` when ``write`` is off: another process keeps the files)."""
+    layer calls) in ``store.root / "work" / "<i>.json"``, written (by the shard's rank) before the
+    shard itself, so that a killed and resumed recording still counts the shards it kept. Returns
+    the totals over every shard."""
     folder = store.root / "work"
-    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     done: dict[str, int] = {}
 
     def recorded(i: int) -> None:
         now = counts()
-        if write:
-            write_json(folder / f"{i}.json", {k: v - done.get(k, 0) for k, v in now.items()})
+        write_json(folder / f"{i}.json", {k: v - done.get(k, 0) for k, v in now.items()})
         done.update(now)
 
     record(model, batches, config, store=store, on_recorded=recorded)
-    if not write:
-        return {}
     totals: dict[str, int] = {}
     for i in range(len(store)):
         for k, v in read_json(folder / f"{i}.json").items():

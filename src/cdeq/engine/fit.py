@@ -40,11 +40,13 @@ from .progress import progress
 
 logger = logging.getLogger(__name__)
 
-StepFn = Callable[[Any, float], tuple[Tensor, dict[str, Any]]]
+StepFn = Callable[[Any, float], tuple[Tensor | None, dict[str, Any]]]
 """``(batch, progress in [0, 1]) -> (loss, stats)``: ``loss`` is this rank's part of the global loss
-(the parts sum over ranks to the loss of the global batch; the whole loss in one process);
-``stats`` are scalars, also this rank's parts of global values (summed over ranks, then averaged
-over the epoch's steps); a ``samples`` entry is summed instead (the epoch's training samples)."""
+(the parts sum over ranks to the loss of the global batch; the whole loss in one process), or
+``None`` when this rank computes nothing of the batch (another rank owns it: it then adds a zero
+gradient); ``stats`` are scalars with the same names on every rank, also this rank's parts of
+global values (summed over ranks, then averaged over the epoch's steps); a ``samples`` entry is
+summed instead (the epoch's training samples)."""
 BatchFn = Callable[[int, torch.Generator], Iterable[Any]]
 """``(epoch, generator) -> batches``; the generator (and the global RNG) are seeded per epoch."""
 
@@ -132,15 +134,21 @@ class LayerCalls:
 
 
 class _Step(nn.Module):
-    """``model`` and its loss as one module, so that DDP sees every forward."""
+    """``model`` and its loss as one module, so that DDP sees every forward. A rank with nothing
+    to compute (``loss`` ``None``) returns a zero that touches every trained parameter, so that
+    its gradients (zero) join DDP's average like any other rank's."""
 
-    def __init__(self, model: nn.Module, step_fn: StepFn) -> None:
+    def __init__(self, model: nn.Module, step_fn: StepFn, params: Sequence[nn.Parameter]) -> None:
         super().__init__()
         self.model = model
         self.step_fn = step_fn
+        self._params = list(params)
 
     def forward(self, batch: Any, progress_: float) -> tuple[Tensor, dict[str, Any]]:
-        return self.step_fn(batch, progress_)
+        loss, stats = self.step_fn(batch, progress_)
+        if loss is None:
+            loss = torch.stack([p.reshape(-1)[:1].sum() for p in self._params]).sum() * 0.0
+        return loss, stats
 
 
 def _wrap(model: nn.Module, step_fn: StepFn, params: Sequence[nn.Parameter]) -> Callable:
@@ -152,7 +160,7 @@ def _wrap(model: nn.Module, step_fn: StepFn, params: Sequence[nn.Parameter]) -> 
     reduction: each rank's loss is already weighted by its share of the global batch."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    module = _Step(model, step_fn)
+    module = _Step(model, step_fn, params)
     keep = {id(p) for p in params}
     ignore = [f"model.{n}" for n, p in model.named_parameters() if id(p) not in keep]
     DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
@@ -261,7 +269,7 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
                 hooks.on_epoch_start(epoch)
             sums, step = _epoch(run, opt, sched, params, config, batches(epoch, gen), device, step, total,
                                 max_steps, hooks, name, f"epoch {epoch + 1}/{epochs}", hint, sync,
-                                step_context)
+                                step_context, seed * 1000 + epoch)
             _record(history, sums, step, clock(device) - t0)
             stop = False
             if hooks.validate is not None:
@@ -289,22 +297,35 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
 def _epoch(run: Callable, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter],
            config: OptimConfig, batches: Iterable[Any], device: torch.device, step: int, total: int,
            max_steps: int, hooks: Hooks, name: str, desc: str, hint: str, sync: bool,
-           step_context: Callable[[], Any]) -> tuple[dict[str, float], int]:
+           step_context: Callable[[], Any], epoch_seed: int) -> tuple[dict[str, float], int]:
     """One epoch of optimiser steps, each ``run`` under ``step_context()``; returns the summed
-    stats (with ``count``) and the step."""
+    stats (with ``count``) and the step.
+
+    The global RNG (dropout, say) is seeded before each step from ``epoch_seed`` and the step's
+    index in the epoch, so that the rank that owns a step draws what one process draws there,
+    whichever steps it computed before.
+
+    The stats stay on the device, summed, and reach the host (summed over ranks: one collective)
+    every :data:`CHECK_EVERY` steps and at the end of the epoch, where a non-finite loss is
+    reported with its step; so a step waits on the host only when a progress bar shows the loss.
+    """
     sums: dict[str, float] = {"count": 0.0}
     # DDP averages the gradients over ranks, and each rank's loss is its part of the global loss:
     # scaled by the world size, the average is the gradient of the global loss
     scale = float(distributed.world_size()) if sync else 1.0
     bar = progress(batches, desc=f"{name} {desc}")
-    for batch in bar:
+    shown = not bar.disable
+    acc = _Stats(device)
+    for i, batch in enumerate(bar):
         if max_steps and step >= max_steps:
             break
+        torch.manual_seed(epoch_seed * 100_003 + i)
         with step_context():  # the caller's autocast, if any
             loss, stats = run(batch, min(1.0, step / total))
-        if not bool(torch.isfinite(loss.detach())):
-            raise FloatingPointError(f"{name} loss became {float(loss.detach())} at step {step} "
-                                     f"({desc}); {hint}")
+        if loss is None:  # one process never has an empty part; sync=False trains alone
+            raise ValueError(f"{name}: the step computed nothing on this process (an empty part of "
+                             "a batch outside a process group)")
+        acc.add(loss.detach(), stats, step)
         opt.zero_grad(set_to_none=True)
         (loss * scale if scale != 1.0 else loss).backward()
         if config.grad_clip > 0:
@@ -314,17 +335,74 @@ def _epoch(run: Callable, opt: torch.optim.Optimizer, sched: Any, params: list[n
         if hooks.after_step is not None:
             hooks.after_step()
         step += 1
-        names = sorted(stats)
-        if names:
-            values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=device)
-                                  .detach().reshape(()) for k in names])
-            values = distributed.all_reduce_sum(values) if sync else values
-            for k, v in zip(names, values.tolist(), strict=True):
-                sums[k] = sums.get(k, 0.0) + v
-        sums["count"] += 1
-        if "loss" in stats:
-            bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.4f}")
+        if shown or acc.count % CHECK_EVERY == 0:
+            acc.flush(sums, sync, name, desc, hint)
+            if shown and "loss" in sums:
+                bar.set_postfix(loss=f"{sums['loss'] / max(1.0, sums['count']):.4f}")
+    acc.flush(sums, sync, name, desc, hint)
     return sums, step
+
+
+CHECK_EVERY = 50
+"""Optimiser steps between two host reads of the running stats (the non-finite loss check)."""
+
+
+class _Stats:
+    """The running stats of an epoch on the device: one tensor of sums per stat name, and the
+    first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.values, self.names, self.count, self.pending = device, None, None, 0, 0
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss: Tensor, stats: dict[str, Any], step: int) -> None:
+        names = sorted(stats)
+        if self.names is None:
+            self.names = names
+        elif names != self.names:
+            raise ValueError(f"the step's stats changed names ({self.names} -> {names})")
+        row = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=self.device)
+                           .detach().reshape(()) for k in names]) if names else None
+        if row is not None:
+            self.values = row if self.values is None else self.values + row
+        bad = ~torch.isfinite(loss).reshape(())
+        first = (self.first_bad < 0) & bad
+        self.first_bad = torch.where(first, torch.as_tensor(step, device=self.device), self.first_bad)
+        self.bad_loss = torch.where(first, loss.double().reshape(()), self.bad_loss)
+        self.count += 1
+        self.pending += 1
+
+    def flush(self, sums: dict[str, float], sync: bool, name: str, desc: str, hint: str) -> None:
+        """Add the pending sums to ``sums`` (one host read; summed over ranks when ``sync``) and
+        raise on a non-finite loss of any rank."""
+        if not self.pending:
+            return
+        names = self.names or []
+        parts = [self.values if self.values is not None else torch.zeros(0, dtype=torch.float64,
+                                                                         device=self.device),
+                 self.first_bad.double().reshape(1), self.bad_loss.reshape(1)]
+        flat = torch.cat(parts)
+        if sync:  # every rank's sums, and the latest first non-finite step of any rank
+            flat = torch.cat([distributed.all_reduce_sum(flat[:-2].clone()),
+                              _max_over_ranks(flat[-2:])])
+        host = flat.tolist()
+        first_bad, bad_loss = int(host[-2]), host[-1]
+        if first_bad >= 0:
+            raise FloatingPointError(f"{name} loss became {bad_loss} at step {first_bad} ({desc}); "
+                                     f"{hint}")
+        for k, v in zip(names, host[:-2], strict=True):
+            sums[k] = sums.get(k, 0.0) + v
+        sums["count"] += self.pending
+        self.values, self.pending = None, 0
+
+
+def _max_over_ranks(t: Tensor) -> Tensor:
+    from torch import distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def _summary(history: dict[str, list]) -> str:

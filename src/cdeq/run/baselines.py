@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..consistency.initialiser import LearnedInit, train_learned_init
 from ..deq.model import DEQModel
+from ..engine import distributed
 from ..engine.config import Config, ConfigError, check_bool, check_int, check_positive
 from ..engine.fit import OptimConfig, batch_rows, budget_steps, fit, model_device, training_work
 from ..engine.precision import to_device
@@ -101,17 +102,20 @@ def select_init_solvers(init: LearnedInit, teacher: DEQModel, task: Task, batche
     """For each budget, the solver (Picard or Anderson) whose ``k`` steps from ``h(u)`` give the lower
     task loss on training ``batches``."""
     loss = {(s, k): 0.0 for s in INIT_SOLVERS for k in budgets}
-    for b, (x, y) in enumerate(batches):
-        if b >= max_batches:
+    for p in distributed.parts(batches):  # each rank its part of every batch
+        if p.index >= max_batches:
             break
-        x, y = to_device((x, y), model_device(teacher))
+        if p.empty:
+            continue
+        x, y = to_device((p.x, p.y), model_device(teacher))
         u = teacher.inject(x)
         z0 = init.init_state(teacher, u)
         for s in INIT_SOLVERS:
             solver = get_solver(s, max_iter=max(budgets), tol=0.0)
             for k in budgets:
                 z = solver.solve(teacher.cell, z0, u, max_iter=k).z
-                loss[(s, k)] += float(task.loss(teacher.head(z), y))
+                loss[(s, k)] += p.share * float(task.loss(teacher.head(z), y))
+    loss = dict(zip(loss, distributed.reduce_sums(loss.values()), strict=True))
     return {k: min(INIT_SOLVERS, key=lambda s, k=k: (loss[(s, k)], s != "anderson")) for k in budgets}
 
 
@@ -180,15 +184,17 @@ def train_unrolled(net: UnrolledNet, task: Task, config: BaselineConfig, samples
     per_epoch = max(1, sum(1 for _ in task.train_batches(size, shuffle=False)))
     steps, epochs = budget_steps(samples, size, per_epoch)
 
-    def step(batch: tuple[Any, Any], progress_: float) -> tuple[Tensor, dict[str, Any]]:
-        x, y = batch
-        loss = net.training_loss(task, x, y)
-        return loss, {"loss": loss.detach(), "samples": batch_rows(y)}
+    def step(batch: distributed.Part, progress_: float) -> tuple[Tensor | None, dict[str, Any]]:
+        if batch.empty:  # another rank owns this (unsplittable) batch
+            return None, {"loss": 0.0, "samples": 0}
+        loss = net.training_loss(task, batch.x, batch.y) * batch.share
+        return loss, {"loss": loss.detach(), "samples": batch_rows(batch.y)}
 
     name = f"unrolled {'anytime k<=' if net.anytime else 'k='}{net.k}"
-    history = fit(net, step, lambda epoch, gen: task.train_batches(size, shuffle=True, generator=gen),
+    history = fit(net, step, lambda epoch, gen: distributed.parts(
+                      task.train_batches(size, shuffle=True, generator=gen)),
                   config.unrolled_optim, epochs=epochs, steps_per_epoch=per_epoch, max_steps=steps,
-                  seed=seed, name=name, sync=False, log_level=logging.DEBUG,
+                  seed=seed, name=name, log_level=logging.DEBUG,
                   hint="lower baselines.unrolled_optim.lr")
     losses = history["loss"]
     logger.info("%s: %d steps (%d epochs) in %.0fs, task loss %.4f -> %.4f", name, steps,

@@ -98,7 +98,6 @@ class RunDirectory:
         self._log_depth = 0  # nested holds of the log file
         self._log_level = logging.NOTSET  # the cdeq logger's level before the log file was attached
         self._held = False  # the lock taken by hold(), dropped by close()
-        self._solo = False  # True once no other torchrun rank takes part: no barriers
         self._repair = False  # True in `cdeq run`: damaged checkpoints are set aside, not refused
 
     # --- the lock -------------------------------------------------------------------------------
@@ -216,8 +215,7 @@ class RunDirectory:
         meta = {**meta, "threads": torch.get_num_threads()}
         if distributed.is_main():
             save_tensors(self.dir / f"{name}.safetensors", module.state_dict(), kind=name, meta=meta)
-        if not self._solo:
-            distributed.barrier()  # the other ranks read it next
+        distributed.barrier()  # the other ranks read it next
 
     def _read(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
         path = self.dir / f"{name}.safetensors"

@@ -20,10 +20,11 @@ from torch import Tensor
 
 from ..consistency.student import ConsistencyStudent
 from ..deq.model import DEQModel
+from ..engine import distributed
 from ..engine.config import Config, ConfigError, check_int, check_positive
 from ..engine.fit import model_device
 from ..engine.progress import progress
-from ..engine.tree import Layout, relative_error
+from ..engine.tree import Layout, batch_size, relative_error
 from ..solvers import SOLVERS, get_solver
 from ..solvers.loop import residuals
 from ..tasks.base import Task, on_device
@@ -119,6 +120,12 @@ class _Acc:
         self.err += float(e.sum())
         self.err_n += e.numel()
 
+    def sums(self) -> list[float]:
+        return [self.metric, self.count, self.err, self.err_n]
+
+    def set_sums(self, values: list[float]) -> None:
+        self.metric, self.count, self.err, self.err_n = values
+
     def value(self) -> float:
         return self.metric / max(1, self.count)
 
@@ -176,9 +183,12 @@ def _sweep(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, co
     accs = {name: {k: _Acc() for k in budgets} for name in names}
     teacher_acc = _Acc()
     ref_nfe, ref_n, ref_unconv = 0.0, 0, 0
-    for b, (x, y) in enumerate(progress(batches, desc=f"evaluate ({split})")):
-        if config.max_batches and b >= config.max_batches:
+    for p in progress(distributed.parts(batches), desc=f"evaluate ({split})"):
+        if config.max_batches and p.index >= config.max_batches:
             break
+        if p.empty:  # another rank evaluates this batch
+            continue
+        x, y = p.x, p.y  # this rank's rows (or a batch it owns)
         u = teacher.inject(x)
         z0 = teacher.initial_state(u)
         ref = reference.solve(teacher.cell, z0, u)
@@ -200,6 +210,13 @@ def _sweep(task: Task, teacher: DEQModel, student: ConsistencyStudent | None, co
                 out = fn(x, k)
                 if out is not None:
                     accs[name][k].add(task, out[0], y, out[1], z_ref)
+        distributed.TALLY.add("evaluate", batch_size(z_ref))
+    # every rank's sums (one collective)
+    every = [teacher_acc] + [a for per in accs.values() for a in per.values()]
+    flat = distributed.reduce_sums([v for a in every for v in a.sums()] + [ref_nfe, ref_n, ref_unconv])
+    for i, a in enumerate(every):
+        a.set_sums(flat[4 * i : 4 * i + 4])
+    ref_nfe, ref_n, ref_unconv = flat[-3:]
     if not ref_n:
         raise ValueError(f"the task {task.name!r} has no {split} batches to evaluate on")
     return {
@@ -241,6 +258,8 @@ def evaluate(task: Task, teacher: DEQModel, student: ConsistencyStudent | None,
     if student is not None:
         report["exact_mode"] = exact_mode(task, teacher, student, config, budgets)
         report["plans"] = {str(k): [list(op) for op in student.plan_for(k)] for k in budgets}
+    if not distributed.is_main():  # FLOPs and wall time are measured by one process, rank 0
+        return report
     x = next(iter(task.test_batches(config.latency_batch)))[0]
     preds = predictors(teacher, student, config, budgets, extra_methods, x)
     report["cost"] = measure_flops(teacher, preds, x)
@@ -276,9 +295,12 @@ def exact_mode(task: Task, teacher: DEQModel, student: ConsistencyStudent, confi
     cold_nfe, n, cold_unconv = 0.0, 0, 0
     warm = dict.fromkeys(warm_budgets, 0.0)
     warm_unconv = dict.fromkeys(warm_budgets, 0)
-    for b, (x, _) in enumerate(task.test_batches(config.batch_size)):
-        if config.max_batches and b >= config.max_batches:
+    for p in distributed.parts(task.test_batches(config.batch_size)):
+        if config.max_batches and p.index >= config.max_batches:
             break
+        if p.empty:
+            continue
+        x = p.x
         u = teacher.inject(x)
         cold = exact.solve(teacher.cell, teacher.initial_state(u), u)
         cold_nfe += float(cold.nfe.float().sum())
@@ -288,6 +310,11 @@ def exact_mode(task: Task, teacher: DEQModel, student: ConsistencyStudent, confi
             _, res, plan_nfe = student.solve_exact(x, exact, student.plan_for(k))
             warm[k] += float((res.nfe + plan_nfe).float().sum())
             warm_unconv[k] += int((~res.converged).sum())
+    flat = distributed.reduce_sums([cold_nfe, n, cold_unconv] + [warm[k] for k in warm_budgets]
+                                   + [warm_unconv[k] for k in warm_budgets])
+    cold_nfe, n, cold_unconv = flat[:3]
+    warm = dict(zip(warm_budgets, flat[3 : 3 + len(warm_budgets)], strict=True))
+    warm_unconv = dict(zip(warm_budgets, flat[3 + len(warm_budgets) :], strict=True))
     per_plan = {str(k): warm[k] / max(1, n) for k in warm_budgets}
     on_train = _exact_plan_nfe(task, student, exact, warm_budgets, config)
     best = min(warm_budgets, key=lambda k: on_train[k])
@@ -309,14 +336,17 @@ def _exact_plan_nfe(task: Task, student: ConsistencyStudent, solver: Any, budget
                     config: EvalConfig) -> dict[int, float]:
     """Mean exact-mode NFE (plan + solver) of each warm-start plan on the selection (validation) batches."""
     total, n = dict.fromkeys(budgets, 0.0), 0
-    for b, (x, _) in enumerate(task.selection_batches(config.batch_size)):
-        if b >= config.exact_select_batches:
+    for p in distributed.parts(task.selection_batches(config.batch_size)):
+        if p.index >= config.exact_select_batches:
             break
+        if p.empty:
+            continue
         for k in budgets:
-            _, res, plan_nfe = student.solve_exact(x, solver, student.plan_for(k))
+            _, res, plan_nfe = student.solve_exact(p.x, solver, student.plan_for(k))
             total[k] += float((res.nfe + plan_nfe).float().sum())
         n += res.nfe.numel()
-    return {k: v / max(1, n) for k, v in total.items()}
+    *sums, n = distributed.reduce_sums([total[k] for k in budgets] + [n])
+    return {k: v / max(1, n) for k, v in zip(budgets, sums, strict=True)}
 
 
 def predictors(teacher: DEQModel, student: ConsistencyStudent | None, config: EvalConfig,

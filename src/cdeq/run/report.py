@@ -27,6 +27,22 @@ COST_SLACK = 1.05
 (a truncated solver's residual norms add about 1% to its layer calls)."""
 
 
+def _timing(key: str) -> bool:
+    key = key.lower()
+    return (any(word in key for word in ("time", "latency", "timing"))
+            or key.endswith("_ms") or key.endswith("_s"))
+
+
+def without_timing(value: Any) -> Any:
+    """``value`` (a report) with every mapping entry whose key names a timing removed, at any
+    depth: what two runs of one configuration must agree on."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if not _timing(str(k))}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
 def label(name: str) -> str:
     """The display name of a method key of a report (``cdeq_plus`` -> ``C-DEQ+``)."""
     return LABELS.get(name, name)

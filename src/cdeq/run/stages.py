@@ -163,6 +163,7 @@ class Run(RunDirectory):
         """Stage ``train``: the teacher DEQ (:mod:`cdeq.run.teacher`), resumed from its checkpoint
         when one exists; returns its held-out metric and NFE (also in ``teacher.safetensors``)."""
         cfg = self.config
+        distributed.TALLY.reset("train")
         torch.manual_seed(cfg.seed)
         model = self.task.build_model().to(self.device)
         with self.autocast():  # the run's precision: each optimiser step autocasts
@@ -178,7 +179,8 @@ class Run(RunDirectory):
                  f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; the weights of epoch "
                  f"{best + 1}, the best on validation)")
         work = {"steps": history["steps"][-1], "samples": sum(history["samples"]),
-                "epochs": len(history["steps"]), "best_epoch": best}
+                "epochs": len(history["steps"]), "best_epoch": best,
+                "distributed": distributed.TALLY.summary("train")}
         self.save_module("teacher", model, {"task": cfg.task, "train_time_s": elapsed, "work": work,
                                              **result})
         return result
@@ -190,12 +192,15 @@ class Run(RunDirectory):
         cfg = self.config
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
+        distributed.TALLY.reset("record")
         t0 = clock(self.device)
         with LayerCalls(teacher.cell) as calls, self.autocast():  # part of the student's cost
             work = record_counted(teacher, self.task.record_batches(cfg.record.batch_size),
-                                  cfg.record, store, calls.as_dict, write=distributed.is_main())
+                                  cfg.record, store, calls.as_dict)
+        spread = distributed.TALLY.summary("record")
         if distributed.is_main():
-            write_json(store.root / "work.json", {"samples": store.manifest()["samples"], **work})
+            write_json(store.root / "work.json", {"samples": store.manifest()["samples"], **work,
+                                                  "distributed": spread})
         summary = residual_summary(store, cfg.distill.max_residual)
         self.log(f"recorded {store.manifest()['samples']} training samples in {len(store)} shards "
                  f"({clock(self.device) - t0:.0f}s); unconverged (residual > "
@@ -215,6 +220,7 @@ class Run(RunDirectory):
         teacher = self.teacher()
         store = TrajectoryStore(self.dir / "trajectories")
         trajectories = list(store) if store.fits_in_memory() else store
+        distributed.TALLY.reset("distill")
         torch.manual_seed(cfg.seed)
         student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student).to(self.device)
         with self.autocast():
@@ -226,7 +232,8 @@ class Run(RunDirectory):
         search, calls = self._search_plans(student, teacher)
         work_file = store.root / "work.json"
         work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
-                            "epochs": len(history["steps"])},
+                            "epochs": len(history["steps"]),
+                            "distributed": distributed.TALLY.summary("distill")},
                 "record": read_json(work_file) if work_file.exists() else {},
                 "plan_search": calls}
         meta = dict(plans=plans_to_json(student.plans), search=search, train_time_s=elapsed, work=work)
@@ -238,12 +245,17 @@ class Run(RunDirectory):
         """Select ``student``'s plans on the selection (validation) batches; returns the search log
         and its layer calls (part of the student's training work)."""
         last = int(TrajectoryStore(self.dir / "trajectories").manifest()["last"])
+        distributed.TALLY.reset("plan_search")
         t1 = clock(self.device)
         with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():
             search = select_plans(student, self.task.selection_batches(self.config.evaluate.batch_size),
                                   self._score, self.task.higher_is_better, last, self.config.plans)
         self.log(f"plan search on the selection (validation) batches {clock(self.device) - t1:.0f}s")
-        return search, calls.as_dict()
+        spread = distributed.TALLY.summary("plan_search")
+        every = distributed.gather_list(calls.as_dict())  # the ranks search in step:
+        counted = {"layer_calls": max(c["layer_calls"] for c in every),  # the same calls,
+                   "layer_call_rows": sum(c["layer_call_rows"] for c in every)}  # their own rows
+        return search, {**counted, "distributed": spread}
 
     @writes
     def plus(self) -> ConsistencyStudent:
@@ -391,6 +403,7 @@ class Run(RunDirectory):
         """Stage ``evaluate``: every trained method at every budget against the truncated and the
         converged teacher (:mod:`cdeq.run.evaluate`); writes ``report.json``, ``table.md`` and
         ``plot.png`` and returns the report."""
+        distributed.TALLY.reset("evaluate")
         teacher = self.teacher()
         student = self.student(teacher)
         has_plus = (self.dir / "student_plus.safetensors").exists()
@@ -405,7 +418,8 @@ class Run(RunDirectory):
                 report["exact_mode_plus"] = exact_mode(self.task, teacher, plus, self.config.evaluate,
                                                        report["budgets"])
         report["precision"] = self.config.precision
-        report["timing"]["device"] = str(self.device)
+        if "timing" in report:  # measured by rank 0
+            report["timing"]["device"] = str(self.device)
         costs, work = {}, {}
         for name, key in (("teacher", "teacher"), ("student", "cdeq")):
             meta = self.read_meta(name)
@@ -413,10 +427,26 @@ class Run(RunDirectory):
         report["train_time_s"] = {**costs, **extra_costs}
         report["train_work"] = {**work, **extra_work}  # steps, samples; the student's recording, search
         report["train_threads"] = self.stage_threads()
+        report["distributed"] = self._spread(report["train_work"])
+        if not distributed.is_main():
+            return report
         files = write_report(report, self.dir)
         self.log("\n" + markdown_table(report))
         self.log("wrote " + ", ".join(str(p) for p in files.values()))
         return report
+
+    def _spread(self, work: dict[str, Any]) -> dict[str, Any]:
+        """The report's ``distributed`` section: the evaluation's world size and, per stage, the
+        world size it ran with and the samples each rank computed (from the stages' files)."""
+        stages: dict[str, Any] = {}
+        teacher, cdeq = work.get("teacher") or {}, work.get("cdeq") or {}
+        for name, entry in (("train", teacher), ("record", cdeq.get("record") or {}),
+                            ("distill", cdeq.get("distill") or {}),
+                            ("plan_search", cdeq.get("plan_search") or {})):
+            if "distributed" in entry:
+                stages[name] = entry["distributed"]
+        stages["evaluate"] = distributed.TALLY.summary("evaluate")
+        return {"world_size": distributed.world_size(), "stages": stages}
 
     @writes
     def run_all(self) -> dict[str, Any]:
@@ -430,10 +460,7 @@ class Run(RunDirectory):
             if not self.done("student", "distillation"):
                 self.distill()
             if self.config.plus.enabled and not self.done("student_plus", "C-DEQ+"):
-                self.plus()  # every rank: its joint distillation is data-parallel like distill's
-            if not distributed.is_main():  # under torchrun: rank 0 alone evaluates and reports
-                return {}
-            self._solo = True  # from here on no other rank takes part: no barriers
+                self.plus()
             if self.config.baselines.enabled:
                 self.baselines(redo=False)
             return self.evaluate()

@@ -87,10 +87,10 @@ def configure_teacher(model: nn.Module, config: TeacherConfig) -> None:
 
 
 def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callable:
-    def step(batch: Any, progress_: float) -> tuple[Tensor, dict[str, Any]]:
-        x, y = batch
-        rows = batch_rows(y) / distributed.world_size()  # summed over ranks: the global batch
-        x, y, share = distributed.shard(x, y)  # this rank's slice of the global batch
+    def step(batch: distributed.Part, progress_: float) -> tuple[Tensor | None, dict[str, Any]]:
+        if batch.empty:  # another rank owns this (unsplittable) batch
+            return None, {"loss": 0.0, "nfe": 0.0, "samples": 0}
+        x, y, share = batch.x, batch.y, batch.share  # this rank's part of the global batch
         u = model.inject(x)
         z, info = model.deq(u, model.initial_state(u))  # the model's state shape (a structure too)
         logits = model.head(z)
@@ -100,6 +100,8 @@ def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callab
         if config.jac_reg > 0:
             z_in = info.z.detach().requires_grad_()
             loss = loss + config.jac_reg * jacobian_frobenius(model.cell(z_in, u), z_in)
+        rows = batch_rows(y)
+        distributed.TALLY.add("train", rows)
         return loss * share, {"loss": loss.detach() * share, "nfe": info.stats()["nfe"] * share,
                               "samples": rows}
 
@@ -107,18 +109,20 @@ def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callab
 
 
 def validation_loss(task: Task, model: nn.Module, batch_size: int) -> float:
-    """Mean task loss of the converged ``model`` over ``task.validation_batches`` (eval solver)."""
+    """Mean task loss of the converged ``model`` over ``task.validation_batches`` (eval solver),
+    each rank computing its part of every batch under torchrun (the same value on every rank)."""
     model.eval()
     total, n = 0.0, 0
     with torch.no_grad():
-        for x, y in task.validation_batches(batch_size):
-            logits, _ = model(x)
-            total += float(task.loss(logits, y))
+        for p in distributed.parts(task.validation_batches(batch_size)):
             n += 1
+            if not p.empty:
+                logits, _ = model(p.x)
+                total += p.share * float(task.loss(logits, p.y))
     if n == 0:
         raise ValueError(f"the {task.name or type(task).__name__} validation split is empty: nothing "
                          "to stop the teacher's training on")
-    return total / n
+    return distributed.reduce_sums([total])[0] / n
 
 
 def _has_validation(task: Task, batch_size: int) -> bool:
@@ -160,7 +164,8 @@ def train_teacher(
                        "teacher trains all %d epochs and keeps the last weights",
                        task.name or type(task).__name__, config.epochs)
     history = fit(model, _teacher_step(task, model, config),
-                  lambda epoch, gen: task.train_batches(config.batch_size, shuffle=True, generator=gen),
+                  lambda epoch, gen: distributed.parts(
+                      task.train_batches(config.batch_size, shuffle=True, generator=gen)),
                   config.optim, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                   max_steps=config.max_steps, seed=seed, name="teacher", hooks=hooks,
                   hint=f"lower optim.lr (now {config.optim.lr}) or add jac_reg",
@@ -171,15 +176,18 @@ def train_teacher(
 
 @torch.no_grad()
 def evaluate_model(task: Task, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-    """Converged-teacher metric and mean NFE on the held-out batches."""
+    """Converged-teacher metric and mean NFE on the held-out batches (each rank its part)."""
     task = on_device(task, model_device(model))
     model.eval()
     total, count, nfe, n = 0.0, 0, 0.0, 0
-    for x, y in task.test_batches(batch_size):
-        logits, info = model(x)
-        s, c = task.metric_sum(logits, y)
+    for p in distributed.parts(task.test_batches(batch_size)):
+        if p.empty:
+            continue
+        logits, info = model(p.x)
+        s, c = task.metric_sum(logits, p.y)
         total += s
         count += c
         nfe += float(info.nfe.float().sum())
         n += int(info.nfe.numel())
+    total, count, nfe, n = distributed.reduce_sums([total, count, nfe, n])
     return {"metric": total / max(1, count), "nfe": nfe / max(1, n)}
