@@ -1,7 +1,8 @@
 """Language modelling with a DEQ-Transformer: tasks ``shakespeare`` and ``text``.
 
-- :mod:`.data`: the corpus (a file cut in three, or a WikiText-layout folder), its vocabulary
-  and fixed windows.
+- :mod:`.data`: the corpus (a file cut in three, a WikiText-layout folder, or token files), its
+  vocabulary and fixed windows.
+- :mod:`.tokens`: text prepared once into memory-mapped token files; folders of token ids.
 - :mod:`.model`: the injection, the weight-tied causal transformer block and the head.
 - :mod:`.task`: the :class:`~cdeq.tasks.base.Task` subclasses and their configuration.
 - :mod:`.generate`: sampling text from a teacher or a student.

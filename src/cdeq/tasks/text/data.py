@@ -1,4 +1,4 @@
-"""Text data: a file or a WikiText-layout folder read into token ids, and fixed windows of them.
+"""Text data: a file, a WikiText-layout folder or token files as token ids, and fixed windows of them.
 
 - One file: the first ``1 - valid_fraction - test_fraction`` is the training split, the next
   ``valid_fraction`` the validation split, the last ``test_fraction`` the test split (cut at line
@@ -6,19 +6,20 @@
 - A folder: ``wiki.{train,valid,test}.tokens`` or ``{train,valid,test}.txt``, the three files
   kept apart as the three splits.
 
+- Token files: ``train.bin``, ``val.bin``, ``test.bin`` (:mod:`.tokens`).
+
 The vocabulary comes from the training split only; id 0 is ``<unk>``, to which every validation
-or test symbol unseen in training maps.
+or test symbol unseen in training maps. Text is prepared once into token files in a cache folder
+and read through memory maps (:mod:`.tokens`): windows touch only their own pages.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,16 +46,7 @@ def find_shakespeare() -> Path:
     return data_file(SHAKESPEARE_RELATIVE, "Tiny Shakespeare")
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
-        ) from err
-
-
-def _split_files(folder: Path) -> dict[str, Path]:
+def split_files(folder: Path) -> dict[str, Path]:
     """The three split files of a WikiText-layout folder (all required)."""
     found: dict[str, Path] = {}
     for split, names in SPLIT_FILES.items():
@@ -66,31 +58,9 @@ def _split_files(folder: Path) -> dict[str, Path]:
     if missing:
         expected = ", ".join(f"{a} or {b}" for s, (a, b) in SPLIT_FILES.items() if s in missing)
         raise FileNotFoundError(f"{folder} has no {' / '.join(missing)} split: expected {expected} "
-                                "(a folder holds train, valid and test files; a single text file is "
-                                "split in three instead)")
+                                "(a folder holds train, valid and test files, or train.bin, val.bin "
+                                "and test.bin token ids; a single text file is split in three instead)")
     return found
-
-
-def _words(lines: Iterable[str], limit: int) -> Iterator[str]:
-    """Words of ``lines`` (white-space split, ``<eos>`` after every line), at most ``limit``."""
-    count = 0
-    for line in lines:
-        for word in (*line.split(), EOS):
-            if limit and count >= limit:
-                return
-            yield word
-            count += 1
-
-
-def _lines_of(source: Path | str) -> Iterator[str]:
-    if isinstance(source, str):
-        yield from source.splitlines()
-        return
-    try:
-        with source.open(encoding="utf-8") as handle:
-            yield from handle
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{source} is not UTF-8 text; convert it to UTF-8") from err
 
 
 @dataclasses.dataclass
@@ -98,9 +68,10 @@ class Corpus:
     """Token ids of each split and the vocabulary.
 
     Attributes:
-        vocab: symbol of each id; ``vocab[0] == "<unk>"``.
-        splits: ``{"train": ids, "valid": ids[, "test": ids]}``, 1-D int32 tensors.
-        level: ``"char"`` or ``"word"``.
+        vocab: symbol of each id; ``vocab[0] == "<unk>"`` (token files: the ids' own names).
+        splits: ``{"train": ids, "valid": ids, "test": ids}``, 1-D integer tensors over memory
+            maps of the prepared token files (:mod:`.tokens`): windows read only their pages.
+        level: ``"char"``, ``"word"`` or ``"ids"`` (a folder of token files).
         source: where the text came from.
     """
 
@@ -117,7 +88,10 @@ class Corpus:
         return 0
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text`` (characters, or white-space words with ``<eos>`` at line ends)."""
+        """Ids of ``text`` (characters, or white-space words with ``<eos>`` at line ends; for token
+        files, white-space separated ids)."""
+        if self.level == "ids":
+            return [int(t) for t in text.split()]
         if self.level == "char":
             return [self.stoi.get(c, 0) for c in text]
         lines = text.split("\n")
@@ -131,6 +105,8 @@ class Corpus:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` (``<eos>`` becomes a new line at word level)."""
         symbols = [self.vocab[int(i)] for i in ids]
+        if self.level == "ids":
+            return " ".join(symbols)
         if self.level == "char":
             return "".join(symbols)
         out = []
@@ -142,115 +118,62 @@ class Corpus:
         return "".join(out)
 
 
-def _char_ids(text: str, codes: np.ndarray) -> Tensor:
-    """Ids of the characters of ``text`` given the sorted code points ``codes`` (id = 1 + index)."""
-    points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-    pos = np.searchsorted(codes, points)
-    pos_clipped = np.minimum(pos, len(codes) - 1)
-    known = codes[pos_clipped] == points
-    ids = np.where(known, pos_clipped + 1, 0).astype(np.int32)
-    return torch.from_numpy(ids)
-
-
-def _char_corpus(texts: dict[str, str], source: str) -> Corpus:
-    train = texts["train"]
-    if not train:
-        raise ValueError(f"the training split of {source!r} is empty")
-    codes = np.unique(np.frombuffer(train.encode("utf-32-le"), dtype="<u4"))
-    vocab = [UNK] + [chr(int(c)) for c in codes]
-    splits = {name: _char_ids(text, codes) for name, text in texts.items()}
-    return Corpus(vocab, splits, "char", source)
-
-
-def _word_corpus(sources: dict[str, Path | str], limits: dict[str, int], max_vocab: int,
-                 source: str) -> Corpus:
-    counts = Counter(_words(_lines_of(sources["train"]), limits["train"]))
-    counts.pop(UNK, None)  # WikiText writes <unk> in its text: it is our id 0
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    if max_vocab:
-        ranked = ranked[: max_vocab - 1]
-    vocab = [UNK] + [w for w, _ in ranked]
-    stoi = {w: i for i, w in enumerate(vocab)}
-    splits = {}
-    for name, src in sources.items():
-        ids = np.fromiter((stoi.get(w, 0) for w in _words(_lines_of(src), limits[name])),
-                          dtype=np.int32)
-        splits[name] = torch.from_numpy(ids)
-    return Corpus(vocab, splits, "word", source)
-
-
 _CACHE: dict[tuple, Corpus] = {}
-
-
-def _cut_file(text: str, level: str, valid_fraction: float, test_fraction: float) -> dict[str, str]:
-    """One text split into train / valid / test by position (at line boundaries for words)."""
-    cuts = []
-    for share in (1 - valid_fraction - test_fraction, 1 - test_fraction):
-        cut = int(len(text) * share)
-        if level == "word":  # cut at a line boundary so no word is split in two
-            nl = text.rfind("\n", 0, cut)
-            cut = nl + 1 if nl > 0 else cut
-        cuts.append(max(cut, cuts[-1] if cuts else 0))
-    return {"train": text[: cuts[0]], "valid": text[cuts[0]: cuts[1]], "test": text[cuts[1]:]}
-
-
-def _read_splits(path: Path, level: str, valid_fraction: float, test_fraction: float,
-                 limits: dict[str, int], max_vocab: int) -> Corpus:
-    if path.is_dir():
-        files = _split_files(path)
-        for name, file in files.items():
-            if file.stat().st_size == 0:
-                raise ValueError(f"the {name} split {file} is empty")
-        if level == "word":
-            return _word_corpus(dict(files), limits, max_vocab, str(path))
-        texts = {name: _read_text(file) for name, file in files.items()}
-    else:
-        text = _read_text(path)
-        if not text.strip():
-            raise ValueError(f"text data {str(path)!r} is empty")
-        texts = _cut_file(text, level, valid_fraction, test_fraction)
-        if level == "word":
-            return _word_corpus(texts, limits, max_vocab, str(path))
-    texts = {name: t[: limits[name]] if limits[name] else t for name, t in texts.items()}
-    return _char_corpus(texts, str(path))
 
 
 def load_corpus(path: str | os.PathLike, level: str = "char", valid_fraction: float = 0.05,
                 test_fraction: float = 0.05, max_train_tokens: int = 0, max_eval_tokens: int = 0,
-                max_vocab: int = 0) -> Corpus:
-    """Read a text file or a WikiText-layout folder into a :class:`Corpus` of three splits.
+                max_vocab: int = 0, cache: str = "") -> Corpus:
+    """Read a text file, a WikiText-layout folder or a folder of token files into a
+    :class:`Corpus` of three splits over memory maps.
+
+    Text is prepared once into token files in the cache (:func:`.tokens.prepare_corpus`), then
+    memory-mapped: the whole corpus is never held in memory.
 
     Args:
         path: a UTF-8 text file (the first ``1 - valid_fraction - test_fraction`` for training,
             then ``valid_fraction`` for validation, the last ``test_fraction`` for test; cut at a
-            line boundary for words) or a folder holding ``wiki.{train,valid,test}.tokens`` or
-            ``{train,valid,test}.txt``.
+            line boundary for words), a folder holding ``wiki.{train,valid,test}.tokens`` or
+            ``{train,valid,test}.txt``, or a folder of token ids ``train.bin``, ``val.bin``,
+            ``test.bin`` (:func:`.tokens.open_token_folder`; ``level`` does not apply).
         level: ``"char"`` or ``"word"``.
         max_train_tokens: keep only the first this many symbols of the training split (0: all).
             The vocabulary comes from what is kept.
         max_eval_tokens: the same for each held-out split.
         max_vocab: at word level, keep only the most frequent ``max_vocab - 1`` words (0: all).
+        cache: the folder of prepared corpora (:func:`.tokens.cache_root`).
 
     Raises:
         FileNotFoundError: no such file or folder, or a folder without its three split files.
-        ValueError: an empty split, text that is not UTF-8, a bad ``level`` or fraction.
+        ValueError: an empty split, text that is not UTF-8, a bad ``level`` or fraction, a token
+            file that is not a whole number of ids.
     """
+    from .tokens import is_token_folder, open_prepared, open_token_folder, prepare_corpus
+
     check_choice("level", level, ["char", "word"])
     check_range("valid_fraction", valid_fraction, 0.001, 0.5)
     check_range("test_fraction", test_fraction, 0.001, 0.5)
     path = Path(path).expanduser()
     key = (str(path.resolve()), level, valid_fraction, test_fraction, max_train_tokens, max_eval_tokens,
-           max_vocab, _mtime(path))
+           max_vocab, _mtime(path), cache)
     if key in _CACHE:
         return _CACHE[key]
     if not path.exists():
         raise FileNotFoundError(f"text data {str(path)!r} does not exist")
-    limits = {"train": max_train_tokens, "valid": max_eval_tokens, "test": max_eval_tokens}
-    corpus = _read_splits(path, level, valid_fraction, test_fraction, limits, max_vocab)
-    eos = corpus.stoi.get(EOS, -1)
-    for name, ids in corpus.splits.items():
-        if ids.numel() == 0 or bool((ids == eos).all()):
-            raise ValueError(f"the {name} split of {str(path)!r} is empty (it holds no {level}s)")
+    if is_token_folder(path):
+        splits, meta = open_token_folder(path)
+        limits = {"train": max_train_tokens, "valid": max_eval_tokens, "test": max_eval_tokens}
+        splits = {k: v[: limits[k]] if limits[k] else v for k, v in splits.items()}
+        vocab = meta["vocab"] or [str(i) for i in range(meta["vocab_size"])]
+        corpus = Corpus(vocab, splits, "ids", str(path))
+        for name, ids in splits.items():
+            if ids.numel() == 0:
+                raise ValueError(f"the {name} token file of {str(path)!r} is empty")
+    else:
+        limits = {"train": max_train_tokens, "valid": max_eval_tokens, "test": max_eval_tokens}
+        folder = prepare_corpus(path, level, valid_fraction, test_fraction, limits, max_vocab, cache)
+        splits, _, vocab = open_prepared(folder)
+        corpus = Corpus(vocab, splits, level, str(path))
     _CACHE[key] = corpus
     return corpus
 

@@ -54,6 +54,8 @@ class TextConfig(Config):
             checkpoints); 0: ``len(train) // seq_len``, one pass worth of windows.
         max_train_tokens, max_eval_tokens: keep only the first this many symbols (0: all).
         max_vocab: word level: keep the most frequent words only (0: all).
+        cache: where text is prepared into token files once (""): ``$CDEQ_CACHE/tokens`` or
+            ``~/.cache/cdeq/tokens``; see :mod:`.tokens`).
         quick: a tiny preset (a few thousand characters, a 32-wide block) for smoke runs: the
             preset's values replace the fields left at their defaults.
     """
@@ -73,6 +75,7 @@ class TextConfig(Config):
     max_train_tokens: int = 0
     max_eval_tokens: int = 0
     max_vocab: int = 0
+    cache: str = ""
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -84,8 +87,9 @@ class TextConfig(Config):
         super().__post_init__()
 
     def validate(self) -> None:
-        if not isinstance(self.data, str):
-            raise ConfigError(f"data={self.data!r} is not valid; it must be a path (a string)")
+        for key in ("data", "cache"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not valid; it must be a path (a string)")
         check_choice("level", self.level, ["char", "word"])
         for name in ("d_model", "n_heads", "seq_len"):
             check_int(name, getattr(self, name), minimum=1)
@@ -132,8 +136,9 @@ class TextTask(Task):
         self.corpus = load_corpus(self.data_path(), level=config.level,
                                   valid_fraction=config.valid_fraction, test_fraction=config.test_fraction,
                                   max_train_tokens=config.max_train_tokens,
-                                  max_eval_tokens=config.max_eval_tokens, max_vocab=config.max_vocab)
-        if self.corpus.level == "word":
+                                  max_eval_tokens=config.max_eval_tokens, max_vocab=config.max_vocab,
+                                  cache=config.cache)
+        if self.corpus.level != "char":
             self.metric = "nats_per_token"  # the same quantity, per word
         for split in SPLITS:
             n = self.corpus.splits[split].numel()
@@ -143,8 +148,9 @@ class TextTask(Task):
 
     def data_path(self) -> str:
         if not self.config.data:
-            raise ConfigError("the text task needs data: a UTF-8 text file or a WikiText-layout "
-                              "folder (wiki.train.tokens ... or train.txt ...)")
+            raise ConfigError("the text task needs data: a UTF-8 text file, a WikiText-layout "
+                              "folder (wiki.train.tokens ... or train.txt ...) or a folder of token "
+                              "files (train.bin, val.bin, test.bin)")
         return self.config.data
 
     # --- vocabulary ---------------------------------------------------------------------------
