@@ -224,3 +224,10 @@ def test_paper_size_is_one_key(tmp_path):
     (x, y) = next(iter(task.train_batches(1, generator=torch.Generator().manual_seed(0))))
     logits, _ = task.build_model()(x)
     assert logits.shape == (1, x[0].shape[0], 3)
+
+
+def test_a_store_folder_is_read_directly(tmp_path):
+    edges, feats, labels, splits = toy_graph()
+    store = load_ogb(write_ogb(tmp_path / "g", edges, feats, labels, splits))
+    task = OgbnTask(OgbnConfig(data=str(store.folder)))
+    assert task.store.folder == store.folder and task.split_sizes() == {"train": 60, "valid": 30, "test": 30}

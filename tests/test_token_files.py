@@ -130,3 +130,20 @@ def test_a_quick_run_on_a_token_folder(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["metric"] == "nats_per_token"
     assert report["teacher"]["metric"] < np.log(50)  # learnt that odd ids never occur
+
+
+def test_the_paper_size_is_one_key(tmp_path):
+    for name in ("train.bin", "val.bin", "test.bin"):
+        np.random.default_rng(0).integers(0, 100, 400, dtype=np.uint16).tofile(tmp_path / name)
+    cfg = TextConfig(data=str(tmp_path), size="paper", seq_len=12)  # a given value wins
+    assert (cfg.d_model, cfg.n_heads, cfg.seq_len) == (410, 10, 12)
+    task = TextTask(cfg)
+    model = task.build_model()
+    assert tuple(model.cell.fc1.weight.shape) == (2100, 410) and model.cell.n_heads == 10
+    assert type(model.deq.solver).__name__.lower().startswith("broyden")
+    assert model.deq.solver.options.max_iter == 30
+    logits, _ = model(next(iter(task.train_batches(2, generator=torch.Generator().manual_seed(0))))[0])
+    assert logits.shape == (2, 12, task.vocab_size)
+    user = TextTask.resolve_user_config({"task_config": {"size": "paper"}}, str(tmp_path))
+    assert user["teacher"]["train_solver"] == {"name": "broyden", "max_iter": 30, "tol": 1e-3}
+    assert TextTask.resolve_user_config({}, str(tmp_path)) == {}

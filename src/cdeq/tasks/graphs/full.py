@@ -34,7 +34,8 @@ def full_rows(store: GraphStore, a: int, b: int, inv_sqrt: np.ndarray) -> Tensor
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
         return torch.sparse_csr_tensor(torch.from_numpy(ptr - ptr[0]), torch.from_numpy(cols),
-                                       torch.from_numpy(values), (b - a, store.num_nodes))
+                                       torch.from_numpy(values), (b - a, store.num_nodes),
+                                       check_invariants=False)
 
 
 def _propagate(store: GraphStore, h: Tensor, chunk: int, inv_sqrt: np.ndarray, out: Tensor) -> Tensor:
@@ -60,7 +61,7 @@ def full_fixed_point(model: DEQModel, store: GraphStore, chunk: int = 65536, tol
     h = torch.empty(n, d)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        h[a:b] = torch.from_numpy(np.asarray(store.features[a:b])) @ inj.weight
+        h[a:b] = torch.from_numpy(np.array(store.features[a:b])) @ inj.weight
     u = torch.empty(n, d)
     for _ in range(inj.hops):
         u = _propagate(store, h, chunk, inv_sqrt, u)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,7 +56,7 @@ class OgbnConfig(Config):
     """Settings of the ``ogbn`` task.
 
     Attributes:
-        data: the OGB dataset folder (``raw/``, ``split/``).
+        data: the OGB dataset folder (``raw/``, ``split/``), or a store folder (:mod:`.store`).
         split: the ``split/`` sub-folder (``""``: the only one).
         cache: where the parsed store goes (``""``: ``$CDEQ_CACHE/graphs`` or ``~/.cache/cdeq/graphs``).
         size: ``""`` or ``"paper"``: the IGNN width of the paper preset (``presets.OGBN_PAPER``) in
@@ -149,7 +150,11 @@ class OgbnTask(GraphTask):
     def __init__(self, config: OgbnConfig | None = None) -> None:
         super().__init__(config if config is not None else self.Config())
         cfg = self.config
-        self.store: GraphStore = load_ogb(cfg.data, cfg.split, cfg.cache)
+        path = Path(cfg.data)
+        if (path / "meta.json").is_file() and (path / "indptr.bin").is_file():
+            self.store: GraphStore = GraphStore(path)  # a store already written (:mod:`.store`)
+        else:
+            self.store = load_ogb(path, cfg.split, cfg.cache)
         self.sampler = NeighbourSampler(self.store, cfg.fanouts, cfg.norm)
         self._gap: dict[str, Any] | None = None
 

@@ -43,3 +43,15 @@ QUICK_RUN: dict[str, Any] = {
 }
 
 TEXT: dict[str, dict[str, Any]] = {"full": FULL_RUN, "quick": QUICK_RUN}
+
+# `task_config.size="paper"`: the DEQ-Transformer of Bai et al. (2019) on WikiText-103 (its medium
+# model: d_model 410, 10 heads, feed-forward 2100, 150-token context) and its solver budgets
+# (Broyden, 30 forward and 40 backward iterations). Sized for a GPU; tested at a tiny size here.
+PAPER_TASK: dict[str, Any] = {"d_model": 410, "n_heads": 10, "mlp_ratio": 2100 / 410, "seq_len": 150,
+                              "level": "word"}
+PAPER_RUN: dict[str, Any] = {
+    "teacher": {"backward": "implicit", "backward_options": {"max_iter": 40},
+                "train_solver": {"name": "broyden", "max_iter": 30, "tol": 1e-3},
+                "eval_solver": {"name": "broyden", "max_iter": 30, "tol": 1e-4}},
+    "record": {"solver": {"name": "broyden", "max_iter": 40, "tol": 1e-4}},
+}

@@ -15,6 +15,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -23,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...deq.layer import SolverSpec
 from ...deq.model import DEQModel
-from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
+from ...engine.config import Config, ConfigError, check_choice, check_int, check_range, merged
 from ...engine.fit import model_device
 from ..base import Batch, Task, register_task
 from . import presets
@@ -56,6 +58,9 @@ class TextConfig(Config):
         max_vocab: word level: keep the most frequent words only (0: all).
         cache: where text is prepared into token files once (""): ``$CDEQ_CACHE/tokens`` or
             ``~/.cache/cdeq/tokens``; see :mod:`.tokens`).
+        size: ``""`` or ``"paper"``: the DEQ-Transformer's sizes (``presets.PAPER_TASK``) in place
+            of the fields left at their defaults; ``cdeq run`` also takes the paper's solver budgets
+            (``presets.PAPER_RUN``) under the user's settings.
         quick: a tiny preset (a few thousand characters, a 32-wide block) for smoke runs: the
             preset's values replace the fields left at their defaults.
     """
@@ -76,9 +81,15 @@ class TextConfig(Config):
     max_eval_tokens: int = 0
     max_vocab: int = 0
     cache: str = ""
+    size: str = ""
     quick: bool = False
 
     def __post_init__(self) -> None:
+        if self.size == "paper":
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for key, value in presets.PAPER_TASK.items():
+                if getattr(self, key) == defaults[key]:
+                    setattr(self, key, value)
         if self.quick is True:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for key, value in presets.QUICK_TASK.items():
@@ -107,6 +118,7 @@ class TextConfig(Config):
         if held_out > 0.9:
             raise ConfigError(f"valid_fraction + test_fraction = {held_out:g} is not valid; it must "
                               "be at most 0.9 (the rest trains)")
+        check_choice("size", self.size, ["", "paper"])
         if not isinstance(self.quick, bool):
             raise ConfigError(f"quick={self.quick!r} is not valid; it must be true or false")
         if self.max_vocab == 1:
@@ -145,6 +157,23 @@ class TextTask(Task):
             if n < config.seq_len + 1:
                 raise ValueError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = "
                                  f"{config.seq_len + 1}; lower seq_len or give more text")
+
+    @classmethod
+    def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
+        """With ``task_config.size="paper"``, the paper's run settings under the user's."""
+        out = super().resolve_user_config(user, data)
+        if out.get("task_config", {}).get("size") == "paper":
+            out = merged(copy.deepcopy(presets.PAPER_RUN), out)
+        return out
+
+    def preset_solvers(self, quick: bool = False) -> dict[str, Any]:
+        """The preset's teacher solvers; with ``size="paper"`` the paper's."""
+        out = super().preset_solvers(quick)
+        if self.config.size == "paper":
+            teacher = presets.PAPER_RUN["teacher"]
+            out.update(solver=SolverSpec.from_dict(teacher["train_solver"]),
+                       eval_solver=SolverSpec.from_dict(teacher["eval_solver"]))
+        return out
 
     def data_path(self) -> str:
         if not self.config.data:
