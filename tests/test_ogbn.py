@@ -148,7 +148,7 @@ def test_the_sampler_draws_from_the_neighbourhood_and_induces_the_subgraph(tmp_p
     edges, feats, labels, splits = toy_graph()
     store = load_ogb(write_ogb(tmp_path / "g", edges, feats, labels, splits))
     seeds = np.array([3, 50, 77])
-    sampler = NeighbourSampler(store, (4, 3))
+    sampler = NeighbourSampler(store, (4, 3), norm="full")
     nodes = sampler.sample_nodes(seeds, np.random.default_rng(0))
     assert np.array_equal(nodes[:3], seeds) and len(np.unique(nodes)) == len(nodes)
     hop1 = set(np.concatenate([store.neighbours(s) for s in seeds]).tolist())
@@ -176,7 +176,7 @@ def test_full_fixed_point_in_chunks_equals_the_dense_solve(tmp_path):
     model = task.build_model().eval()
     z, info = full_fixed_point(model, task.store, chunk=17, tol=1e-6)
     store = task.store
-    everything = NeighbourSampler(store, ())  # the whole graph as one batch, full-degree norm
+    everything = NeighbourSampler(store, ())  # the whole graph as one batch: its degrees are the full ones
     x, _ = everything.build(np.arange(120), 120)
     u = model.inject(x)
     ref = get_solver("anderson", max_iter=200, tol=1e-8).solve(model.cell, model.initial_state(u), u).z[0]

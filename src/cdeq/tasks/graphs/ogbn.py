@@ -64,7 +64,8 @@ class OgbnConfig(Config):
         hidden, kappa, w_constraint, w_init, activation, inject_hops, input_dropout, head_dropout,
             head_hidden: the IGNN (as :class:`~.task.GraphConfig`).
         fanouts: neighbours drawn per node at each hop (:mod:`.sampler`).
-        norm: ``"full"`` or ``"sub"``: the degrees that normalise a batch's adjacency.
+        norm: ``"sub"`` or ``"full"``: the degrees that normalise a batch's adjacency (``"sub"``,
+            the subgraph's own, chosen on validation data: docs/large-data.md).
         batch_nodes: seed nodes of a training (and recorded) batch.
         eval_nodes: seed nodes of a validation or test batch.
         epoch_batches: training batches an epoch (0: every training node once).
@@ -90,7 +91,7 @@ class OgbnConfig(Config):
     head_dropout: float = 0.2
     head_hidden: int = 0
     fanouts: tuple = (10, 5)
-    norm: str = "full"
+    norm: str = "sub"
     batch_nodes: int = 1024
     eval_nodes: int = 2048
     epoch_batches: int = 0

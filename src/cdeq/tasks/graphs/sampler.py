@@ -46,10 +46,10 @@ class NeighbourSampler:
     Args:
         store: the graph.
         fanouts: neighbours drawn per node at each hop (``()``: the seeds alone).
-        norm: ``"full"`` or ``"sub"`` (module docstring).
+        norm: ``"sub"`` or ``"full"`` (module docstring).
     """
 
-    def __init__(self, store: GraphStore, fanouts: tuple[int, ...], norm: str = "full") -> None:
+    def __init__(self, store: GraphStore, fanouts: tuple[int, ...], norm: str = "sub") -> None:
         self.store, self.fanouts, self.norm = store, tuple(fanouts), norm
         self.indptr = np.asarray(store.indptr)
         self.degree = np.diff(self.indptr)

@@ -26,17 +26,11 @@ from torch import Tensor
 from ...engine.config import check_choice, check_range
 from ..base import Batch
 from ..datadir import data_file
+from .tokens import EOS, UNK, is_token_folder, open_prepared, open_token_folder, prepare_corpus
 
 __all__ = ["EOS", "SPLITS", "UNK", "Corpus", "find_shakespeare", "load_corpus", "window_starts", "windows"]
 
-UNK = "<unk>"
-EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
-SPLIT_FILES = {
-    "train": ("wiki.train.tokens", "train.txt"),
-    "valid": ("wiki.valid.tokens", "valid.txt"),
-    "test": ("wiki.test.tokens", "test.txt"),
-}
 SHAKESPEARE_RELATIVE = Path("tinyshakespeare") / "input.txt"
 
 
@@ -44,23 +38,6 @@ def find_shakespeare() -> Path:
     """Path of the built-in Tiny Shakespeare file, ``<data>/tinyshakespeare/input.txt`` (see
     :func:`cdeq.tasks.datadir.data_dir`)."""
     return data_file(SHAKESPEARE_RELATIVE, "Tiny Shakespeare")
-
-
-def split_files(folder: Path) -> dict[str, Path]:
-    """The three split files of a WikiText-layout folder (all required)."""
-    found: dict[str, Path] = {}
-    for split, names in SPLIT_FILES.items():
-        for name in names:
-            if (folder / name).is_file():
-                found[split] = folder / name
-                break
-    missing = [s for s in SPLITS if s not in found]
-    if missing:
-        expected = ", ".join(f"{a} or {b}" for s, (a, b) in SPLIT_FILES.items() if s in missing)
-        raise FileNotFoundError(f"{folder} has no {' / '.join(missing)} split: expected {expected} "
-                                "(a folder holds train, valid and test files, or train.bin, val.bin "
-                                "and test.bin token ids; a single text file is split in three instead)")
-    return found
 
 
 @dataclasses.dataclass
@@ -148,8 +125,6 @@ def load_corpus(path: str | os.PathLike, level: str = "char", valid_fraction: fl
         ValueError: an empty split, text that is not UTF-8, a bad ``level`` or fraction, a token
             file that is not a whole number of ids.
     """
-    from .tokens import is_token_folder, open_prepared, open_token_folder, prepare_corpus
-
     check_choice("level", level, ["char", "word"])
     check_range("valid_fraction", valid_fraction, 0.001, 0.5)
     check_range("test_fraction", test_fraction, 0.001, 0.5)

@@ -30,10 +30,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TOKEN_FILES", "cache_root", "id_dtype", "is_token_folder", "open_token_folder",
-           "prepare_corpus"]
+__all__ = ["EOS", "SPLIT_FILES", "TOKEN_FILES", "UNK", "cache_root", "id_dtype", "is_token_folder",
+           "open_token_folder", "prepare_corpus", "split_files"]
 
+UNK = "<unk>"
+EOS = "<eos>"
 SPLITS = ("train", "valid", "test")
+SPLIT_FILES = {
+    "train": ("wiki.train.tokens", "train.txt"),
+    "valid": ("wiki.valid.tokens", "valid.txt"),
+    "test": ("wiki.test.tokens", "test.txt"),
+}
 TOKEN_FILES = {"train": ("train.bin",), "valid": ("val.bin", "valid.bin"), "test": ("test.bin",)}
 FORMAT = 1  # bumped when the prepared files change meaning
 CHUNK = 1 << 20  # characters per conversion chunk
@@ -117,6 +124,23 @@ def open_token_folder(folder: str | Path) -> tuple[dict[str, Tensor], dict]:
 
 
 # --- preparing a text corpus ---------------------------------------------------------------------
+def split_files(folder: Path) -> dict[str, Path]:
+    """The three split files of a WikiText-layout folder (all required)."""
+    found: dict[str, Path] = {}
+    for split, names in SPLIT_FILES.items():
+        for name in names:
+            if (folder / name).is_file():
+                found[split] = folder / name
+                break
+    missing = [s for s in SPLITS if s not in found]
+    if missing:
+        expected = ", ".join(f"{a} or {b}" for s, (a, b) in SPLIT_FILES.items() if s in missing)
+        raise FileNotFoundError(f"{folder} has no {' / '.join(missing)} split: expected {expected} "
+                                "(a folder holds train, valid and test files, or train.bin, val.bin "
+                                "and test.bin token ids; a single text file is split in three instead)")
+    return found
+
+
 def _lines(path: Path) -> Iterator[str]:
     try:
         with path.open(encoding="utf-8") as handle:
@@ -197,8 +221,6 @@ def _chunks(pieces: Iterator[tuple[str, str]], split: str, limit: int) -> Iterat
 def _words(pieces: Iterator[tuple[str, str]], split: str, limit: int, by_file_line: bool) -> Iterator[str]:
     """Words of ``split`` with ``<eos>`` after every line, at most ``limit``. A folder's file lines
     are lines as read (``by_file_line``); one file's text is cut into lines by ``str.splitlines``."""
-    from .data import EOS
-
     count = 0
     for name, text in pieces:
         if name != split:
@@ -249,8 +271,6 @@ def prepare_corpus(path: str | Path, level: str, valid_fraction: float, test_fra
     (:func:`cache_root`). The folder is written under a temporary name and renamed when complete,
     so an interrupted preparation leaves nothing that a later run would read.
     """
-    from .data import EOS, UNK, split_files
-
     path = Path(path).expanduser()
     source: Path | dict[str, Path] = split_files(path) if path.is_dir() else path
     files = list(source.values()) if isinstance(source, dict) else [path]
