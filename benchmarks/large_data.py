@@ -29,6 +29,7 @@ Usage::
     python benchmarks/large_data.py graph --size products --limit 8
     python benchmarks/large_data.py sampler --size arxiv --limit 30    # the sampler's defaults
     python benchmarks/large_data.py generate --size arxiv --out DIR   # the OGB folder alone
+    python benchmarks/large_data.py --table             # the tables of docs/large-data.md
 
 Writes ``benchmarks/results/large_data_<part>.json`` and prints a table.
 """
@@ -190,6 +191,13 @@ def run_child(args: list[str], env: dict[str, str] | None = None) -> dict:
             "log": proc.stdout[-4000:]}
 
 
+def module_meta(run: Path, name: str) -> dict:
+    """The metadata a stage saved with ``run/NAME.safetensors`` (training time, work)."""
+    from cdeq.engine.io import load_tensors
+
+    return load_tensors(run / f"{name}.safetensors", kind=name)[1]
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
 
@@ -205,7 +213,7 @@ def bench_images(base: int, work: Path) -> dict:
         res = run_child(["train", "images", "--quick", "--data", str(data), "--out", str(out), "--set",
                          "threads=1", "task_config.train_subset=0", "task_config.test_subset=0",
                          "task_config.workers=2", "teacher.epochs=1"])
-        meta = json.loads((out / "teacher.json").read_text())
+        meta = module_meta(out, "teacher")
         rows.append({"images": count, "generate_s": gen, "train_s": meta["train_time_s"], **res})
         shutil.rmtree(data)
     return {"part": "images", "rows": rows}
@@ -221,7 +229,7 @@ def bench_text(base: int, work: Path) -> dict:
                          "task_config.max_train_tokens=0", "task_config.max_eval_tokens=0",
                          "task_config.epoch_windows=512", "task_config.eval_windows=64",
                          "teacher.epochs=1"])
-        meta = json.loads((out / "teacher.json").read_text())
+        meta = module_meta(out, "teacher")
         size = sum(p.stat().st_size for p in data.glob("*.bin"))
         rows.append({"tokens": count, "bytes": size, "train_s": meta["train_time_s"], **res})
         shutil.rmtree(data)
@@ -257,8 +265,8 @@ def bench_graph(size: str, limit: int, work: Path, keep: Path | None) -> dict:
             "teacher.epochs=1", "distill.epochs=2", "threads=2"]
     res = run_child(["run", "ogbn", "--data", str(data), "--out", str(out), "--set", *sets], env=env)
     report = json.loads((out / "report.json").read_text())
-    teacher = json.loads((out / "teacher.json").read_text())
-    student = json.loads((out / "student.json").read_text())
+    teacher = module_meta(out, "teacher")
+    student = module_meta(out, "student")
     train_nodes = spec["splits"][0]
     from cdeq.tasks.graphs.presets import OGBN_RUN  # noqa: F401 (the preset the run used)
     cfg = json.loads((out / "config.json").read_text())
@@ -350,6 +358,12 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if sys.argv[1:2] == ["--table"]:
+        for path in sorted(RESULTS.glob("large_data_*.json")):
+            result = json.loads(path.read_text())
+            if "part" in result:
+                print(f"`{path.relative_to(RESULTS.parent.parent)}`:\n\n{table(result)}\n")
+        return
     if sys.argv[1:2] == ["_sampler_child"]:
         sampler_child(*sys.argv[2:5], int(sys.argv[5]), sys.argv[6])
         return
