@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...consistency.conditioning import relative_error
 from ...deq.model import DEQModel
+from ...engine.tree import relative_error
 from .store import GraphStore
 
 __all__ = ["full_fixed_point", "full_rows", "subgraph_gap"]

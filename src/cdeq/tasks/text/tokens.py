@@ -77,10 +77,14 @@ def _memmap(path: Path, dtype: np.dtype) -> Tensor:
     return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c"))
 
 
-def _max_id(ids: Tensor) -> int:
-    """The largest id, read in chunks (the memory map is not loaded whole)."""
-    step, arr = 1 << 24, ids.numpy()
-    return max((int(arr[i : i + step].max()) for i in range(0, len(arr), step)), default=-1)
+def _max_id(path: Path, dtype: np.dtype) -> int:
+    """The largest id of a token file, read in chunks with ordinary reads (not through the memory
+    map, so the scan leaves none of the file's pages in the process's resident set)."""
+    top, step = -1, 1 << 24
+    with open(path, "rb") as fh:
+        while chunk := fh.read(step * dtype.itemsize):
+            top = max(top, int(np.frombuffer(chunk, dtype=dtype).max()))
+    return top
 
 
 def open_token_folder(folder: str | Path) -> tuple[dict[str, Tensor], dict]:
@@ -106,15 +110,16 @@ def open_token_folder(folder: str | Path) -> tuple[dict[str, Tensor], dict]:
     else:
         dtype = np.dtype(np.uint16)
     splits: dict[str, Tensor] = {}
+    paths: dict[str, Path] = {}
     for split, names in TOKEN_FILES.items():
         path = next((folder / n for n in names if (folder / n).is_file()), None)
         if path is None:
             raise FileNotFoundError(f"{folder} has no {' or '.join(names)}: a token folder holds "
                                     "train.bin, val.bin and test.bin")
-        splits[split] = _memmap(path, dtype)
-    vocab_size = int(meta.get("vocab_size") or _max_id(splits["train"]) + 1)
-    for split, ids in splits.items():
-        top = _max_id(ids)
+        splits[split], paths[split] = _memmap(path, dtype), path
+    tops = {split: _max_id(path, dtype) for split, path in paths.items()}
+    vocab_size = int(meta.get("vocab_size") or tops["train"] + 1)
+    for split, top in tops.items():
         if top >= vocab_size:
             where = "meta.json" if meta.get("vocab_size") else "the largest training id + 1"
             raise ValueError(f"{folder}: the {split} file holds id {top}, beyond the vocabulary of "
