@@ -61,8 +61,9 @@ class OgbnConfig(Config):
         cache: where the parsed store goes (``""``: ``$CDEQ_CACHE/graphs`` or ``~/.cache/cdeq/graphs``).
         size: ``""`` or ``"paper"``: the IGNN width of the paper preset (``presets.OGBN_PAPER``) in
             place of the fields left at their defaults, and its run settings.
-        hidden, kappa, w_constraint, w_init, activation, inject_hops, input_dropout, head_dropout,
-            head_hidden: the IGNN (as :class:`~.task.GraphConfig`).
+        hidden: the IGNN's state width (the other model fields as in :class:`~.task.GraphConfig`:
+            ``kappa``, ``w_constraint``, ``w_init``, ``activation``, ``inject_hops``,
+            ``input_dropout``, ``head_dropout``, ``head_hidden``).
         fanouts: neighbours drawn per node at each hop (:mod:`.sampler`).
         norm: ``"sub"`` or ``"full"``: the degrees that normalise a batch's adjacency (``"sub"``,
             the subgraph's own, chosen on validation data: docs/large-data.md).

@@ -50,8 +50,12 @@ class GraphStore:
     """A store folder opened read-only (memory maps: nothing is read until it is indexed).
 
     Attributes:
-        indptr ``(N + 1,)`` int64, indices ``(nnz,)`` int32, features ``(N, F)`` float32,
-        labels ``(N,)`` int64, splits ``{"train", "valid", "test"}`` int64 id arrays, meta.
+        indptr: ``(N + 1,)`` int64 row pointers.
+        indices: ``(nnz,)`` int32 neighbour ids.
+        features: ``(N, F)`` float32.
+        labels: ``(N,)`` int64 (``-1``: no label).
+        splits: ``{"train", "valid", "test"}`` int64 id arrays.
+        meta: the contents of ``meta.json``.
     """
 
     def __init__(self, folder: str | Path) -> None:
