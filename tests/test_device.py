@@ -251,6 +251,38 @@ def test_the_loop_body_runs_on_the_meta_device_without_a_host_sync():
         get_solver("picard").solve(f, torch.zeros(4, 8, device="meta"), x)
 
 
+def test_a_masked_solve_reads_the_device_once_and_a_training_jump_never():
+    """Per-sample stopping by masking (``compact=False``) with one check per ``max_iter``: a whole
+    solve reads one value on the host (its end); the student's jump at per-sample times runs on
+    the ``meta`` device (no data: any host read raises), forward and backward."""
+    from cdeq.consistency import ConsistencyStudent
+    from cdeq.deq import DEQModel
+
+    reads = []
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "__int__", "__float__", "item",
+                                                  "tolist", "nonzero"):
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    f = Cell(8)
+    x = torch.randn(5, 8)
+    with Reads():
+        res = get_solver("anderson", max_iter=20, tol=1e-3, compact=False, check_every=20).solve(
+            f, torch.zeros(5, 8), x)
+    assert reads == ["tolist"] and bool(res.converged.all())
+    torch.manual_seed(0)
+    student = ConsistencyStudent(DEQModel(nn.Linear(4, 8), Cell(8), nn.Linear(8, 3))).to("meta")
+    u = torch.randn(5, 8, device="meta")
+    t = torch.rand(5, device="meta")
+    out = student.F(torch.zeros(5, 8, device="meta"), t, u)
+    out.sum().backward()
+    grads = [p.grad for p in student.time_embed.parameters() if p.grad is not None]
+    assert out.shape == (5, 8) and grads and all(g.device.type == "meta" for g in grads)
+
+
 @pytest.mark.parametrize("backward", ["phantom", "jacobian_free"])
 def test_unrolled_backwards_run_on_the_meta_device(backward):
     cell = Cell().to("meta")

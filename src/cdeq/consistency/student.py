@@ -276,7 +276,8 @@ class ConsistencyStudent(nn.Module):
         be zeros, a plan's start) drops the ``z`` terms. For one time without gradients the
         folded per-channel coefficients come from a table keyed on the time and the time
         embedding's weights, so the time embedding costs nothing per call. At ``t = T`` this
-        returns ``z`` itself without calling the layer (0 NFE): the boundary condition is exact.
+        returns ``z`` itself: the boundary condition is exact (for one time without calling the
+        layer, 0 NFE; per-sample times are masked, so no value is read on the host).
         """
         if self.correction is not None:
             return self._corrected(z, t, u)
@@ -288,15 +289,12 @@ class ConsistencyStudent(nn.Module):
             coef = self._coefficients(float(t), c_out, z)
             skip: Tensor | float = c_skip
             boundary = None
-        else:
+        else:  # per-sample times: masked at the boundary, never read on the host
             times = t.to(ref.dtype)
             c_skip, c_out = self.schedule.scalings(times)
             boundary = c_out == 0
-            if bool(boundary.all()):
-                return z
             coef = self._shaped(self._fold(self.film(times), c_out[:, None]), z)
             skip = c_skip
-        some_boundary = boundary is not None and bool(boundary.any())
         h_parts, spec = tree_flatten(self._layer(z, coef, u, zero_state))
         outs = []
         for zp, hp, cp in zip(leaves(z), h_parts, coef, strict=True):
@@ -304,7 +302,7 @@ class ConsistencyStudent(nn.Module):
             if not zero_state:
                 out = out.add(zp, alpha=skip) if boundary is None else torch.addcmul(
                     out, zp, _per_sample(skip, zp))
-            if some_boundary:
+            if boundary is not None:
                 out = torch.where(_per_sample(boundary, zp), zp, out)
             outs.append(out)
         return tree_unflatten(outs, spec)
@@ -318,7 +316,8 @@ class ConsistencyStudent(nn.Module):
         """The folded FiLM coefficients of one time ``t`` (rows ``(1, C)`` shaped against each
         part of ``z``), from the table when gradients are off (keyed on ``t`` and the time
         embedding's weights and their versions, so a training step or a loaded state
-        invalidates it)."""
+        invalidates it). Under ``torch.compile`` they are computed in the graph (the table's
+        key reads tensor storage, which would break the graph)."""
         parts = leaves(z)
         ref = parts[0]
 
@@ -326,8 +325,8 @@ class ConsistencyStudent(nn.Module):
             times = torch.full((1,), t, dtype=ref.dtype, device=ref.device)
             return self._shaped(self._fold(self.film(times), c_out), z)
 
-        if torch.is_grad_enabled():
-            return compute()
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()  # compiled: the coefficients are part of the one graph
         key = (t, c_out, ref.dtype, ref.device, tuple(p.dim() for p in parts),
                tuple((p.data_ptr(), p._version) for p in self.time_embed.parameters()))
         table = self.__dict__.setdefault("_film_table", {})
@@ -344,9 +343,7 @@ class ConsistencyStudent(nn.Module):
         if t.dim() == 0:
             t = t.expand(ref.shape[0])
         c_skip, c_out = self.schedule.scalings(t)
-        boundary = c_out == 0
-        if bool(boundary.all()):
-            return z
+        boundary = c_out == 0  # masked below, never read on the host
         g_parts, spec = tree_flatten(self.G(z, t, u))
         out = []
         for zp, gp in zip(leaves(z), g_parts, strict=True):

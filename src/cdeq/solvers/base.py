@@ -41,11 +41,17 @@ class SolverOptions(Config):
         tol: stop a sample once its residual is at most this.
         stop_mode: ``"rel"`` (``|f(z)-z| / |f(z)|``) or ``"abs"`` (``|f(z)-z|``).
         compact: evaluate ``f`` only on the samples still running (saves time; needs a
-            layer without cross-sample interaction, true of every per-sample layer).
-        check_every: look at which samples still run (a host synchronisation) only every this
-            many iterations. Results and NFE do not depend on it; a larger value lets a GPU run
-            ahead, at the cost of evaluating ``f`` on stopped samples until the next check
+            layer without cross-sample interaction, true of every per-sample layer), which
+            changes the shapes ``f`` sees whenever samples stop. ``False``: per-sample stopping
+            by masking alone: ``f`` always sees the whole batch (fixed shapes: CUDA graphs,
+            ``torch.compile``), a stopped sample's row is computed and discarded, and the loop
+            never asks which samples run (no ``nonzero``).
+        check_every: look whether any sample still runs (a host synchronisation) only every
+            this many iterations. Results and NFE do not depend on it; a larger value lets a GPU
+            run ahead, at the cost of evaluating ``f`` on stopped samples until the next check
             (those evaluations are not counted) and up to ``check_every - 1`` extra iterations.
+            With ``compact=False`` and ``check_every >= max_iter`` a solve reads the device once,
+            at its end.
         on_nonfinite: when a sample's iterate or value becomes NaN/inf: ``"warn"`` (once per
             solve, naming the samples), ``"raise"`` (:class:`NonFiniteError`) or ``"ignore"``.
             The sample is flagged ``diverged`` in every case.

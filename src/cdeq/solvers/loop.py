@@ -181,18 +181,18 @@ def update(loop: LoopState, fz: Tensor, res: Tensor, abs_res: Tensor, finite: Te
 
 
 def check(loop: LoopState, x: Any, compact: bool) -> bool:
-    """Whether any sample still runs (one host synchronisation); narrows ``loop.rows`` (and the
-    rows of ``x`` when ``compact``) to the running samples if some stopped since the last check."""
+    """Whether any sample still runs (one host synchronisation); when ``compact``, narrows
+    ``loop.rows`` (and the rows of ``x``) to the running samples if some stopped since the last
+    check (masked stopping, ``compact=False``, never needs the rows)."""
     batch = loop.z.shape[0]
     running = int(loop.active.sum())
     loop.all_running = running == batch
+    if running == 0 or not compact:
+        return running > 0
     if running == (batch if loop.rows is None else loop.rows.numel()):
         return True
-    if running == 0:
-        return False
     loop.rows = loop.active.nonzero().squeeze(1)
-    if compact:
-        loop.x_rows = take_rows(x, loop.rows, batch)
+    loop.x_rows = take_rows(x, loop.rows, batch)
     return True
 
 
@@ -225,9 +225,12 @@ def run(solver: Any, f: Any, z0: Any, x: Any, wanted: list[int] | None, limit: i
             z_next = solver.step(state, it, loop.z, fz, loop.active)
             loop.z = z_next if loop.all_running else torch.where(loop.active[:, None], z_next, loop.z)
     trace = torch.stack(loop.trace)
+    # one read of the device at the end: the iterations any sample ran, and whether any diverged
+    ran, any_diverged = torch.stack([loop.nfe.max(), loop.diverged.any().long()]).tolist()
     if opts.check_every > 1:  # drop the iterations run after the last sample stopped
-        trace = trace[: int(loop.nfe.max())]
-    report_nonfinite(loop.diverged, opts.on_nonfinite)
+        trace = trace[:ran]
+    if any_diverged:
+        report_nonfinite(loop.diverged, opts.on_nonfinite)
     # A sample that never produced a finite value keeps its start (best_z began as z0).
     solution = layout.unpack(loop.best_z, dtypes=True)
     trajectory = None
