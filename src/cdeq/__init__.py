@@ -17,10 +17,14 @@ from .consistency import (
     ScheduleConfig,
     StudentConfig,
     TimeSchedule,
+    TrajectoryArrays,
+    TrajectoryStore,
     distill,
     record,
+    record_arrays,
 )
 from .deq import DEQ, DEQModel, ImplicitBackward, JacobianFreeBackward, PhantomBackward, SolverSpec
+from .engine.batches import TensorItems, pairs
 from .engine.config import Config, ConfigError
 from .engine.deprecation import install_aliases
 from .hub.describe import saveable
@@ -60,10 +64,15 @@ __all__ = [
     "SolverResult",
     "SolverSpec",
     "StudentConfig",
+    "TensorItems",
     "TimeSchedule",
+    "TrajectoryArrays",
+    "TrajectoryStore",
     "distill",
     "get_solver",
+    "pairs",
     "record",
+    "record_arrays",
     "register_solver",
     "saveable",
 ]

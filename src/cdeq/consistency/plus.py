@@ -263,22 +263,23 @@ def match_start_time(student: ConsistencyStudent, init: Any,
     Returns ``{"time", "init_residual", "point_index", "point_residual"}`` (medians over the
     recorded samples)."""
     teacher = student.teacher
-    h_res, rec_res, rec_times = [], [], []
-    index: list[int] = []
+    h_res, rec_idx, rec_res, rec_times = [], [], [], []
     for batch in trajectories:
         batch = to_device(batch, model_device(student))
         u_s, u = student.teacher_inputs(batch.x)
         z = init.init_state(teacher, u_s)  # h reads the student's injection
         h_res.append(relative_error(z, teacher.cell(z, u)).float())  # the residual
-        idx = torch.tensor(batch.index, device=batch.residual.device).expand_as(batch.residual)
-        rec_res.append(batch.residual.float())
-        rec_times.append(student.schedule.times(idx, batch.last, batch.residual).float())
-        index = list(batch.index)
+        idx = batch.grid()  # (B, L): each sample's recorded iterates (its own subset, if kept so)
+        rec_idx.append(idx.flatten())
+        rec_res.append(batch.residual.float().flatten())
+        rec_times.append(student.schedule.times(idx, batch.last, batch.residual).float().flatten())
     if not h_res:
         raise ValueError("no recorded trajectories to match the initialiser's start time on")
     r_h = float(torch.cat(h_res).median())
-    residual = torch.cat(rec_res).median(dim=0).values  # (L,) per recorded point
-    times = torch.cat(rec_times).median(dim=0).values
+    idx, res_all, times_all = torch.cat(rec_idx), torch.cat(rec_res), torch.cat(rec_times)
+    index = sorted(set(idx.tolist()))  # per recorded iterate index, the medians over its samples
+    residual = torch.stack([res_all[idx == k].median() for k in index])
+    times = torch.stack([times_all[idx == k].median() for k in index])
     gap = (residual.clamp_min(1e-30).log() - math.log(max(r_h, 1e-30))).abs()
     p = int(gap.argmin())
     t = min(max(float(times[p]), student.schedule.t_min), math.nextafter(student.schedule.T, 0))

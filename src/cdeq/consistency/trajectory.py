@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..deq.model import DEQModel
 from ..engine import distributed
+from ..engine.batches import as_pair
 from ..engine.checks import check_finite_inputs, check_labels  # noqa: F401 (check_labels: distill imports it here)
 from ..engine.config import Config, ConfigError, check_choice, check_int
 from ..engine.fit import model_device
@@ -63,6 +64,17 @@ class RecordConfig(Config):
         batch_size: samples per recorded batch (= per shard).
         dtype: storage precision of the iterates (``float32``, ``float16``, ``bfloat16``).
         max_samples: record at most this many training samples (0: all).
+        mode: ``stored`` (on disk), ``online`` (each sample's ``z*`` in memory, the iterates a
+            distillation step needs regenerated: :mod:`cdeq.consistency.online`) or ``auto``:
+            ``stored`` when the projected store is at most ``max_store_bytes``.
+        format: the stored layout: ``arrays`` (per-sample arrays: :mod:`cdeq.consistency.arrays`)
+            or ``shards`` (one safetensors file per recorded batch, as earlier versions wrote).
+        keep: iterates kept per sample in ``arrays`` (the start and ``keep - 1`` others drawn per
+            sample; 0: every recorded iterate).
+        shuffle: record an indexable training set in a seeded random order (with
+            ``max_samples``: a random subset), written to the store first.
+        max_store_bytes: ``mode=auto``'s limit on the projected store.
+        cache_bytes: resident memory the readers of a stored ``arrays`` store may hold.
     """
 
     solver: SolverSpec = dataclasses.field(
@@ -71,9 +83,20 @@ class RecordConfig(Config):
     batch_size: int = 256
     dtype: str = "float32"
     max_samples: int = 0
+    mode: str = "auto"
+    format: str = "arrays"
+    keep: int = 0
+    shuffle: bool = False
+    max_store_bytes: int = 8 << 30
+    cache_bytes: int = 256 << 20
 
     def validate(self) -> None:
         check_int("batch_size", self.batch_size, minimum=1)
+        check_choice("mode", self.mode, ["auto", "stored", "online"])
+        check_choice("format", self.format, ["arrays", "shards"])
+        check_int("keep", self.keep, minimum=0)
+        check_int("max_store_bytes", self.max_store_bytes, minimum=0)
+        check_int("cache_bytes", self.cache_bytes, minimum=0)
         check_choice("dtype", self.dtype, list(DTYPES))
         check_int("max_samples", self.max_samples, minimum=0)
         bad = [i for i in self.indices if not isinstance(i, int) or not 0 <= i < self.solver.max_iter]
@@ -94,7 +117,14 @@ class RecordConfig(Config):
 
 @dataclasses.dataclass
 class TrajectoryBatch:
-    """One recorded batch (see the module docstring for shapes)."""
+    """One recorded batch (see the module docstring for shapes).
+
+    Per-sample arrays (:mod:`cdeq.consistency.arrays`) add: ``points`` ``(B, P)``, each sample's
+    own iterate indices (then ``iterates`` and ``residual`` are at those points, and ``index`` is
+    their union); ``iterates`` ``None`` where they are regenerated (the online source); and, for a
+    minibatch of which this rank read only its rows, ``part = (lo, hi, n)`` (its rows of the global
+    minibatch of ``n``) with ``global_star_residual`` ``(n,)``.
+    """
 
     x: Any
     y: Any
@@ -104,10 +134,14 @@ class TrajectoryBatch:
     star_residual: Tensor
     index: list[int]
     last: int  # the index of the equilibrium (= solver max_iter)
+    points: Tensor | None = None
+    part: tuple[int, int, int] | None = None
+    global_star_residual: Tensor | None = None
 
     def to(self, dtype: torch.dtype) -> TrajectoryBatch:
         """Every part of the iterates and ``z*`` in ``dtype``."""
-        return dataclasses.replace(self, iterates=tree_map(lambda t: t.to(dtype), self.iterates),
+        its = None if self.iterates is None else tree_map(lambda t: t.to(dtype), self.iterates)
+        return dataclasses.replace(self, iterates=its,
                                    z_star=tree_map(lambda t: t.to(dtype), self.z_star))
 
     @property
@@ -117,7 +151,27 @@ class TrajectoryBatch:
     @property
     def num_points(self) -> int:
         """``L``, the recorded iterates per sample."""
+        if self.points is not None:
+            return int(self.points.shape[1])
         return int(leaves(self.iterates)[0].shape[1])
+
+    def grid(self) -> Tensor:
+        """``(B, L)`` the iterate index of each sample's recorded points."""
+        if self.points is not None:
+            return self.points
+        return torch.tensor(self.index, device=self.residual.device).expand(self.batch_size, -1)
+
+    def take(self, rows: Tensor) -> TrajectoryBatch:
+        """Rows ``rows`` of the batch."""
+        from ..solvers.loop import take_rows
+
+        n, rows = self.batch_size, rows.to(self.residual.device)
+        return dataclasses.replace(
+            self, x=take_rows(self.x, rows, n), y=take_rows(self.y, rows, n),
+            iterates=None if self.iterates is None else tree_map(lambda t: t[rows], self.iterates),
+            z_star=tree_map(lambda t: t[rows], self.z_star), residual=self.residual[rows],
+            star_residual=self.star_residual[rows],
+            points=None if self.points is None else self.points[rows])
 
 
 @torch.no_grad()
@@ -280,7 +334,8 @@ def record(
     seen = 0
     count = 0
     state: list[dict[str, Any]] | None = None  # the recorded state's parts, for the manifest
-    for x, y in progress(batches, total=total, desc="record"):
+    for batch in progress(batches, total=total, desc="record"):
+        x, y = as_pair(batch)
         if config.max_samples and seen >= config.max_samples:
             break
         n = _batch_len(y)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -152,8 +152,10 @@ def part(x: Any, y: Any, index: int) -> Part:
 def parts(batches: Iterable[Any]) -> Iterator[Part]:
     """:func:`part` of each ``(x, y)`` batch (or bare input ``x``) of ``batches``, in order; a rank
     sees every index (empty parts included), so that all ranks take the same steps."""
+    from .batches import as_pair
+
     for i, batch in enumerate(batches):
-        x, y = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+        x, y = as_pair(batch) if isinstance(batch, (tuple, list, Mapping)) else (batch, None)
         yield part(x, y, i)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..consistency.arrays import TrajectoryArrays
 from ..consistency.trajectory import TrajectoryStore
 from ..engine import distributed
 from ..engine.config import ConfigError
@@ -270,6 +271,14 @@ class RunDirectory:
         manifest = store.root / store.MANIFEST
         if not manifest.exists():
             return False
+        try:
+            written = read_json(manifest)
+        except (CorruptFileError, ValueError):
+            written = {}
+        if isinstance(written, dict) and written.get("mode") == "online":
+            return getattr(self, "_online", None) is not None  # held in memory by this process
+        if isinstance(written, dict) and written.get("format") == "arrays":
+            store = TrajectoryArrays(self.dir / "trajectories")
         try:
             missing, damaged = store.check()
         except CorruptFileError as err:

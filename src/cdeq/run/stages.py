@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
+from ..consistency.arrays import TrajectoryArrays
 from ..consistency.distill import DistillConfig, TaskBatches, distill
+from ..consistency.online import choose_mode, record_arrays
 from ..consistency.plans import plans_from_json, plans_to_json
 from ..consistency.plus import PlusConfig
 from ..consistency.schedule import TimeSchedule
@@ -47,10 +49,11 @@ from ..consistency.trajectory import (
 )
 from ..deq.model import DEQModel
 from ..engine import distributed
-from ..engine.fit import LayerCalls
+from ..engine.fit import LayerCalls, batch_rows
 from ..engine.io import read_json, write_json
-from ..engine.precision import autocast, clock, resolve_device
+from ..engine.precision import autocast, clock, resolve_device, to_device
 from ..engine.threads import apply_thread_policy
+from ..engine.tree import leaves
 from ..tasks.base import Task, on_device
 from .config import RunConfig, build_config, with_defaults
 from .directory import RunDirectory, writes
@@ -186,24 +189,46 @@ class Run(RunDirectory):
         return result
 
     @writes
-    def record(self) -> TrajectoryStore:
-        """Stage ``record``: the teacher's solver trajectories on the training split, in shards
-        (``trajectories/``), with the layer calls they took (part of the student's cost)."""
+    def record(self) -> TrajectoryStore | TrajectoryArrays:
+        """Stage ``record``: the teacher's trajectories on the training split, in the mode
+        ``record.mode`` gives (``auto``: chosen from the projected store size, logged): stored on
+        disk (``record.format``: per-sample arrays, or the shards of earlier versions), or online
+        (each sample's ``z*`` held in memory; the iterates are regenerated while distilling)."""
         cfg = self.config
         teacher = self.teacher()
-        store = TrajectoryStore(self.dir / "trajectories")
+        root = self.dir / "trajectories"
+        mode = self._mode(teacher)
         distributed.TALLY.reset("record")
         t0 = clock(self.device)
-        with LayerCalls(teacher.cell) as calls, self.autocast():  # part of the student's cost
-            work = record_counted(teacher, self.task.record_batches(cfg.record.batch_size),
-                                  cfg.record, store, calls.as_dict)
+        if mode == "stored" and cfg.record.format == "shards":
+            store: TrajectoryStore | TrajectoryArrays = TrajectoryStore(root)
+            with LayerCalls(teacher.cell) as calls, self.autocast():  # part of the student's cost
+                work = record_counted(teacher, self.task.record_batches(cfg.record.batch_size),
+                                      cfg.record, store, calls.as_dict)
+        else:
+            items = self.task.train_items()
+            store = TrajectoryArrays(None if mode == "online" else root, items=items,
+                                     cache_bytes=cfg.record.cache_bytes)
+            source = items if items is not None else self.task.record_batches(cfg.record.batch_size)
+            with LayerCalls(teacher.cell) as calls, self.autocast():
+                record_arrays(teacher, source, cfg.record, store, keep=0 if mode == "online" else None,
+                              seed=cfg.seed)
+            every = distributed.gather_list(calls.as_dict())  # each rank solved its own shards
+            work = {k: sum(c[k] for c in every) for k in every[0]}
+            if mode == "online":
+                self._online = store
         spread = distributed.TALLY.summary("record")
+        samples = store.manifest()["samples"]
         if distributed.is_main():
-            write_json(store.root / "work.json", {"samples": store.manifest()["samples"], **work,
-                                                  "distributed": spread})
+            root.mkdir(parents=True, exist_ok=True)
+            if mode == "online":  # no trajectory on disk: what was solved, and how
+                write_json(root / "manifest.json", {**store.manifest(), "mode": "online"})
+            write_json(root / "work.json", {"samples": samples, **work, "mode": mode,
+                                            "distributed": spread})
+        distributed.barrier()
         summary = residual_summary(store, cfg.distill.max_residual)
-        self.log(f"recorded {store.manifest()['samples']} training samples in {len(store)} shards "
-                 f"({clock(self.device) - t0:.0f}s); unconverged (residual > "
+        self.log(f"recorded {samples} training samples in {len(store)} shards ({mode}; "
+                 f"{clock(self.device) - t0:.0f}s); unconverged (residual > "
                  f"{cfg.distill.max_residual:g}): {100 * summary['unconverged_fraction']:.1f}%")
         if summary["unconverged_fraction"] > 0.05:
             self.log(f"warning: {100 * summary['unconverged_fraction']:.1f}% of the recorded samples "
@@ -212,14 +237,56 @@ class Run(RunDirectory):
             warn_unconverged(summary, cfg.distill.max_residual, 0.05)  # a real warning, too
         return store
 
+    def _mode(self, teacher: DEQModel) -> str:
+        """``stored`` or ``online``: ``record.mode``, or for ``auto`` chosen from the projected
+        size of the store (logged with the projection)."""
+        cfg = self.config.record
+        if cfg.mode != "auto":
+            return cfg.mode
+        samples, numel, input_bytes = 0, 0, 0
+        for x, y in self.task.record_batches(cfg.batch_size):
+            if not numel:  # one sample's state entries and input bytes, from the first batch
+                with torch.no_grad():
+                    z = teacher.initial_state(teacher.inject(to_device(x, self.device)))
+                rows = leaves(z)[0].shape[0]
+                numel = sum(t.numel() for t in leaves(z)) // rows
+                input_bytes = sum(t.numel() * t.element_size() for t in leaves(x) if isinstance(
+                    t, torch.Tensor) and t.layout == torch.strided) // rows
+            samples += batch_rows(y)
+            if cfg.max_samples and samples >= cfg.max_samples:
+                samples = cfg.max_samples
+                break
+        mode, sizes = choose_mode(cfg, numel, samples, input_bytes)
+        self.log(f"trajectories: {mode} (record.mode=auto): {samples} samples would take "
+                 f"{sizes['arrays'] / 1e9:.3g} GB stored (limit record.max_store_bytes "
+                 f"{cfg.max_store_bytes / 1e9:.3g} GB; {sizes['shards'] / 1e9:.3g} GB as shards), "
+                 f"{sizes['online'] / 1e9:.3g} GB online")
+        return mode
+
+    def trajectories(self) -> Any:
+        """The recorded trajectories the later stages read: per-sample arrays (on disk, or the
+        online source in memory: recorded again in a new process), or the shards of earlier
+        versions (read into memory when they fit)."""
+        root = self.dir / "trajectories"
+        manifest = read_json(root / "manifest.json")
+        if manifest.get("mode") == "online":
+            if getattr(self, "_online", None) is None:
+                self.log("the online source holds z* in memory: solving it again in this process")
+                self.record()
+            return self._online
+        if manifest.get("format") == "arrays":
+            return TrajectoryArrays(root, items=self.task.train_items(),
+                                    cache_bytes=self.config.record.cache_bytes)
+        store = TrajectoryStore(root)
+        return list(store) if store.fits_in_memory() else store
+
     @writes
     def distill(self) -> ConsistencyStudent:
         """Stage ``distill``: the C-DEQ student distilled from the recorded trajectories (resumed
         from its checkpoint when one exists), then its plans chosen on the selection batches."""
         cfg = self.config
         teacher = self.teacher()
-        store = TrajectoryStore(self.dir / "trajectories")
-        trajectories = list(store) if store.fits_in_memory() else store
+        trajectories = self.trajectories()
         distributed.TALLY.reset("distill")
         torch.manual_seed(cfg.seed)
         student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student).to(self.device)
@@ -230,7 +297,7 @@ class Run(RunDirectory):
         elapsed = sum(history["epoch_time"])
         self.log(f"distilled in {elapsed:.0f}s")
         search, calls = self._search_plans(student, teacher)
-        work_file = store.root / "work.json"
+        work_file = self.dir / "trajectories" / "work.json"
         work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
                             "epochs": len(history["steps"]),
                             "distributed": distributed.TALLY.summary("distill")},
@@ -244,7 +311,7 @@ class Run(RunDirectory):
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Select ``student``'s plans on the selection (validation) batches; returns the search log
         and its layer calls (part of the student's training work)."""
-        last = int(TrajectoryStore(self.dir / "trajectories").manifest()["last"])
+        last = int(read_json(self.dir / "trajectories" / "manifest.json")["last"])
         distributed.TALLY.reset("plan_search")
         t1 = clock(self.device)
         with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():
@@ -265,8 +332,7 @@ class Run(RunDirectory):
 
         cfg = self.config
         teacher = self.teacher()
-        store = TrajectoryStore(self.dir / "trajectories")
-        trajectories = list(store) if store.fits_in_memory() else store
+        trajectories = self.trajectories()
         chain = chain_batches(cfg.plus, cfg.distill, self.task, cfg.record)
         torch.manual_seed(cfg.seed)
         with self.autocast():
@@ -327,8 +393,7 @@ class Run(RunDirectory):
         if redo or not self.done("learned_init", "the learned initialiser"):
             torch.manual_seed(cfg.seed)
             init = bl.LearnedInit.for_teacher(teacher, bcfg.init_hidden, bcfg.init_conv).to(self.device)
-            store = TrajectoryStore(self.dir / "trajectories")
-            trajectories = list(store) if store.fits_in_memory() else store
+            trajectories = self.trajectories()
             with self.autocast():
                 info = bl.train_learned_init(init, teacher, trajectories, samples,
                                              batch_size=bcfg.init_batch_size, optim=bcfg.init_optim,

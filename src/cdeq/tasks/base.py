@@ -69,6 +69,13 @@ class Task:
         """
         return self.train_batches(batch_size, shuffle=False)
 
+    def train_items(self) -> Any:
+        """The training split as an indexable data set (``items[i] -> (x, y)``, ``len``, and a
+        batched ``items.take(ids) -> (x, y)`` where it can), in the order of
+        :meth:`record_batches`, or ``None`` (the default). With it, stored trajectories keep each
+        sample's index rather than a copy of its input (:mod:`cdeq.consistency.arrays`)."""
+        return None
+
     def validation_batches(self, batch_size: int) -> Iterable[Batch]:
         """Held-out validation batches in a fixed order (disjoint from training and test)."""
         raise NotImplementedError

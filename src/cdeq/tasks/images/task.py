@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...deq.model import DEQModel
+from ...engine.batches import TensorItems
 from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
 from ..base import Task, register_task
 from ..datadir import data_dir
@@ -256,6 +257,10 @@ class ImageTask(Task):
     def _in_order(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         for s in range(0, len(y), batch_size):
             yield x[s : s + batch_size], y[s : s + batch_size]
+
+    def train_items(self) -> TensorItems | None:
+        """The training images and labels in memory, by index (``None`` for an image folder)."""
+        return None if self.folder is not None else TensorItems(self.x_train, self.y_train)
 
     def validation_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The validation share (or an image folder's ``val/``), in a fixed order."""
