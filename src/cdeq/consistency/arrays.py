@@ -213,9 +213,11 @@ class TrajectoryArrays:
         shards = int(manifest["shards"])
         metas = [self._meta(i) for i in range(shards)]
         rows = [m["rows"] for m in metas]
+        parts = _layout(metas[0]["layout"]).describe()  # as the shards' manifest lists them
         self._manifest = {**manifest, "format": FORMAT, "rows": rows, "samples": int(sum(rows)),
                           "by_rows": all(m["inputs"] != "whole" for m in metas),
-                          "layout": metas[0]["layout"]}
+                          "layout": metas[0]["layout"],
+                          "state": [{**p, "stored": manifest.get("dtype", "float32")} for p in parts]}
         if self.root is not None and distributed.is_main():
             write_json(self.root / MANIFEST, self._manifest)
 
