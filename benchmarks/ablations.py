@@ -29,10 +29,10 @@ from cdeq.consistency import (
     ScheduleConfig,
     StudentConfig,
     TimeSchedule,
-    TrajectoryStore,
     distill,
     select_plans,
 )
+from cdeq.engine.io import read_json
 from cdeq.run.cost import time_methods
 from cdeq.run.evaluate import EvalConfig, evaluate
 from cdeq.run.stages import Run
@@ -62,9 +62,8 @@ def main() -> None:
     run = Run(args.run)
     cfg = run.config
     teacher = run.teacher()
-    store = TrajectoryStore(run.dir / "trajectories")
-    trajectories = list(store)
-    last = int(store.manifest()["last"])
+    trajectories = run.trajectories()
+    last = int(read_json(run.dir / "trajectories" / "manifest.json")["last"])
     eval_cfg = EvalConfig.from_dict({**cfg.evaluate.to_dict(), "budgets": [1, 2, 4],
                                      "solvers": ["picard", "anderson"], "latency_repeats": 1,
                                      "timing_budgets": [1]})

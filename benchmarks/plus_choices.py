@@ -39,7 +39,6 @@ import tie_rule
 import torch
 
 from cdeq.consistency.plus import train_plus
-from cdeq.consistency.trajectory import TrajectoryStore
 from cdeq.run.stages import Run, chain_batches
 
 VARIANTS = {
@@ -82,7 +81,7 @@ def validation(run: Run, predict) -> dict[str, dict[str, float]]:
     return out
 
 
-def build(run: Run, teacher, student, trajectories: list, name: str):
+def build(run: Run, teacher, student, trajectories, name: str):
     """C-DEQ+ trained with variant ``name``'s changes to the run's settings (plans not yet set)."""
     cfg = run.config
     changes, share = VARIANTS[name]
@@ -111,11 +110,11 @@ def chain_plan(plus):
     return fn
 
 
-def load(path: str) -> tuple[Run, Any, Any, list]:
+def load(path: str) -> tuple[Run, Any, Any, Any]:
     """A finished run, its teacher, its C-DEQ student and its recorded trajectories."""
     run = Run(path)
     teacher = run.teacher()
-    return run, teacher, run.student(teacher), list(TrajectoryStore(run.dir / "trajectories"))
+    return run, teacher, run.student(teacher), run.trajectories()
 
 
 def on_validation(path: str, variants: list[str]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def test_run_files_have_the_mode_the_umask_gives(quick_run):
     files = [p for p in quick_run.rglob("*") if p.is_file()]
     names = {str(p.relative_to(quick_run)) for p in files}
     assert {"config.json", "report.json", "table.md", "plot.png", "teacher.safetensors", "student.ckpt",
-            "log.txt", "trajectories/manifest.json", "trajectories/shard_00000.safetensors"} <= names
+            "log.txt", "trajectories/manifest.json", "trajectories/shard_00000/iterates.npy"} <= names
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == \
         {p.name: "0o644" for p in files}  # the run ran under umask 022
 
