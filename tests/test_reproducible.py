@@ -41,16 +41,18 @@ def test_two_identical_quick_runs_give_the_same_report(tmp_path, capsys):
     capsys.readouterr()
     a, b = (without_timing(r) for r in reports)
     assert "learned_init" in a["methods"] and "unrolled_any_k" in a["methods"]
-    plus = a["train_work"]["cdeq_plus"]  # C-DEQ+'s fit of h and joint stage count too
-    budget = (a["train_work"]["cdeq"]["distill"]["samples"] + plus["init"]["samples"]
-              + plus["joint"]["samples"])
+    # the budget: C-DEQ's distillation plus the larger of C-DEQ+'s fit of h and joint stage and
+    # C-DEQ tuned's tuning (the most trained cdeq model's samples)
+    plus, tuned = a["train_work"]["cdeq_plus"], a["train_work"]["cdeq_tuned"]
+    budget = a["train_work"]["cdeq"]["distill"]["samples"] + max(
+        plus["init"]["samples"] + plus["joint"]["samples"], tuned["tune"]["samples"])
     # the budget in optimiser steps of init_batch_size (the last minibatch of an epoch may be short)
     assert a["train_work"]["learned_init"]["steps"] == math.ceil(budget / BaselineConfig().init_batch_size)
     assert a == b
     # the weights depend on the thread count, so the report says what each stage trained with
     assert a["train_threads"] == {name: 1 for name in (
-        "teacher", "student", "student_plus", "learned_init", "unrolled_k1", "unrolled_k2", "unrolled_k4",
-        "unrolled_any_k")}
+        "teacher", "student", "student_plus", "student_tuned", "learned_init", "unrolled_k1",
+        "unrolled_k2", "unrolled_k4", "unrolled_any_k")}
     assert a["train_work"]["unrolled_any_k"]["samples"] == a["train_work"]["unrolled_k1"]["samples"]
     # and the same as the stored report: the code changed since it was made changed no behaviour
     ref = json.loads(STORED.read_text())

@@ -5,7 +5,7 @@
     cdeq demo                                  # = cdeq run digits: the whole job, a few minutes
     cdeq run TASK [--config FILE] [--out DIR] [--quick] [--data PATH] [--name NAME] [--set K=V ...]
              [--seeds N] [--device cpu|cuda|auto]
-    cdeq train|record|distill|plus|plans|baselines|evaluate --out DIR [--device D]   # one stage on the
+    cdeq train|record|distill|plus|tune|plans|baselines|evaluate --out DIR [--device D]   # one stage on the
                                                # artifacts of the earlier ones
     cdeq generate --model DIR --prompt TEXT --tokens N [--nfe K] [--device D]
     cdeq tasks                                 # the built-in tasks
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     device(p)
     p.set_defaults(fn=cmd_demo)
 
-    for stage in ("train", "record", "distill", "plus", "plans", "baselines", "evaluate"):
+    for stage in ("train", "record", "distill", "plus", "tune", "plans", "baselines", "evaluate"):
         p = sub.add_parser(stage, help=f"run the {stage} stage in an existing run directory")
         if stage == "train":
             p.add_argument("task", nargs="?")
@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with console_logging():
-            if args.command in ("run", "demo", "train", "record", "distill", "plus", "baselines",
-                                "evaluate"):
+            if args.command in ("run", "demo", "train", "record", "distill", "plus", "tune",
+                                "baselines", "evaluate"):
                 from .engine import distributed
 
                 distributed.init()  # under torchrun: join the process group (a no-op otherwise)

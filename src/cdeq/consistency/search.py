@@ -27,6 +27,12 @@ A plan (see :mod:`cdeq.consistency.student`) is a list of operations. For every 
    more (the plan then ends with ``("teacher_head",)``, 0 NFE); the search itself ranks plans by
    the student's head.
 
+A tuned student (:mod:`cdeq.consistency.tune`) gives its chains of ``1 .. K`` jumps as ``fixed``
+plans: budget ``k <= K`` keeps its chain where it scores better than ``plan_{k-1}`` (its error to
+``z*`` is free to rise), and above ``K`` the candidates are the teacher's solver from the start state
+or from a tuned state, ``plan_j + [solve(k - j)]`` for ``j`` in ``0 .. K``, under the same rule; at
+``max_nfe`` a plan without solver steps is not kept.
+
 The rule was chosen among alternatives (exact ties, ties broken by the loss, no ties with the
 teacher, a teacher margin of one standard error, no teacher head) on validation items the search
 did not see, over seeds: ``benchmarks/tie_rule.py`` compares them (its results:
@@ -230,6 +236,33 @@ def _candidates(k: int, times: list[float], auto: bool) -> list[tuple[int, Plan]
     return out
 
 
+def _hands_over(plan: Plan) -> bool:
+    """Whether ``plan`` runs the teacher's solver."""
+    return any(op[0] == "solve" for op in plan)
+
+
+def _handovers(k: int, top: int) -> list[tuple[int, Plan]]:
+    """A tuned student's candidates for budget ``k > top``: the teacher's solver from the start
+    state (``plan_0``) or from a tuned plan ``j <= top``."""
+    return [(j, [("solve", k - j)]) for j in range(0, min(top, k - 1) + 1)]
+
+
+def _fixed_start(fixed: dict[int, Plan], starts: list[Tensor], extend: Callable,
+                 scored: Callable, higher_is_better: bool) -> dict[int, _Scored]:
+    """Budgets ``0 .. K`` of a tuned student: the start state, then ``fixed[k]`` where it scores
+    better than the plan kept for ``k - 1`` (by the metric, then the loss)."""
+    if sorted(fixed) != list(range(1, max(fixed) + 1)):
+        raise ValueError(f"fixed plans must cover the budgets 1..K; got {sorted(fixed)}")
+    best = {0: scored([], starts)}
+    for k in range(1, max(fixed) + 1):
+        c = scored(list(fixed[k]), extend(starts, fixed[k]))
+        prev = best.get(k - 1) if k > 1 else None
+        sign = 1 if higher_is_better else -1
+        better = prev is None or (sign * c.metric, -c.loss) > (sign * prev.metric, -prev.loss)
+        best[k] = c if better else prev
+    return best
+
+
 @torch.no_grad()
 def select_plans(
     student: ConsistencyStudent,
@@ -239,8 +272,16 @@ def select_plans(
     last: int | None = None,
     config: PlanSearchConfig | None = None,
     loss: Callable[[Tensor, Any], Tensor] | None = None,
+    fixed: dict[int, Plan] | None = None,
 ) -> dict[str, Any]:
     """Choose ``student.plans`` for budgets ``1..max_nfe`` on ``batches`` (validation or training data).
+
+    ``fixed`` (``{k: plan}`` for ``k = 1 .. K``, a tuned student's chains,
+    :mod:`cdeq.consistency.tune`): budget ``k <= K`` takes ``fixed[k]`` where its metric beats
+    ``plan_{k-1}``'s (its error to ``z*`` is free to rise), and every budget above ``K`` hands
+    over to the teacher's solver: ``plan_j + [solve(k - j)]`` for ``j`` in ``0 .. K`` (``plan_0``
+    the start state) compete with ``plan_{k-1}`` under the rules above (the error must not rise),
+    and at ``max_nfe`` a plan without solver steps is not kept.
 
     Scoring, in order: ``score`` (``(logits, y) -> (metric of each item (N,), loss sum)`` with
     ``higher_is_better``); else ``loss`` (a task loss ``(logits, y) -> mean``, lower is better;
@@ -249,12 +290,13 @@ def select_plans(
     (default: the teacher's eval solver ``max_iter``). Returns the search log: for each budget
     the plan, its metric, loss and relative error to ``z*``.
     """
-    return _select_plans(student, batches, score, higher_is_better, last, config, loss, _RULE)
+    return _select_plans(student, batches, score, higher_is_better, last, config, loss, _RULE, fixed)
 
 
 def _select_plans(student: ConsistencyStudent, batches: Iterable[Any], score: ScoreFn | None,
                   higher_is_better: bool, last: int | None, config: PlanSearchConfig | None,
-                  loss: Callable[[Tensor, Any], Tensor] | None, rule: _Rule) -> dict[str, Any]:
+                  loss: Callable[[Tensor, Any], Tensor] | None, rule: _Rule,
+                  fixed: dict[int, Plan] | None = None) -> dict[str, Any]:
     """:func:`select_plans` with the choosing ``rule`` given."""
     config = config or PlanSearchConfig()
     last = default_last(student) if last is None else int(last)
@@ -291,19 +333,27 @@ def _select_plans(student: ConsistencyStudent, batches: Iterable[Any], score: Sc
         t = scored(c.plan + [TEACHER_HEAD], c.states, student.teacher.head)
         return t if _trails(c, t, higher_is_better, rule.tie_within_se) else c
 
-    start: Plan = [("jump", student.start_time)]
-    best = {1: scored(start, extend([student.initial_state(u_s) for u_s, _, _, _ in data], start))}
-    ref = best[1]
+    starts = [student.initial_state(u_s) for u_s, _, _, _ in data]
     teacher = [scored([], [z_star for *_, z_star in data])] if rule.tie_with_teacher else []
-    for k in range(2, config.max_nfe + 1):
+    if fixed:
+        best = _fixed_start(fixed, starts, extend, scored, higher_is_better)
+        top = max(fixed)
+    else:
+        start: Plan = [("jump", student.start_time)]
+        best, top = {1: scored(start, extend(starts, start))}, 1
+    ref = max((best[k] for k in range(1, top + 1)),
+              key=lambda c: c.metric if higher_is_better else -c.metric)
+    for k in range(top + 1, config.max_nfe + 1):
         prev = best[k - 1]
-        cands = [prev]
-        for base, ops in _candidates(k, times, auto):
+        keep_prev = not fixed or k < config.max_nfe or _hands_over(prev.plan)
+        cands = [prev] if keep_prev else []
+        options = _handovers(k, top) if fixed else _candidates(k, times, auto)
+        for base, ops in options:
             c = scored(best[base].plan + ops, extend(best[base].states, ops))
-            if not rule.error_must_not_rise or c.err <= prev.err:
+            if not rule.error_must_not_rise or c.err <= prev.err or not keep_prev:
                 cands.append(c)  # plan_{k-1} itself always stays in
         best[k], ref = _choose(cands, ref, rule, higher_is_better, teacher)
-    best = {k: readout(v) for k, v in best.items()}
+    best = {k: readout(v) for k, v in best.items() if k >= 1}
     student.plans = {k: list(v.plan) for k, v in best.items()}
     log.info("selected plans for 1..%d NFE on %d batches (this rank's parts)", config.max_nfe, len(data))
     return {str(k): {"plan": plan_to_json(v.plan), "metric": v.metric, "loss": v.loss,

@@ -102,8 +102,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 class LayerCalls:
-    """Counts the forward calls of ``modules`` and the rows (leading dimension of the first tensor
-    argument: samples, or a graph's nodes) they processed, while the ``with`` block runs.
+    """Counts the forward calls of ``modules`` (or, with ``kind``, of every module of that class,
+    copies made inside the block included: an EMA target, an unrolled network) and the rows
+    (leading dimension of the first tensor argument: samples, or a graph's nodes) they processed,
+    while the ``with`` block runs; calls inside :meth:`paused` are not counted.
 
     Examples:
         >>> lin = nn.Linear(2, 2)
@@ -111,23 +113,46 @@ class LayerCalls:
         ...     _ = lin(torch.zeros(5, 2)); _ = lin(torch.zeros(3, 2))
         >>> count.as_dict()
         {'layer_calls': 2, 'layer_call_rows': 8}
+        >>> with LayerCalls(kind=nn.Linear) as count:
+        ...     _ = nn.Linear(2, 2)(torch.zeros(4, 2))
+        >>> count.as_dict()
+        {'layer_calls': 1, 'layer_call_rows': 4}
     """
 
-    def __init__(self, *modules: nn.Module) -> None:
-        self.modules, self.calls, self.rows, self._handles = modules, 0, 0, []
+    def __init__(self, *modules: nn.Module, kind: type | None = None) -> None:
+        self.modules, self.kind = modules, kind
+        self.calls, self.rows, self._handles, self._paused = 0, 0, [], False
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
+        if self._paused or (self.kind is not None and not isinstance(module, self.kind)):
+            return
         self.calls += 1
         first = next((a for a in args if isinstance(a, Tensor)), None)
         self.rows += int(first.shape[0]) if first is not None and first.dim() > 0 else 1
 
     def __enter__(self) -> LayerCalls:
-        self._handles = [m.register_forward_pre_hook(self._hook) for m in self.modules]
+        if self.kind is not None:
+            self._handles = [nn.modules.module.register_module_forward_pre_hook(self._hook)]
+        self._handles += [m.register_forward_pre_hook(self._hook) for m in self.modules]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
+        self._handles = []
+
+    def paused(self) -> Any:
+        """A context in which calls are not counted (a validation pass inside a training run)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def pause():
+            before, self._paused = self._paused, True
+            try:
+                yield
+            finally:
+                self._paused = before
+        return pause()
 
     def as_dict(self) -> dict[str, int]:
         return {"layer_calls": self.calls, "layer_call_rows": self.rows}
@@ -231,7 +256,9 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
     of ``batches(epoch, gen)``, at most ``max_steps`` optimiser steps in all (0: no limit).
 
     Returns the history: per epoch the mean of each stat, ``samples``, cumulative ``steps`` and
-    ``epoch_time`` (s); with ``hooks.validate``, ``valid`` and the chosen ``best_epoch``. A run resumed
+    ``epoch_time`` (s); with ``hooks.validate``, ``valid`` and the chosen ``best_epoch``; and
+    ``stopped``, why training ended: ``"plateau"`` (``hooks.patience`` epochs without a validation
+    improvement), ``"max_steps"`` or ``"max_epochs"``. A run resumed
     from ``state`` (what ``on_epoch_end`` received after epoch ``start_epoch - 1``) continues it.
     ``sync=False`` trains this process alone even under torchrun (a stage only rank 0 runs).
     Each epoch's summary is logged (this module's logger) at ``log_level``. Each step runs under
@@ -256,6 +283,7 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
     # a checkpoint written before the loop counted steps: full epochs of steps_per_epoch
     step = history["steps"][-1] if history.get("steps") else start_epoch * steps_per_epoch
     stopped = hooks.patience > 0 and stopper.wait >= hooks.patience  # resumed after the stop
+    reason = "plateau" if stopped else "max_epochs"
     step_context = caller_autocast(device)  # the steps autocast as the caller does; the rest not
     with full_precision(device):
         for epoch in range(start_epoch, 0 if stopped else epochs):
@@ -287,7 +315,11 @@ def fit(model: nn.Module, step_fn: StepFn, batches: BatchFn, config: OptimConfig
                                            "history": history, "stopping": stopper.state(),
                                            **(hooks.extra_state() if hooks.extra_state else {})})
             if stop:
+                reason = "plateau"
                 break
+        if max_steps and step >= max_steps and reason == "max_epochs":
+            reason = "max_steps"
+        history["stopped"] = [reason]
         if hooks.validate is not None:
             stopper.restore()
         model.eval()
@@ -407,7 +439,7 @@ def _max_over_ranks(t: Tensor) -> Tensor:
 
 def _summary(history: dict[str, list]) -> str:
     """The last epoch's line: the mean stats, then samples and seconds."""
-    skip = ("steps", "best_epoch", "samples", "epoch_time")
+    skip = ("steps", "best_epoch", "samples", "epoch_time", "stopped")
     parts = [f"{k} {v[-1]:.4f}" for k, v in history.items() if k not in skip]
     if "samples" in history:
         parts.append(f"{history['samples'][-1]} samples")

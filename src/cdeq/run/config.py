@@ -16,6 +16,7 @@ from ..consistency.schedule import ScheduleConfig
 from ..consistency.search import PlanSearchConfig
 from ..consistency.student import StudentConfig
 from ..consistency.trajectory import RecordConfig
+from ..consistency.tune import TuneConfig
 from ..engine.config import Config, ConfigError, check_int, merged
 from ..engine.precision import check_device, check_precision
 from ..tasks import TASKS, Task
@@ -130,6 +131,7 @@ class RunConfig(Config):
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     plus: PlusConfig = dataclasses.field(default_factory=PlusConfig)
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     seed: int = 0
     threads: int = 0
     device: str = "cpu"

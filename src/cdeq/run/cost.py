@@ -200,7 +200,7 @@ def time_methods(fns: dict[Any, Callable[[], Any]], repeats: int = 20, warmup: i
 
 # --- the speed reference -------------------------------------------------------------------------
 TRUNCATED = ("picard", "anderson", "broyden")
-OURS = ("cdeq", "cdeq_plus")
+OURS = ("cdeq", "cdeq_plus", "cdeq_tuned")
 """cdeq's own few-step models."""
 
 
@@ -216,9 +216,9 @@ def _within(value: float, teacher: float, tol: float, higher_is_better: bool) ->
 def teacher_accuracy_cost(report: dict[str, Any], tolerance: float | None = None,
                           ) -> dict[str, Any]:
     """The cheapest (method, budget) within ``tolerance`` of the converged teacher, chosen on the
-    validation figures (``report["valid"]``), with its test figure; for cdeq's own models (C-DEQ
-    and C-DEQ+: key ``cdeq``, the method named in the entry), the truncated solvers and all
-    methods. Speed-ups: best truncated / cdeq's, in FLOPs and in median time.
+    validation figures (``report["valid"]``), with its test figure; for cdeq's own models (C-DEQ,
+    C-DEQ+ and C-DEQ tuned: key ``cdeq``, the method named in the entry), the truncated solvers
+    and all methods. Speed-ups: best truncated / cdeq's, in FLOPs and in median time.
     """
     valid, cost = report["valid"], report["cost"]
     timing = report.get("timing", {})

@@ -53,7 +53,7 @@ logger = logging.getLogger("cdeq.run")
 
 LOCK = ".lock"
 #: the command whose stage writes each output (unrolled_k* and learned_init: ``baselines``)
-MAKER = {"teacher": "train", "student": "distill", "student_plus": "plus"}
+MAKER = {"teacher": "train", "student": "distill", "student_plus": "plus", "student_tuned": "tune"}
 #: the files stages leave; a directory holding none of them has no run worth protecting
 STAGE_FILES = ("*.safetensors", "*.ckpt", "trajectories/*.safetensors", "trajectories/manifest.json",
                "report.json")

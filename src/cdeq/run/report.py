@@ -17,7 +17,7 @@ from typing import Any
 from ..engine.io import atomic_write_bytes, atomic_write_text, write_json
 
 LABELS = {"picard": "Picard", "anderson": "Anderson", "broyden": "Broyden", "cdeq": "C-DEQ",
-          "cdeq_plus": "C-DEQ+",
+          "cdeq_plus": "C-DEQ+", "cdeq_tuned": "C-DEQ tuned",
           "learned_init": "learned init", "unrolled": "unrolled k-step",
           "unrolled_any_k": "anytime unrolled"}
 EQUAL_COSTS = (1, 2, 3, 4)
@@ -175,6 +175,26 @@ def _teacher_accuracy_lines(report: dict[str, Any]) -> list[str]:
             f"solver: {ratio(tac['speedup_flops'])} in FLOPs, {ratio(tac['speedup_time'])} in time."]
 
 
+def pick_text(report: dict[str, Any], p: dict[str, Any] | None) -> str:
+    """One recommendation, said plainly: the method and budget, whether it is a cdeq model, its
+    validation and test figures."""
+    if p is None:
+        return "nothing fits"
+    kind = "a cdeq model" if p["cdeq"] else "not a cdeq model"
+    return (f"{p['label']} at {p['budget']} NFE ({kind}; {p['layer_calls']:.2f} layer calls; "
+            f"validation {fmt(report, p['valid_metric'])}, test {fmt(report, p['test_metric'])})")
+
+
+def recommendation_lines(report: dict[str, Any]) -> list[str]:
+    """The recommendation (``report["recommend"]``, chosen on validation data) as a table."""
+    rec = report["recommend"]
+    lines = ["", f"Recommendation ({rec['rule']}):", "", "| cost | pick |", "|---|---|"]
+    for c, p in rec["costs"].items():
+        lines.append(f"| <= {c} layer calls | {pick_text(report, p)} |")
+    lines.append(f"| teacher accuracy | {pick_text(report, rec['teacher_accuracy'])} |")
+    return lines
+
+
 def _latency_line(report: dict[str, Any]) -> list[str]:
     """Converged teacher against C-DEQ@1 in time (new reports: ``timing``; old: ``latency_ms``)."""
     timing = report.get("timing")
@@ -212,6 +232,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines += _cost_table(report) + _equal_cost_table(report)
     if "teacher_accuracy_cost" in report:
         lines += _teacher_accuracy_lines(report)
+    if report.get("recommend"):
+        lines += recommendation_lines(report)
     lines += _latency_line(report)
     for key, name in (("exact_mode", "C-DEQ"), ("exact_mode_plus", "C-DEQ+")):
         ex = report.get(key)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .cost import teacher_accuracy_cost
+from .recommend import recommend
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,12 @@ def aggregate(reports: list[dict[str, Any]], tolerance: float | None = None,
     out["splits"] = first.get("splits")
     out["precision"] = first.get("precision")  # the seeds share the configuration
     out["teacher"] = _teacher(reports, lambda r: r["teacher"])
+    for key in ("stopped", "epochs", "best_epoch"):  # how each seed's teacher training ended
+        if all(key in r["teacher"] for r in reports):
+            out["teacher"][f"{key}_per_seed"] = [r["teacher"][key] for r in reports]
+    if "stopped_per_seed" in out["teacher"]:
+        stops = set(out["teacher"]["stopped_per_seed"])
+        out["teacher"]["stopped"] = stops.pop() if len(stops) == 1 else "mixed"
     for section in ("methods", "relative_error"):
         out[section], out[f"{section}_std"], out[f"{section}_per_seed"] = _nested(
             reports, lambda r, s=section: r[s])
@@ -98,6 +105,15 @@ def aggregate(reports: list[dict[str, Any]], tolerance: float | None = None,
         out["teacher_accuracy_cost"] = teacher_accuracy_cost(out, tol)
         out["teacher_accuracy_cost"]["tolerance_rule"] = (
             "configured" if tolerance is not None else "seeds' std" if std > 0 else "default")
+    if "valid" in out and "cost" in out:
+        out["recommend"] = recommend(out)
+    if all("train_work" in r for r in reports):  # each method's whole work, mean over the seeds
+        names = [n for n, w in first["train_work"].items() if isinstance(w, dict) and "total" in w
+                 and all("total" in (r["train_work"].get(n) or {}) for r in reports)]
+        out["train_work"] = {n: {"total": {k: statistics.fmean(r["train_work"][n]["total"][k]
+                                                               for r in reports)
+                                           for k in first["train_work"][n]["total"]}}
+                             for n in names}
     if all("train_time_s" in r for r in reports):
         out["train_time_s"] = {k: statistics.fmean(r["train_time_s"].get(k, 0.0) for r in reports)
                                for k in first["train_time_s"]}

@@ -7,7 +7,8 @@
     DIR/trajectories/shard_*.safetensors, manifest.json, work.json, work/*.json  stage ``record``
     DIR/student.safetensors (+ .json)   stage ``distill`` (checkpoint: DIR/student.ckpt)
     DIR/student_plus.safetensors (+ .json)  stage ``plus`` (C-DEQ+, :mod:`cdeq.consistency.plus`)
-                                        stage ``plans`` chooses both students' plans again
+    DIR/student_tuned.safetensors (+ .json) stage ``tune`` (C-DEQ tuned, :mod:`cdeq.consistency.tune`)
+                                        stage ``plans`` chooses the students' plans again
     DIR/learned_init, unrolled_*.safetensors (+ .json)  stage ``baselines``
     DIR/report.json, table.md, plot.png stage ``evaluate``
 
@@ -58,6 +59,7 @@ from ..tasks.base import Task, on_device
 from .config import RunConfig, build_config, with_defaults
 from .directory import RunDirectory, writes
 from .evaluate import evaluate, exact_mode
+from .recommend import recommend, with_totals
 from .report import markdown_table, write_report
 from .teacher import configure_teacher, evaluate_model, train_teacher
 
@@ -178,12 +180,16 @@ class Run(RunDirectory):
         with self.autocast():
             result = evaluate_model(self.task, model, cfg.evaluate.batch_size)
         best = history.get("best_epoch", [len(history["steps"]) - 1])[-1]  # no validation: the last
+        stopped = history["stopped"][-1]
         self.log(f"teacher: held-out {self.task.metric} {result['metric']:.4f} at "
-                 f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; the weights of epoch "
-                 f"{best + 1}, the best on validation)")
+                 f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; {len(history['steps'])} epochs, "
+                 f"stopped: {stopped}; the weights of epoch {best + 1}, the best on validation)")
+        if stopped != "plateau":
+            self.log(f"warning: the teacher stopped at {stopped} before its validation plateau; "
+                     f"raise teacher.epochs (now {cfg.teacher.epochs})")
         work = {"steps": history["steps"][-1], "samples": sum(history["samples"]),
-                "epochs": len(history["steps"]), "best_epoch": best,
-                "distributed": distributed.TALLY.summary("train")}
+                "epochs": len(history["steps"]), "best_epoch": best, "stopped": stopped,
+                **history["layer_calls"][-1], "distributed": distributed.TALLY.summary("train")}
         self.save_module("teacher", model, {"task": cfg.task, "train_time_s": elapsed, "work": work,
                                              **result})
         return result
@@ -290,7 +296,7 @@ class Run(RunDirectory):
         distributed.TALLY.reset("distill")
         torch.manual_seed(cfg.seed)
         student = ConsistencyStudent(teacher, TimeSchedule(cfg.schedule), cfg.student).to(self.device)
-        with self.autocast():
+        with self.autocast(), self.counted(teacher) as counted:
             history = self.resumed("student", student, "distillation", lambda start, state, save: (
                 distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
                         on_epoch_end=save, start_epoch=start, resume_state=state)))
@@ -299,7 +305,7 @@ class Run(RunDirectory):
         search, calls = self._search_plans(student, teacher)
         work_file = self.dir / "trajectories" / "work.json"
         work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
-                            "epochs": len(history["steps"]),
+                            "epochs": len(history["steps"]), **counted.as_dict(),
                             "distributed": distributed.TALLY.summary("distill")},
                 "record": read_json(work_file) if work_file.exists() else {},
                 "plan_search": calls}
@@ -307,16 +313,25 @@ class Run(RunDirectory):
         self.save_module("student", student, meta)
         return student
 
-    def _search_plans(self, student: ConsistencyStudent, teacher: DEQModel
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Select ``student``'s plans on the selection (validation) batches; returns the search log
-        and its layer calls (part of the student's training work)."""
-        last = int(read_json(self.dir / "trajectories" / "manifest.json")["last"])
+    def counted(self, teacher: DEQModel) -> LayerCalls:
+        """Counts every call of a layer of the teacher's cell class in a ``with`` block: a stage's
+        training work in layer calls (the student's, its EMA target's, a baseline's, the teacher's)."""
+        return LayerCalls(kind=type(teacher.cell))
+
+    def _last(self) -> int:
+        return int(read_json(self.dir / "trajectories" / "manifest.json")["last"])
+
+    def _search_plans(self, student: ConsistencyStudent, teacher: DEQModel,
+                      fixed: dict[int, list] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Select ``student``'s plans on the selection (validation) batches (``fixed``: a tuned
+        student's chains, see :func:`select_plans`); returns the search log and its layer calls
+        (part of the student's training work)."""
         distributed.TALLY.reset("plan_search")
         t1 = clock(self.device)
         with LayerCalls(student.cell, teacher.cell) as calls, self.autocast():
             search = select_plans(student, self.task.selection_batches(self.config.evaluate.batch_size),
-                                  self._score, self.task.higher_is_better, last, self.config.plans)
+                                  self._score, self.task.higher_is_better, self._last(),
+                                  self.config.plans, fixed=fixed)
         self.log(f"plan search on the selection (validation) batches {clock(self.device) - t1:.0f}s")
         spread = distributed.TALLY.summary("plan_search")
         every = distributed.gather_list(calls.as_dict())  # the ranks search in step:
@@ -335,9 +350,10 @@ class Run(RunDirectory):
         trajectories = self.trajectories()
         chain = chain_batches(cfg.plus, cfg.distill, self.task, cfg.record)
         torch.manual_seed(cfg.seed)
-        with self.autocast():
+        with self.autocast(), self.counted(teacher) as counted:
             plus, info = train_plus(self.student(teacher), trajectories, cfg.plus, cfg.distill,
                                     self.task.loss, seed=cfg.seed, task_batches=chain)
+        info["work"]["joint"].update(counted.as_dict())  # the initialiser's fit calls no layer
         search, calls = self._search_plans(plus, teacher)
         self.save_module("student_plus", plus, {
             "plans": plans_to_json(plus.plans), "search": search,
@@ -358,6 +374,48 @@ class Run(RunDirectory):
         return plus
 
     @writes
+    def tune(self) -> ConsistencyStudent:
+        """Stage ``tune``: C-DEQ tuned (:mod:`cdeq.consistency.tune`), a copy of the distilled
+        student whose plans of ``1 .. tune.max_k`` jumps are trained end to end on the task over the
+        training split; its hand-over plans are chosen on the selection (validation) data."""
+        from ..consistency.tune import tune, tune_times, tuned_plans, tuned_student
+
+        cfg = self.config
+        teacher = self.teacher()
+        source = self.student(teacher)
+        torch.manual_seed(cfg.seed)
+        tuned = tuned_student(source, cfg.tune)
+        times = tune_times(tuned, cfg.tune, self._last())
+        samples = cfg.tune.samples or 2 * int(self.read_meta("student")["work"]["distill"]["samples"])
+        size = cfg.tune.batch_size
+        per_epoch = max(1, sum(1 for _ in self.task.train_batches(size, shuffle=False)))
+        with self.autocast(), self.counted(teacher) as counted:
+            history = tune(tuned, lambda epoch, gen: self.task.train_batches(size, shuffle=True,
+                                                                              generator=gen),
+                           per_epoch, cfg.tune, self.task.loss, samples, times, seed=cfg.seed)
+        search, calls = self._search_plans(tuned, teacher, fixed=tuned_plans(times))
+        self.log(f"C-DEQ tuned: plans {plans_to_json(tuned.plans)}")
+        work = {"tune": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
+                         "epochs": len(history["steps"]), **counted.as_dict()},
+                "plan_search": calls}
+        self.save_module("student_tuned", tuned, {
+            "plans": plans_to_json(tuned.plans), "search": search, "times": times,
+            "train_time_s": sum(history["epoch_time"]), "work": work})
+        return tuned
+
+    def student_tuned(self, teacher: DEQModel | None = None) -> ConsistencyStudent:
+        """The trained C-DEQ tuned student (stage ``tune``), eval mode."""
+        from ..consistency.tune import tuned_student
+
+        teacher = teacher or self.teacher()
+        shell = ConsistencyStudent(teacher, TimeSchedule(self.config.schedule), self.config.student)
+        tuned = tuned_student(shell.to(self.device), self.config.tune)
+        meta = self.load_module("student_tuned", tuned)
+        tuned.plans = plans_from_json(meta["plans"])
+        tuned.eval()
+        return tuned
+
+    @writes
     def plans(self) -> None:
         """Stage ``plans``: choose the plans of C-DEQ, and of C-DEQ+ when it was trained, again on
         the selection (validation) data with the run's plan search settings; the weights stay.
@@ -367,9 +425,15 @@ class Run(RunDirectory):
         models = [("student", student)]
         if (self.dir / "student_plus.safetensors").exists():
             models.append(("student_plus", self.student_plus(teacher, student)))
+        if (self.dir / "student_tuned.safetensors").exists():
+            models.append(("student_tuned", self.student_tuned(teacher)))
         for name, model in models:
             meta = self.read_meta(name)
-            search, calls = self._search_plans(model, teacher)
+            fixed = None
+            if name == "student_tuned":
+                from ..consistency.tune import tuned_plans
+                fixed = tuned_plans(meta["times"])
+            search, calls = self._search_plans(model, teacher, fixed)
             meta["search"] = search
             meta.setdefault("work", {})["plan_search"] = calls
             meta["plans"] = plans_to_json(model.plans)
@@ -398,6 +462,7 @@ class Run(RunDirectory):
                 info = bl.train_learned_init(init, teacher, trajectories, samples,
                                              batch_size=bcfg.init_batch_size, optim=bcfg.init_optim,
                                              max_residual=bcfg.max_residual, seed=cfg.seed)
+            info["work"].update(layer_calls=0, layer_call_rows=0)  # h(u) is no layer call
             with self.autocast():
                 solvers = bl.select_init_solvers(
                     init, teacher, self.task, self.task.selection_batches(cfg.evaluate.batch_size),
@@ -412,21 +477,27 @@ class Run(RunDirectory):
                 continue
             torch.manual_seed(cfg.seed)
             net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
-            with self.autocast():
+            with self.autocast(), self.counted(teacher) as counted:
                 info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed)
+            info["work"].update(counted.as_dict())
             meta = {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
                     "work": info["work"], "losses": info["losses"]}
             self.save_module(name, net, meta)
 
     def _student_samples(self) -> int:
-        """The training samples of C-DEQ's distillation, plus C-DEQ+'s (its initialiser's fit and
-        joint distillation) when it was built: the baselines' budget."""
-        total = 0
-        for name, parts in (("student", ("distill",)), ("student_plus", ("init", "joint"))):
-            if (self.dir / f"{name}.safetensors").exists():
-                work = self.read_meta(name).get("work", {})
-                total += sum(int(work.get(p, {}).get("samples", 0)) for p in parts)
-        return total
+        """The baselines' budget: the training samples of the most trained cdeq model built, each
+        counted from C-DEQ's distillation on (C-DEQ; C-DEQ+ adds its initialiser's fit and joint
+        distillation; C-DEQ tuned its tuning), so that every cdeq model meets baselines given at
+        least its own work."""
+        def samples(name: str, parts: tuple[str, ...]) -> int:
+            if not (self.dir / f"{name}.safetensors").exists():
+                return 0
+            work = self.read_meta(name).get("work", {})
+            return sum(int(work.get(p, {}).get("samples", 0)) for p in parts)
+
+        distilled = samples("student", ("distill",))
+        return distilled + max(samples("student_plus", ("init", "joint")),
+                               samples("student_tuned", ("tune",)))
 
     def _extra_methods(self, teacher: DEQModel, plus: ConsistencyStudent | None
                        ) -> tuple[dict, dict[str, float], dict[str, dict]]:
@@ -442,6 +513,12 @@ class Run(RunDirectory):
             meta, own = self.read_meta("student_plus"), self.read_meta("student")
             costs["cdeq_plus"] = own.get("train_time_s", 0.0) + meta.get("train_time_s", 0.0)
             work["cdeq_plus"] = {"from_cdeq": own.get("work"), **meta.get("work", {})}
+        if (self.dir / "student_tuned.safetensors").exists():
+            tuned = self.student_tuned(teacher)
+            methods["cdeq_tuned"] = lambda x, k: tuned.predict(x, nfe=k)
+            meta, own = self.read_meta("student_tuned"), self.read_meta("student")
+            costs["cdeq_tuned"] = own.get("train_time_s", 0.0) + meta.get("train_time_s", 0.0)
+            work["cdeq_tuned"] = {"from_cdeq": own.get("work"), **meta.get("work", {})}
         if (self.dir / "learned_init.safetensors").exists():
             init = bl.LearnedInit.for_teacher(teacher, self.config.baselines.init_hidden,
                                              self.config.baselines.init_conv).to(self.device)
@@ -482,6 +559,11 @@ class Run(RunDirectory):
                                         for k in report["budgets"]}
                 report["exact_mode_plus"] = exact_mode(self.task, teacher, plus, self.config.evaluate,
                                                        report["budgets"])
+            if "cdeq_tuned" in extra:
+                tuned_plans = self.read_meta("student_tuned")["plans"]
+                report["plans_tuned"] = {str(k): tuned_plans[str(max(int(b) for b in tuned_plans
+                                                                     if int(b) <= k))]
+                                         for k in report["budgets"]}
         report["precision"] = self.config.precision
         if "timing" in report:  # measured by rank 0
             report["timing"]["device"] = str(self.device)
@@ -490,7 +572,12 @@ class Run(RunDirectory):
             meta = self.read_meta(name)
             costs[key], work[key] = meta.get("train_time_s", 0.0), meta.get("work")
         report["train_time_s"] = {**costs, **extra_costs}
-        report["train_work"] = {**work, **extra_work}  # steps, samples; the student's recording, search
+        # steps, samples, layer calls; the student's recording and search; each method's total
+        report["train_work"] = with_totals({**work, **extra_work})
+        teacher_work = report["train_work"].get("teacher") or {}
+        report["teacher"].update({k: teacher_work[k] for k in ("stopped", "epochs", "best_epoch")
+                                  if k in teacher_work})
+        report["recommend"] = recommend(report)
         report["train_threads"] = self.stage_threads()
         report["distributed"] = self._spread(report["train_work"])
         if not distributed.is_main():
@@ -526,6 +613,8 @@ class Run(RunDirectory):
                 self.distill()
             if self.config.plus.enabled and not self.done("student_plus", "C-DEQ+"):
                 self.plus()
+            if self.config.tune.enabled and not self.done("student_tuned", "C-DEQ tuned"):
+                self.tune()  # before the baselines: its samples are part of their budget
             if self.config.baselines.enabled:
                 self.baselines(redo=False)
             return self.evaluate()

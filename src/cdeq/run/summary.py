@@ -101,7 +101,7 @@ def _equal_cost_table(found: list[tuple[str, dict]]) -> list[str]:
             cells = ["-" if per[c] is None else f"{fmt(rep, per[c][0], per[c][1])} [{per[c][2]}]"
                      for c in EQUAL_COSTS]
             lines.append(f"| {name if i == 0 else ''} | {label(method)} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | tolerance | cdeq's cheapest (C-DEQ or C-DEQ+) | best truncated | "
+    lines += ["", "| run | tolerance | cdeq's cheapest (C-DEQ, C-DEQ+ or C-DEQ tuned) | best truncated | "
               "speed-up (FLOPs) | speed-up (time) |", "|---|---|---|---|---|---|"]
     for name, rep in with_cost:
         tac = rep.get("teacher_accuracy_cost") or (teacher_accuracy_cost(rep) if "valid" in rep else {})
@@ -119,6 +119,108 @@ def _equal_cost_table(found: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+ONE_MODEL = "cdeq_tuned"
+"""cdeq's one model for every budget, whose verdict :func:`_verdict_table` gives."""
+
+
+def _std(rep: dict[str, Any], name: str, k: str) -> float:
+    return float(rep.get("methods_std", {}).get(name, {}).get(k) or 0.0)
+
+
+def _verdict_table(found: list[tuple[str, dict]]) -> list[str]:
+    """At each cost of 1-4 layer calls: C-DEQ tuned against the best other method (test figures):
+    a win, a tie (the difference within one std of the seeds, the larger of the two) or a loss."""
+    rows = [(n, r) for n, r in found if "cost" in r and ONE_MODEL in r["methods"]]
+    if not rows:
+        return []
+    lines = ["", f"The verdict for cdeq's one model ({label(ONE_MODEL)}) at equal cost (test split; "
+             "a tie is a difference within one standard deviation of the seeds, the larger of the "
+             "two methods'; one seed has no std, so only equal figures tie):", "",
+             "| run | cost | " + label(ONE_MODEL) + " | best other method | difference | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, rep in rows:
+        table = equal_cost(rep)
+        sign = 1 if rep["higher_is_better"] else -1
+        scale = 100 if rep["metric"] == "accuracy" else 1
+        for i, c in enumerate(EQUAL_COSTS):
+            ours = table[ONE_MODEL][c]
+            others = [(m, per[c]) for m, per in table.items() if m != ONE_MODEL and per[c] is not None]
+            if ours is None or not others:
+                continue
+            best_name, best = max(others, key=lambda p: sign * p[1][0])
+            diff = sign * (ours[0] - best[0])
+            noise = max(_std(rep, ONE_MODEL, ours[2]), _std(rep, best_name, best[2]))
+            verdict = "win" if diff > noise else "tie" if diff >= -noise else "loss"
+            lines.append(f"| {name if i == 0 else ''} | <= {c} | {fmt(rep, ours[0], ours[1])} [{ours[2]}] "
+                         f"| {label(best_name)}: {fmt(rep, best[0], best[1])} [{best[2]}] | "
+                         f"{scale * diff:+.3f} | {verdict} |")
+    return lines
+
+
+def _convergence_table(found: list[tuple[str, dict]]) -> list[str]:
+    """C-DEQ tuned at the larger budgets against the converged teacher, and its error to ``z*``
+    at every budget (the tuned budgets' error is free to rise; from the hand-over on it falls)."""
+    rows = [(n, r) for n, r in found if ONE_MODEL in r["methods"]]
+    if not rows:
+        return []
+    budgets = [str(k) for k in rows[0][1]["budgets"]]
+    lines = ["", f"{label(ONE_MODEL)} against the converged teacher, and its relative error to z* "
+             "at every budget (test split):", "",
+             "| run | converged teacher | " + label(ONE_MODEL) + f" @ {budgets[-1]} | "
+             + " | ".join(f"error @ {k}" for k in budgets) + " |",
+             "|---|---|---|" + "---|" * len(budgets)]
+    for name, rep in rows:
+        t = rep["teacher"]
+        err = rep["relative_error"].get(ONE_MODEL, {})
+        lines.append(f"| {name} | {fmt(rep, t['metric'], t.get('metric_std'))} | "
+                     f"{_cell(rep, ONE_MODEL, budgets[-1])} | "
+                     + " | ".join("-" if k not in err else f"{err[k]:.3f}" for k in budgets) + " |")
+    return lines
+
+
+def _recommend_table(found: list[tuple[str, dict]]) -> list[str]:
+    """Each report's recommendation (``report["recommend"]``, chosen on validation data)."""
+    rows = [(n, r) for n, r in found if r.get("recommend")]
+    if not rows:
+        return []
+    lines = ["", "What to pick (`recommend` in each report: chosen on validation data, the best "
+             "metric within each cost and the cheapest method at the teacher's accuracy; test "
+             "figures; *not cdeq* marks a method that is not a cdeq model):", "",
+             "| run | " + " | ".join(f"<= {c} layer calls" for c in EQUAL_COSTS) + " | teacher accuracy |",
+             "|---|" + "---|" * (len(EQUAL_COSTS) + 1)]
+    for name, rep in rows:
+        rec = rep["recommend"]
+
+        def cell(p: dict | None, rep: dict = rep) -> str:
+            if p is None:
+                return "-"
+            mark = "" if p["cdeq"] else " (*not cdeq*)"
+            return f"{p['label']}@{p['budget']}{mark}: {fmt(rep, p['test_metric'])}"
+
+        lines.append(f"| {name} | " + " | ".join(cell(rec["costs"].get(str(c))) for c in EQUAL_COSTS)
+                     + f" | {cell(rec.get('teacher_accuracy'))} |")
+    return lines
+
+
+def _teacher_table(found: list[tuple[str, dict]]) -> list[str]:
+    """How each run's teacher training ended (``teacher.stopped``, epochs run, best epoch)."""
+    rows = [(n, r) for n, r in found if "stopped" in r["teacher"] or "stopped_per_seed" in r["teacher"]]
+    if not rows:
+        return []
+    lines = ["", "How the teachers' training ended (`teacher.stopped`: `plateau` when the validation "
+             "loss stopped improving, `max_epochs` at the cap; per seed):", "",
+             "| run | stopped | epochs run | best epoch |", "|---|---|---|---|"]
+    for name, rep in rows:
+        t = rep["teacher"]
+
+        def per_seed(key: str, t: dict = t) -> str:
+            values = t.get(f"{key}_per_seed", [t[key]] if key in t else [])
+            return ", ".join(str(v + 1 if key == "best_epoch" else v) for v in values)
+
+        lines.append(f"| {name} | {per_seed('stopped')} | {per_seed('epochs')} | {per_seed('best_epoch')} |")
+    return lines
+
+
 def summarize(runs: list[str | Path]) -> str:
     """The generated block (markers included) for the reports under ``runs``."""
     found = find_reports(runs)
@@ -133,6 +235,8 @@ def summarize(runs: list[str | Path]) -> str:
               "brackets), and the teacher-accuracy cost (the cheapest budget within the tolerance of "
               "the converged teacher on validation data; test figures):", ""]
     lines += _equal_cost_table(found)
+    lines += _verdict_table(found) + _convergence_table(found) + _recommend_table(found)
+    lines += _teacher_table(found)
     return "\n".join(lines + ["", END]) + "\n"
 
 

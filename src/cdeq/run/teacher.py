@@ -1,5 +1,14 @@
 """Teacher training: :func:`cdeq.engine.fit.fit` over a task's batches with the DEQ's backward strategy,
-stopped early on the validation loss (the best epoch's weights are kept)."""
+trained to its plateau: it stops when the validation loss has not improved for ``patience``
+epochs (the best epoch's weights are kept), and the history says why it stopped (``"plateau"`` or
+``"max_epochs"``).
+
+Fixed-point correction (``fp_correction`` > 0; as TorchDEQ's ``fp_correction`` and DEQ-Flow's
+sparse fixed-point correction): besides the task loss on ``z*``, the task loss of ``fp_states``
+iterates of the training solver, drawn at random from ``0 .. max_iter - 1`` each step, each
+carried one differentiable layer call (``f(z_i, u)``, the iterate itself detached), averaged and
+weighted by ``fp_correction``. The iterate ``z_0`` (zeros) gives the one-call network's loss.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +25,8 @@ from ..deq.regularizers import jacobian_frobenius
 from ..engine import distributed
 from ..engine.checks import check_finite_inputs, check_labels
 from ..engine.config import Config, check_choice, check_int, check_positive
-from ..engine.fit import Hooks, OptimConfig, batch_rows, fit, model_device
+from ..engine.fit import Hooks, LayerCalls, OptimConfig, batch_rows, fit, model_device
+from ..engine.tree import tree_map
 from ..solvers import SolverSpec
 from ..tasks.base import Task, on_device
 
@@ -44,9 +54,12 @@ class TeacherConfig(Config):
             report's errors to ``z*`` mean something near the equilibrium.
         jac_reg: weight of the Hutchinson Jacobian penalty (0 disables it).
         max_steps: stop after this many optimiser steps (0: no limit).
+        fp_correction: weight of the fixed-point correction (module docstring; 0 disables it).
+            On by default, chosen on validation data (docs/decisions/fixed-point-correction.md).
+        fp_states: iterates of the training solver the correction draws per step.
     """
 
-    epochs: int = 8
+    epochs: int = 40
     batch_size: int = 32
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=1e-4, grad_clip=1.0))
@@ -61,6 +74,8 @@ class TeacherConfig(Config):
         default_factory=lambda: SolverSpec(name="anderson", max_iter=100, tol=1e-5))
     jac_reg: float = 0.0
     max_steps: int = 0
+    fp_correction: float = 0.5
+    fp_states: int = 2
 
     def validate(self) -> None:
         check_int("epochs", self.epochs, minimum=1)
@@ -71,6 +86,8 @@ class TeacherConfig(Config):
         check_choice("backward", self.backward, sorted(BACKWARDS))
         check_positive("jac_reg", self.jac_reg, allow_zero=True)
         check_int("max_steps", self.max_steps, minimum=0)
+        check_positive("fp_correction", self.fp_correction, allow_zero=True)
+        check_int("fp_states", self.fp_states, minimum=1)
 
 
 def configure_teacher(model: nn.Module, config: TeacherConfig) -> None:
@@ -92,11 +109,17 @@ def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callab
             return None, {"loss": 0.0, "nfe": 0.0, "samples": 0}
         x, y, share = batch.x, batch.y, batch.share  # this rank's part of the global batch
         u = model.inject(x)
-        z, info = model.deq(u, model.initial_state(u))  # the model's state shape (a structure too)
+        if config.fp_correction > 0:
+            z, info, iterates = _solve_with_iterates(model, u, config.fp_states)
+        else:
+            z, info = model.deq(u, model.initial_state(u))  # the model's state shape (a structure too)
         logits = model.head(z)
         check_finite_inputs(x, "teacher training")  # clear errors for bad data (cheap)
         check_labels(logits, y, "teacher training")
         loss = task.loss(logits, y)
+        if config.fp_correction > 0:
+            corrected = [task.loss(model.head(model.deq.f(z_i, u)), y) for z_i in iterates]
+            loss = loss + config.fp_correction * torch.stack(corrected).mean()
         if config.jac_reg > 0:
             z_in = info.z.detach().requires_grad_()
             loss = loss + config.jac_reg * jacobian_frobenius(model.cell(z_in, u), z_in)
@@ -106,6 +129,18 @@ def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callab
                               "samples": rows}
 
     return step
+
+
+def _solve_with_iterates(model: nn.Module, u: Any, n: int) -> tuple[Tensor, Any, list[Tensor]]:
+    """``model.deq(u)`` (``z*`` with the backward strategy's graph, the solver's result) and ``n``
+    distinct iterates of its training solver drawn at random (global RNG), detached, each
+    ``(B, ...)`` (or the state's structure); a sample that stopped early repeats its last
+    iterate."""
+    limit = int(model.deq.solver.options.max_iter)
+    picks = sorted(torch.randperm(limit)[: min(n, limit)].tolist())
+    info = model.deq.solve(u, model.initial_state(u), record=picks)
+    z = model.deq.backward_strategy.attach(model.deq.f, info.z, u)
+    return z, info, [tree_map(lambda t, i=i: t[i].detach(), info.trajectory) for i in range(len(picks))]
 
 
 def validation_loss(task: Task, model: nn.Module, batch_size: int) -> float:
@@ -145,7 +180,10 @@ def train_teacher(
     """Train ``model`` on ``task``'s training batches until the validation loss stops improving
     (at most ``config.epochs``); the best epoch's weights are kept. Returns the history (per epoch:
     mean ``loss``, mean ``nfe``, ``samples``, cumulative ``steps``, ``epoch_time`` in seconds,
-    ``valid`` loss; ``best_epoch``; a resumed run includes the earlier epochs).
+    ``valid`` loss; ``best_epoch``; ``stopped``: ``"plateau"`` or ``"max_epochs"``; a resumed run
+    includes the earlier epochs) and ``layer_calls``: the forward layer calls of the training
+    passes and the rows they processed (:class:`cdeq.engine.fit.LayerCalls`; validation passes left
+    out; a resumed run counts the epochs this call ran).
 
     ``on_epoch_end(epoch, state)`` receives the optimiser state after each epoch (the pipeline
     writes it with the weights to a checkpoint); ``start_epoch``/``optimizer_state`` resume a run.
@@ -156,20 +194,28 @@ def train_teacher(
     if steps_per_epoch == 0:
         raise ValueError(f"the {task.name or type(task).__name__} training split is empty: nothing to "
                          "train the teacher on")
+    calls = LayerCalls(kind=type(model.cell))
+
+    def validate() -> float:
+        with calls.paused():  # training work counts the training passes only
+            return validation_loss(task, model, config.valid_batch_size)
+
     hooks = Hooks(on_epoch_end=on_epoch_end, patience=config.patience, min_delta=config.min_delta,
-                  validate=lambda: validation_loss(task, model, config.valid_batch_size))
+                  validate=validate)
     if not _has_validation(task, config.valid_batch_size):
         hooks.validate = None
         logger.warning("%s has no validation split (validation_batches is not implemented): the "
                        "teacher trains all %d epochs and keeps the last weights",
                        task.name or type(task).__name__, config.epochs)
-    history = fit(model, _teacher_step(task, model, config),
-                  lambda epoch, gen: distributed.parts(
-                      task.train_batches(config.batch_size, shuffle=True, generator=gen)),
-                  config.optim, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-                  max_steps=config.max_steps, seed=seed, name="teacher", hooks=hooks,
-                  hint=f"lower optim.lr (now {config.optim.lr}) or add jac_reg",
-                  start_epoch=start_epoch, state=optimizer_state)
+    with calls:
+        history = fit(model, _teacher_step(task, model, config),
+                      lambda epoch, gen: distributed.parts(
+                          task.train_batches(config.batch_size, shuffle=True, generator=gen)),
+                      config.optim, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                      max_steps=config.max_steps, seed=seed, name="teacher", hooks=hooks,
+                      hint=f"lower optim.lr (now {config.optim.lr}) or add jac_reg",
+                      start_epoch=start_epoch, state=optimizer_state)
+    history["layer_calls"] = [calls.as_dict()]
     model.eval()
     return history
 
