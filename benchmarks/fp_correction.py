@@ -83,7 +83,8 @@ def main() -> None:
             else:
                 with Run(out, build_config(args.task, user)) as run:
                     report = run.run_all()
-            results.setdefault(f"{w:g}", []).append({"seed": seed, "run": str(out), **figures(report)})
+            results.setdefault(f"{w:g}", []).append({"seed": seed, "run": str(out.relative_to(args.runs)),
+                                                     **figures(report)})
     scale = 100 if report["metric"] == "accuracy" else 1
     weights = list(results)
     lines = [f"{args.task}: validation {report['metric']} (mean ± std over seeds {args.seeds}), by "
