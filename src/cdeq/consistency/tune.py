@@ -53,7 +53,9 @@ Batches = Callable[[int, torch.Generator], Iterable[tuple[Any, Any]]]
 
 @dataclasses.dataclass
 class TuneConfig(Config):
-    """Attributes:
+    """How C-DEQ tuned is trained (stage ``tune``).
+
+    Attributes:
         enabled: build and evaluate C-DEQ tuned in ``cdeq run`` (stage ``tune``).
         max_k: the plans of ``1 .. max_k`` jumps are tuned end to end (one model for all of
             them); larger budgets hand over to the teacher's solver.
