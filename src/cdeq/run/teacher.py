@@ -105,8 +105,9 @@ def configure_teacher(model: nn.Module, config: TeacherConfig) -> None:
 
 def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callable:
     def step(batch: distributed.Part, progress_: float) -> tuple[Tensor | None, dict[str, Any]]:
-        if batch.empty:  # another rank owns this (unsplittable) batch
-            return None, {"loss": 0.0, "nfe": 0.0, "samples": 0}
+        if batch.empty:  # another rank owns this (unsplittable) batch: the same stats, zero
+            return None, {"loss": 0.0, "nfe": 0.0, "samples": 0,
+                          **({"fp": 0.0} if config.fp_correction > 0 else {})}
         x, y, share = batch.x, batch.y, batch.share  # this rank's part of the global batch
         u = model.inject(x)
         if config.fp_correction > 0:
@@ -117,16 +118,18 @@ def _teacher_step(task: Task, model: nn.Module, config: TeacherConfig) -> Callab
         check_finite_inputs(x, "teacher training")  # clear errors for bad data (cheap)
         check_labels(logits, y, "teacher training")
         loss = task.loss(logits, y)
-        if config.fp_correction > 0:
-            corrected = [task.loss(model.head(model.deq.f(z_i, u)), y) for z_i in iterates]
-            loss = loss + config.fp_correction * torch.stack(corrected).mean()
         if config.jac_reg > 0:
             z_in = info.z.detach().requires_grad_()
             loss = loss + config.jac_reg * jacobian_frobenius(model.cell(z_in, u), z_in)
         rows = batch_rows(y)
         distributed.TALLY.add("train", rows)
-        return loss * share, {"loss": loss.detach() * share, "nfe": info.stats()["nfe"] * share,
-                              "samples": rows}
+        stats = {"loss": loss.detach() * share, "nfe": info.stats()["nfe"] * share, "samples": rows}
+        if config.fp_correction > 0:  # logged apart: "loss" stays the task loss at z*
+            corrected = torch.stack([task.loss(model.head(model.deq.f(z_i, u)), y)
+                                     for z_i in iterates]).mean()
+            loss = loss + config.fp_correction * corrected
+            stats["fp"] = corrected.detach() * share
+        return loss * share, stats
 
     return step
 
