@@ -274,8 +274,11 @@ def test_run_defaults_are_valid(quick):
     assert config.teacher.train_solver.name == "anderson"
     task_config = ShakespeareConfig.from_dict(config.task_config)
     assert task_config.quick is quick
-    if not quick:  # the documented teacher: 4 epochs x 16,000 windows / 32 = 2,000 steps
-        assert config.teacher.epochs * task_config.epoch_windows // config.teacher.batch_size == 2000
+    if not quick:  # the documented teacher: at most 40 epochs of 4,000 windows (125 steps of 32),
+        # stopped at its validation plateau; a 64-wide model
+        assert config.teacher.epochs == 40 and config.teacher.patience > 0
+        assert task_config.epoch_windows // config.teacher.batch_size == 125
+        assert task_config.d_model == 64
 
 
 def test_single_file_splits_in_three(char_file):
