@@ -15,6 +15,7 @@ from cdeq.consistency.plans import plan_nfe
 from cdeq.consistency.search import PlanSearchConfig, select_plans
 from cdeq.consistency.tune import TuneConfig, chain_loss, tune, tune_times, tuned_plans, tuned_student
 from cdeq.engine.config import ConfigError
+from cdeq.engine.distributed import parts
 from cdeq.run.baselines import BaselineConfig
 from cdeq.run.teacher import TeacherConfig, _solve_with_iterates, _teacher_step, configure_teacher
 from cdeq.solvers import SolverSpec, get_solver
@@ -132,13 +133,17 @@ def test_the_fixed_point_correction_adds_the_loss_of_sampled_iterates():
         assert torch.allclose(t, want, atol=1e-6)
     # the step's loss: the task loss on z*, plus 0.5 x the mean task loss one layer call after each
     torch.manual_seed(3)
-    loss, _ = _teacher_step(task, model, config)((x, y), 0.0)
+    loss, stats = _teacher_step(task, model, config)(next(parts([(x, y)])), 0.0)
     with torch.no_grad():
         extra = torch.stack([task.loss(model.head(model.cell(t, u)), y) for t in iterates]).mean()
         base = task.loss(model.head(z), y)
     assert float(loss) == pytest.approx(float(base + 0.5 * extra), rel=1e-5)
+    # the history logs them apart: "loss" the task loss at z*, "fp" the iterates'
+    assert float(stats["loss"]) == pytest.approx(float(base), rel=1e-5)
+    assert float(stats["fp"]) == pytest.approx(float(extra), rel=1e-5)
     plain, config0 = _teacher(0.0)
-    assert float(_teacher_step(task, plain, config0)((x, y), 0.0)[0]) == pytest.approx(float(base), rel=1e-5)
+    got = _teacher_step(task, plain, config0)(next(parts([(x, y)])), 0.0)[0]
+    assert float(got) == pytest.approx(float(base), rel=1e-5)
 
 
 def test_a_bad_correction_setting_is_refused():
