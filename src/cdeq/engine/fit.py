@@ -157,6 +157,14 @@ class LayerCalls:
     def as_dict(self) -> dict[str, int]:
         return {"layer_calls": self.calls, "layer_call_rows": self.rows}
 
+    def across_ranks(self) -> dict[str, int]:
+        """:meth:`as_dict` for the whole torchrun job (every rank must call it; one process: the
+        same): the rows every rank processed, summed, and the calls of the busiest rank (the ranks
+        of a data-parallel stage step together, each calling the layer on its own rows)."""
+        every = distributed.gather_list(self.as_dict())
+        return {"layer_calls": max(c["layer_calls"] for c in every),
+                "layer_call_rows": sum(c["layer_call_rows"] for c in every)}
+
 
 class _Step(nn.Module):
     """``model`` and its loss as one module, so that DDP sees every forward. A rank with nothing

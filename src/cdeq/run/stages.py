@@ -305,7 +305,7 @@ class Run(RunDirectory):
         search, calls = self._search_plans(student, teacher)
         work_file = self.dir / "trajectories" / "work.json"
         work = {"distill": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
-                            "epochs": len(history["steps"]), **counted.as_dict(),
+                            "epochs": len(history["steps"]), **counted.across_ranks(),
                             "distributed": distributed.TALLY.summary("distill")},
                 "record": read_json(work_file) if work_file.exists() else {},
                 "plan_search": calls}
@@ -334,10 +334,7 @@ class Run(RunDirectory):
                                   self.config.plans, fixed=fixed)
         self.log(f"plan search on the selection (validation) batches {clock(self.device) - t1:.0f}s")
         spread = distributed.TALLY.summary("plan_search")
-        every = distributed.gather_list(calls.as_dict())  # the ranks search in step:
-        counted = {"layer_calls": max(c["layer_calls"] for c in every),  # the same calls,
-                   "layer_call_rows": sum(c["layer_call_rows"] for c in every)}  # their own rows
-        return search, {**counted, "distributed": spread}
+        return search, {**calls.across_ranks(), "distributed": spread}
 
     @writes
     def plus(self) -> ConsistencyStudent:
@@ -353,7 +350,7 @@ class Run(RunDirectory):
         with self.autocast(), self.counted(teacher) as counted:
             plus, info = train_plus(self.student(teacher), trajectories, cfg.plus, cfg.distill,
                                     self.task.loss, seed=cfg.seed, task_batches=chain)
-        info["work"]["joint"].update(counted.as_dict())  # the initialiser's fit calls no layer
+        info["work"]["joint"].update(counted.across_ranks())  # the initialiser's fit calls no layer
         search, calls = self._search_plans(plus, teacher)
         self.save_module("student_plus", plus, {
             "plans": plans_to_json(plus.plans), "search": search,
@@ -396,7 +393,7 @@ class Run(RunDirectory):
         search, calls = self._search_plans(tuned, teacher, fixed=tuned_plans(times))
         self.log(f"C-DEQ tuned: plans {plans_to_json(tuned.plans)}")
         work = {"tune": {"steps": history["steps"][-1], "samples": sum(history["samples"]),
-                         "epochs": len(history["steps"]), **counted.as_dict()},
+                         "epochs": len(history["steps"]), **counted.across_ranks()},
                 "plan_search": calls}
         self.save_module("student_tuned", tuned, {
             "plans": plans_to_json(tuned.plans), "search": search, "times": times,
@@ -479,7 +476,7 @@ class Run(RunDirectory):
             net = bl.UnrolledNet(teacher, k, anytime=anytime).to(self.device)
             with self.autocast(), self.counted(teacher) as counted:
                 info = bl.train_unrolled(net, self.task, bcfg, samples, seed=cfg.seed)
-            info["work"].update(counted.as_dict())
+            info["work"].update(counted.across_ranks())
             meta = {"k": k, "anytime": anytime, "train_time_s": info["train_time_s"],
                     "work": info["work"], "losses": info["losses"]}
             self.save_module(name, net, meta)
@@ -577,11 +574,11 @@ class Run(RunDirectory):
         teacher_work = report["train_work"].get("teacher") or {}
         report["teacher"].update({k: teacher_work[k] for k in ("stopped", "epochs", "best_epoch")
                                   if k in teacher_work})
-        report["recommend"] = recommend(report)
         report["train_threads"] = self.stage_threads()
         report["distributed"] = self._spread(report["train_work"])
         if not distributed.is_main():
             return report
+        report["recommend"] = recommend(report)  # reads the cost section, which rank 0 measures
         files = write_report(report, self.dir)
         self.log("\n" + markdown_table(report))
         self.log("wrote " + ", ".join(str(p) for p in files.values()))

@@ -218,7 +218,7 @@ def train_teacher(
                       max_steps=config.max_steps, seed=seed, name="teacher", hooks=hooks,
                       hint=f"lower optim.lr (now {config.optim.lr}) or add jac_reg",
                       start_epoch=start_epoch, state=optimizer_state)
-    history["layer_calls"] = [calls.as_dict()]
+    history["layer_calls"] = [calls.across_ranks()]
     model.eval()
     return history
 
