@@ -139,7 +139,7 @@ def test_cdeq_at_one_call_beats_the_teacher_cut_to_one_call(distilled):
         truncated = (model.head(z1).argmax(-1) == y).float().mean()
         ours = (pipe(x, nfe=1).argmax(-1) == y).float().mean()
         err = cdeq.engine.tree.relative_error
-        _, z_ours = pipe.predict(x, nfe=1)
+        _, z_ours = pipe.student.predict(x, nfe=1)
     assert float(ours) > float(truncated), name
     assert float(err(z_ours, z_star).mean()) < float(err(z1, z_star).mean()), name  # over all parts
 
@@ -147,7 +147,7 @@ def test_cdeq_at_one_call_beats_the_teacher_cut_to_one_call(distilled):
 def test_plans_predict_and_save_load_keep_the_structure(distilled):
     name, model, pipe, x, y, folder, _ = distilled
     logits3 = pipe(x, nfe=3)
-    _, z = pipe.predict(x, nfe=2)
+    _, z = pipe.student.predict(x, nfe=2)
     assert type(z) is type(model.initial_state(model.inject(x)))
     pipe.save_pretrained(folder / "pipe")
     loaded = cdeq.Pipeline.from_pretrained(folder / "pipe")

@@ -66,8 +66,14 @@ def _to_numpy(t: Tensor, dtype: str) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
 
 
+def _tensor(a: np.ndarray) -> Tensor:
+    """``a`` as a tensor of its own memory: a read-only memory-mapped view is copied, so that no
+    tensor aliases the mapped file (PyTorch's tensors are writable)."""
+    return torch.from_numpy(np.require(a, requirements=["C_CONTIGUOUS", "WRITEABLE"]))
+
+
 def _to_torch(a: np.ndarray, dtype: str) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    t = _tensor(a)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
@@ -340,18 +346,18 @@ class TrajectoryArrays:
         sel = slice(None) if rows is None else rows
         a = shard.arrays
         layout = _layout(meta["layout"])
-        flat = torch.from_numpy(np.ascontiguousarray(a["z_star"][sel]))
+        flat = _tensor(a["z_star"][sel])
         its = None
         if iterates and "iterates" in a:
             packed = _to_torch(a["iterates"][sel], meta["dtype"]).float()  # (B, K, D)
             its = _unpack_points(layout, packed)
-        points = torch.from_numpy(np.ascontiguousarray(a["points"][sel])).long()
+        points = _tensor(a["points"][sel]).long()
         x, y = self._inputs(shard, sel)
         self._count(flat.shape[0] * (shard.row_bytes(iterates) + _FAULT_AROUND * len(a)))
         return TrajectoryBatch(
             x=x, y=y, iterates=its, z_star=layout.unpack(flat, dtypes=True),
-            residual=torch.from_numpy(np.ascontiguousarray(a["residual"][sel])),
-            star_residual=torch.from_numpy(np.ascontiguousarray(a["star_residual"][sel])),
+            residual=_tensor(a["residual"][sel]),
+            star_residual=_tensor(a["star_residual"][sel]),
             index=sorted(set(points.flatten().tolist())), last=int(meta["last"]), points=points)
 
     def _inputs(self, shard: Shard, sel: Any) -> tuple[Any, Any]:
@@ -359,8 +365,8 @@ class TrajectoryArrays:
         if kind == "whole":
             return shard.whole
         if kind == "rows":
-            return (torch.from_numpy(np.ascontiguousarray(shard.arrays["x"][sel])),
-                    torch.from_numpy(np.ascontiguousarray(shard.arrays["y"][sel])))
+            return (_tensor(shard.arrays["x"][sel]),
+                    _tensor(shard.arrays["y"][sel]))
         if self.items is None:
             raise ValueError("these trajectories were recorded by data-set index: pass the data set "
                              "(items=...) to read their inputs")
@@ -516,7 +522,7 @@ def take_items(items: Any, ids: np.ndarray) -> tuple[Any, Any]:
     """``(x, y)`` of the samples ``ids`` of an indexable data set: ``items.take(ids)`` when it has
     it (batched), else ``items[i]`` stacked."""
     if hasattr(items, "take"):
-        return items.take(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+        return items.take(_tensor(np.asarray(ids, dtype=np.int64)))
     xs, ys = zip(*(items[int(i)] for i in ids), strict=True)
     return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
 

@@ -37,7 +37,7 @@ from ..consistency.arrays import TrajectoryArrays
 from ..consistency.distill import DistillConfig, TaskBatches, distill
 from ..consistency.online import choose_mode, record_arrays
 from ..consistency.plans import plans_from_json, plans_to_json
-from ..consistency.plus import PlusConfig
+from ..consistency.plus import PlusConfig, load_plus, train_plus
 from ..consistency.schedule import TimeSchedule
 from ..consistency.search import select_plans
 from ..consistency.student import ConsistencyStudent
@@ -48,6 +48,7 @@ from ..consistency.trajectory import (
     residual_summary,
     warn_unconverged,
 )
+from ..consistency.tune import tune, tune_times, tuned_plans, tuned_student
 from ..deq.model import DEQModel
 from ..engine import distributed
 from ..engine.fit import LayerCalls, batch_rows
@@ -56,6 +57,7 @@ from ..engine.precision import autocast, clock, resolve_device, to_device
 from ..engine.threads import apply_thread_policy
 from ..engine.tree import leaves
 from ..tasks.base import Task, on_device
+from . import baselines as bl
 from .config import RunConfig, build_config, with_defaults
 from .directory import RunDirectory, writes
 from .evaluate import evaluate, exact_mode
@@ -340,7 +342,6 @@ class Run(RunDirectory):
     def plus(self) -> ConsistencyStudent:
         """Stage ``plus``: C-DEQ+ from the distilled student (:mod:`cdeq.consistency.plus`), its
         plans chosen on the selection (validation) data."""
-        from ..consistency.plus import train_plus
 
         cfg = self.config
         teacher = self.teacher()
@@ -362,7 +363,6 @@ class Run(RunDirectory):
                      student: ConsistencyStudent | None = None) -> ConsistencyStudent:
         """The trained C-DEQ+ student (stage ``plus``), eval mode; ``student``: the C-DEQ student
         when already loaded (only its shape is used)."""
-        from ..consistency.plus import load_plus
         meta = self.read_meta("student_plus")
         plus = load_plus(student or self.student(teacher), self.config.plus, meta["start"])
         self.load_module("student_plus", plus)
@@ -375,7 +375,6 @@ class Run(RunDirectory):
         """Stage ``tune``: C-DEQ tuned (:mod:`cdeq.consistency.tune`), a copy of the distilled
         student whose plans of ``1 .. tune.max_k`` jumps are trained end to end on the task over the
         training split; its hand-over plans are chosen on the selection (validation) data."""
-        from ..consistency.tune import tune, tune_times, tuned_plans, tuned_student
 
         cfg = self.config
         teacher = self.teacher()
@@ -402,7 +401,6 @@ class Run(RunDirectory):
 
     def student_tuned(self, teacher: DEQModel | None = None) -> ConsistencyStudent:
         """The trained C-DEQ tuned student (stage ``tune``), eval mode."""
-        from ..consistency.tune import tuned_student
 
         teacher = teacher or self.teacher()
         shell = ConsistencyStudent(teacher, TimeSchedule(self.config.schedule), self.config.student)
@@ -428,7 +426,6 @@ class Run(RunDirectory):
             meta = self.read_meta(name)
             fixed = None
             if name == "student_tuned":
-                from ..consistency.tune import tuned_plans
                 fixed = tuned_plans(meta["times"])
             search, calls = self._search_plans(model, teacher, fixed)
             meta["search"] = search
@@ -446,7 +443,6 @@ class Run(RunDirectory):
         """Stage ``baselines``: the learned initialiser, the unrolled k-step networks and the anytime
         unrolled network (see :mod:`cdeq.run.baselines`), trained from the teacher, each for the
         student's distillation samples (or ``baselines.samples``)."""
-        from . import baselines as bl
 
         cfg, bcfg = self.config, self.config.baselines
         teacher = self.teacher()
@@ -500,7 +496,6 @@ class Run(RunDirectory):
                        ) -> tuple[dict, dict[str, float], dict[str, dict]]:
         """C-DEQ+ and the trained baselines as ``evaluate``'s ``extra_methods``, their training
         wall times and their training work (steps, samples)."""
-        from . import baselines as bl
 
         methods: dict = {}
         costs: dict[str, float] = {}
