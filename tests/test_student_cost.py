@@ -58,6 +58,19 @@ def test_one_student_call_costs_one_layer_call_on_the_multiscale_cell(quick, fol
     assert 1.0 <= warm <= cold <= 1.10, (quick, cold, warm)
 
 
+def test_one_student_call_costs_one_layer_call_on_the_paper_size_cell(folder):
+    """MDEQ-small's cell (``task_config.size=paper``: 4 scales 32/64/128/256 wide) on MNIST-sized
+    stand-in images: each part conditioned on its own width."""
+    torch.manual_seed(0)
+    teacher, task = bench.build_cell_model("mnist", False, folder, {"size": "paper"})
+    x = bench.example_input(task, 4)
+    student = bench.students(teacher)["new"]
+    assert student.channels == (32, 64, 128, 256)
+    cold = bench.layer_calls(teacher, student, x)
+    warm = bench.layer_calls(teacher, student, x)
+    assert 1.0 <= warm <= cold <= 1.10, (cold, warm)
+
+
 def test_the_old_design_fails_the_bound(folder):
     """The check can fail: the previous student (correction MLP, per-sample time MLP) costs
     several layer calls on the quick Cora cell (10.2 in the quick run's report)."""

@@ -73,3 +73,20 @@ CIFAR10: dict[str, dict[str, Any]] = {
     },
     "quick": QUICK,
 }
+
+# `task_config.size="paper"`: the shape of MDEQ-small on ImageNet (Bai et al. 2020, "Multiscale
+# Deep Equilibrium Models", configuration cls_mdeq_SMALL): 4 resolutions 32/64/128/256 channels
+# wide, residual blocks 5 times as wide inside, 224x224 crops (the shorter side resized to 256 for
+# evaluation) brought to 56x56 by two stride-2 convolutions. Sized for a GPU; tested at a tiny size.
+PAPER_TASK: dict[str, Any] = {"scales": 4, "widths": (32, 64, 128, 256), "hidden_mult": 5, "stride": 4,
+                              "image_size": 224, "resize": 256, "augment": True}
+# Its solver budgets: Broyden, 26 forward iterations (F_THRES) and 27 for the implicit backward
+# (B_THRES); MDEQ stops at a residual of 1e-5 sqrt(n) for a state of n numbers, about a relative
+# residual of 1e-5 on its group-normalised states. Its batch: 4 x 32 images, 100 epochs.
+PAPER_RUN: dict[str, Any] = {
+    "teacher": {"epochs": 100, "batch_size": 128, "backward": "implicit",
+                "backward_options": {"max_iter": 27},
+                "train_solver": {"name": "broyden", "max_iter": 26, "tol": 1e-5},
+                "eval_solver": {"name": "broyden", "max_iter": 26, "tol": 1e-5}},
+    "record": {"solver": {"name": "broyden", "max_iter": 27, "tol": 1e-5}},
+}

@@ -17,6 +17,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...deq.layer import SolverSpec
 from ...deq.model import DEQModel
 from ...engine.batches import TensorItems
-from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
+from ...engine.config import Config, ConfigError, check_choice, check_int, check_range, merged
 from ..base import Task, register_task
 from ..datadir import data_dir
 from . import presets
@@ -37,7 +39,8 @@ from .data import DataError, load_cifar10_archive, load_digits_split, load_idx_f
 from .folder import FolderData, is_image_folder
 from .model import ConvDEQCell, ConvInjection, MultiscaleCell, MultiscaleHead, MultiscaleInjection, PoolHead
 
-__all__ = ["Cifar10Task", "DigitsTask", "ImageConfig", "ImageTask", "MnistTask", "load_arrays"]
+__all__ = ["Cifar10Task", "DigitsTask", "ImageConfig", "ImageTask", "MnistTask", "image_model",
+           "load_arrays"]
 
 
 @dataclasses.dataclass
@@ -51,6 +54,14 @@ class ImageConfig(Config):
         scales: resolutions of the state: 1 (the default) is one map ``(B, C, H, W)``; ``N`` > 1 is
             MDEQ's multiscale state, a tuple of ``N`` maps halving in size, fused at every layer
             call, each with its own injection, read by a head over every scale.
+        widths: with ``scales`` > 1, the channels of each resolution, finest first (e.g.
+            ``[32, 64, 128, 256]``), in place of ``channels``; empty (the default): ``channels`` at
+            every scale. Each is at least 4, and a multiple of 8 from 8 on (the group norms).
+        hidden_mult: the residual block's inner width, as a multiple of its state's channels.
+        size: ``""`` or ``"paper"``: MDEQ-small's shape (``presets.PAPER_TASK``: 4 scales 32/64/128/
+            256 wide, blocks 5 times as wide inside, stride 4, 224x224 crops) in place of the fields
+            left at their defaults; ``cdeq run`` takes these and MDEQ's solver budgets
+            (``presets.PAPER_RUN``) over the task's preset and under the user's own settings.
         train_subset, test_subset: use only the first this many images of a split (0: all).
         valid_fraction: the share of the (subset) training split held out for validation,
             drawn with ``seed``.
@@ -68,6 +79,7 @@ class ImageConfig(Config):
     channels: int = 32
     stride: int = 1
     scales: int = 1
+    widths: tuple = ()
     hidden_mult: int = 2
     residual: bool = True
     train_subset: int = 0
@@ -82,8 +94,18 @@ class ImageConfig(Config):
     check_images: bool = True
     mean: tuple = ()
     std: tuple = ()
+    size: str = ""
+
+    def __post_init__(self) -> None:
+        if self.size == "paper":
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for key, value in presets.PAPER_TASK.items():
+                if getattr(self, key) == defaults[key]:
+                    setattr(self, key, value)
+        super().__post_init__()
 
     def validate(self) -> None:
+        check_choice("size", self.size, ["", "paper"])
         check_choice("dataset", self.dataset, ["digits", "mnist", "cifar10", "npz", "idx", "folder"])
         if self.dataset in ("npz", "idx", "folder") and not self.data:
             raise ConfigError(f"dataset={self.dataset!r} needs data=PATH")
@@ -92,6 +114,7 @@ class ImageConfig(Config):
         check_int("scales", self.scales, minimum=1)
         if self.scales > 4:
             raise ConfigError(f"scales={self.scales!r} is not valid; give 1 to 4 resolutions")
+        self._check_widths()
         check_int("hidden_mult", self.hidden_mult, minimum=1)
         check_int("train_subset", self.train_subset, minimum=0)
         check_int("test_subset", self.test_subset, minimum=0)
@@ -115,6 +138,28 @@ class ImageConfig(Config):
             raise ConfigError(f"mean={self.mean!r}, std={self.std!r} are not valid; give both (std > 0) "
                               "or neither")
 
+    def _check_widths(self) -> None:
+        if not isinstance(self.widths, (list, tuple)):
+            raise ConfigError(f"widths={self.widths!r} is not valid; give a list of channels per scale "
+                              "(e.g. [32, 64, 128, 256]) or [] for channels at every scale")
+        self.widths = tuple(self.widths)
+        if not self.widths:
+            return
+        if any(isinstance(w, bool) or not isinstance(w, int) or w < 4 or (w >= 8 and w % 8)
+               for w in self.widths):
+            raise ConfigError(f"widths={list(self.widths)!r} is not valid; each width must be an "
+                              "integer of at least 4, and a multiple of 8 from 8 on")
+        if len(self.widths) != self.scales:
+            raise ConfigError(f"widths={list(self.widths)!r} is not valid with scales={self.scales}; "
+                              "give one width per scale (or [] for channels at every scale)")
+        if self.scales == 1:
+            raise ConfigError(f"widths={list(self.widths)!r} is not valid with scales=1; set channels "
+                              "for the single map")
+
+    def scale_widths(self) -> tuple[int, ...]:
+        """The channels of each of the ``scales`` resolutions: ``widths``, or ``channels`` at each."""
+        return self.widths or (self.channels,) * self.scales
+
 
 def load_arrays(cfg: ImageConfig) -> tuple[np.ndarray, ...]:
     """``(x_train, y_train, x_test, y_test)`` of the configured data set."""
@@ -127,6 +172,29 @@ def load_arrays(cfg: ImageConfig) -> tuple[np.ndarray, ...]:
     if cfg.dataset == "npz":
         return load_npz(cfg.data)
     return load_idx_folder(cfg.data)
+
+
+def image_model(config: ImageConfig, in_channels: int, classes: int, **deq_options: Any) -> DEQModel:
+    """The image tasks' DEQ for ``config`` on images of ``in_channels`` channels and ``classes``
+    classes, seeded with ``config.seed``: :class:`ConvDEQCell` with one scale, :class:`MultiscaleCell`
+    with ``config.scales`` > 1 (at ``config.scale_widths()``). ``deq_options`` go to
+    :class:`DEQModel` (its solvers, backward).
+
+    Examples:
+        >>> model = image_model(ImageConfig(size="paper"), 3, 1000)      # doctest: +SKIP
+        >>> [tuple(p.shape) for p in model.initial_state(model.inject(torch.zeros(1, 3, 224, 224)))]
+        [(1, 32, 56, 56), (1, 64, 28, 28), (1, 128, 14, 14), (1, 256, 7, 7)]  # doctest: +SKIP
+    """
+    c = config
+    torch.manual_seed(c.seed)
+    if c.scales > 1:
+        widths = c.scale_widths()
+        return DEQModel(MultiscaleInjection(in_channels, widths, c.stride, c.scales),
+                        MultiscaleCell(widths, c.scales, hidden_mult=c.hidden_mult),
+                        MultiscaleHead(widths, c.scales, classes), **deq_options)
+    return DEQModel(ConvInjection(in_channels, c.channels, c.stride),
+                    ConvDEQCell(c.channels, hidden_mult=c.hidden_mult, residual=c.residual),
+                    PoolHead(c.channels, classes), **deq_options)
 
 
 def validation_share(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,16 +258,6 @@ class ImageTask(Task):
                  ) -> tuple[Tensor, Tensor]:
         return torch.from_numpy((x - mean) / std), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
-    @classmethod
-    def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
-        """``images`` with ``--data``: the reader chosen from the path (a folder with ``train/<class>/``
-        is an image folder, another folder IDX, a file npz), unless ``task_config.dataset`` is given."""
-        out = super().resolve_user_config(user, data)
-        if cls.dataset is None and data:
-            kind = "folder" if is_image_folder(data) else "idx" if Path(data).is_dir() else "npz"
-            out.setdefault("task_config", {}).setdefault("dataset", kind)
-        return out
-
     def split_sizes(self) -> dict[str, int]:
         """Images per split."""
         if self.folder is not None:
@@ -215,15 +273,34 @@ class ImageTask(Task):
         return out
 
     def build_model(self) -> DEQModel:
-        c = self.config
-        torch.manual_seed(c.seed)
-        if c.scales > 1:
-            return DEQModel(MultiscaleInjection(self.in_channels, c.channels, c.stride, c.scales),
-                            MultiscaleCell(c.channels, c.scales, hidden_mult=c.hidden_mult),
-                            MultiscaleHead(c.channels, c.scales, self.num_classes))
-        return DEQModel(ConvInjection(self.in_channels, c.channels, c.stride),
-                        ConvDEQCell(c.channels, hidden_mult=c.hidden_mult, residual=c.residual),
-                        PoolHead(c.channels, self.num_classes))
+        """The configured model (:func:`image_model`); with ``size="paper"``, MDEQ's solvers."""
+        solvers = self.preset_solvers() if self.config.size == "paper" else {}
+        return image_model(self.config, self.in_channels, self.num_classes, **solvers)
+
+    @classmethod
+    def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
+        """``images`` with ``--data``: the reader chosen from the path (a folder with ``train/<class>/``
+        is an image folder, another folder IDX, a file npz), unless ``task_config.dataset`` is given.
+        With ``task_config.size="paper"``, MDEQ-small's shape and run settings (``presets.PAPER_TASK``,
+        ``presets.PAPER_RUN``) over the task's preset and under the user's settings."""
+        out = super().resolve_user_config(user, data)
+        if cls.dataset is None and data:
+            kind = "folder" if is_image_folder(data) else "idx" if Path(data).is_dir() else "npz"
+            out.setdefault("task_config", {}).setdefault("dataset", kind)
+        if out.get("task_config", {}).get("size") == "paper":
+            paper = {**copy.deepcopy(presets.PAPER_RUN), "task_config": dict(presets.PAPER_TASK)}
+            out = merged(paper, out)
+        return out
+
+    def preset_solvers(self, quick: bool = False) -> dict[str, Any]:
+        """The preset's teacher solvers; with ``size="paper"`` MDEQ's (``presets.PAPER_RUN``)."""
+        out = super().preset_solvers(quick)
+        if self.config.size == "paper":
+            teacher = presets.PAPER_RUN["teacher"]
+            out.update(solver=SolverSpec.from_dict(teacher["train_solver"]),
+                       eval_solver=SolverSpec.from_dict(teacher["eval_solver"]),
+                       backward=teacher["backward"])
+        return out
 
     def _augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
         pad = 2 if x.shape[-1] <= 16 else 4
