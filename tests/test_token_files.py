@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cdeq.cli import main
+from cdeq.run.config import build_config
 from cdeq.tasks.text import TextConfig, TextTask, load_corpus
 from cdeq.tasks.text.tokens import id_dtype, prepare_corpus
 
@@ -147,3 +148,8 @@ def test_the_paper_size_is_one_key(tmp_path):
     user = TextTask.resolve_user_config({"task_config": {"size": "paper"}}, str(tmp_path))
     assert user["teacher"]["train_solver"] == {"name": "broyden", "max_iter": 30, "tol": 1e-3}
     assert TextTask.resolve_user_config({}, str(tmp_path)) == {}
+    # in a run the paper's sizes replace the text preset's (64 wide), a user's value still wins
+    run = build_config("text", TextTask.resolve_user_config(
+        {"task_config": {"size": "paper", "seq_len": 12}}, str(tmp_path)))
+    paper = TextConfig.from_dict(run.task_config)
+    assert (paper.d_model, paper.n_heads, paper.seq_len) == (410, 10, 12)

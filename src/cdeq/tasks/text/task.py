@@ -160,10 +160,13 @@ class TextTask(Task):
 
     @classmethod
     def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
-        """With ``task_config.size="paper"``, the paper's run settings under the user's."""
+        """With ``task_config.size="paper"``, the paper's model sizes and run settings
+        (``presets.PAPER_TASK``, ``presets.PAPER_RUN``) over the task's preset and under the
+        user's settings."""
         out = super().resolve_user_config(user, data)
         if out.get("task_config", {}).get("size") == "paper":
-            out = merged(copy.deepcopy(presets.PAPER_RUN), out)
+            paper = {**copy.deepcopy(presets.PAPER_RUN), "task_config": dict(presets.PAPER_TASK)}
+            out = merged(paper, out)
         return out
 
     def preset_solvers(self, quick: bool = False) -> dict[str, Any]:
