@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from toys import ToyTask
 
@@ -113,6 +114,67 @@ def test_a_batch_is_split_by_rows_or_owned_by_one_rank(monkeypatch):
     nested = distributed.part({"a": x, "b": (x, x)}, y, 0)  # rank 1: the second rows of each part
     assert torch.equal(nested.x["b"][1], x[2:]) and torch.equal(nested.y, y[2:])
     assert owners == [False, True]  # batch 3 belongs to rank 1
+
+
+def test_every_row_of_a_recorded_minibatch_is_read_by_exactly_one_rank(monkeypatch):
+    """Recorded arrays read under N = 1, 2, 3 ranks, in minibatches of 1, 2 or 5 of 7 samples (so
+    minibatches with fewer rows than ranks, the last one included): every row of a global minibatch
+    is on exactly one rank, in rank order, the shares sum to 1, and the ranks' parts of the
+    distillation loss and their rows add up to one process's (a rank without rows computes
+    nothing), rather than each rank counting a short minibatch whole."""
+    import torch.nn.functional as F
+    from test_consistency import tiny_problem
+
+    from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig
+    from cdeq.consistency.arrays import TrajectoryArrays
+    from cdeq.consistency.distill import _loss
+    from cdeq.consistency.ema import EMA
+    from cdeq.consistency.online import record_arrays
+    from cdeq.consistency.pairs import get_pair_sampler
+    from cdeq.engine import distributed
+    from cdeq.engine.batches import TensorItems
+
+    model, x, y = tiny_problem(n=7)
+    cfg = RecordConfig.from_dict({"solver": {"max_iter": 12, "tol": 0.0}, "batch_size": 4})
+    store = record_arrays(model, TensorItems(x, y), cfg, TrajectoryArrays(None, TensorItems(x, y)))
+    torch.manual_seed(0)
+    student = ConsistencyStudent(model)
+    ema, config, sampler = EMA(student, decay=0.9), DistillConfig(), get_pair_sampler("uniform")
+
+    def loss(mb, index):
+        gen = torch.Generator().manual_seed(index)  # the same draws on every rank
+        out = _loss(student, ema, mb, config, sampler, 0.5, gen, F.cross_entropy, (), index)
+        return (0.0, 0) if out is None else (float(out[0]["loss"]), out[1])
+
+    for batch_size in (1, 2, 5):
+        alone = list(store.loader(batch_size, seed=0, epoch=0))
+        for world in (1, 2, 3):
+            monkeypatch.setattr(distributed, "world_size", lambda w=world: w)
+            by_rank = []
+            for r in range(world):
+                monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                by_rank.append(list(store.loader(batch_size, seed=0, epoch=0)))
+            for j, whole in enumerate(alone):
+                parts = [mbs[j] for mbs in by_rank]
+                n = whole.batch_size
+                assert all(p.part[2] == n for p in parts)
+                rows = [i for p in parts for i in range(p.part[0], p.part[1])]
+                assert rows == list(range(n)), (batch_size, world, j, rows)  # each row once
+                assert sum((p.part[1] - p.part[0]) / n for p in parts) == pytest.approx(1.0)
+                assert torch.equal(torch.cat([p.z_star for p in parts]), whole.z_star)
+                assert torch.equal(torch.cat([p.y for p in parts]), whole.y)
+                monkeypatch.setattr(distributed, "world_size", lambda: 1)
+                monkeypatch.setattr(distributed, "rank", lambda: 0)
+                want, want_rows = loss(whole, j)
+                monkeypatch.setattr(distributed, "world_size", lambda w=world: w)
+                got = []
+                for r, p in enumerate(parts):
+                    monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                    got.append(loss(p, j))
+                assert sum(g[1] for g in got) == want_rows == n
+                assert sum(g[0] for g in got) == pytest.approx(want, rel=1e-5, abs=1e-7)
+        monkeypatch.setattr(distributed, "world_size", lambda: 1)
+        monkeypatch.setattr(distributed, "rank", lambda: 0)
 
 
 if __name__ == "__main__":

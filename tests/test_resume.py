@@ -9,6 +9,7 @@ equal).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -133,12 +134,18 @@ def test_recording_skips_existing_shards(killed_and_resumed, tmp_path, one_threa
     first, last = store.shard_dir(0) / "z_star.npy", store.shard_dir(len(store) - 1)
     stamp = first.stat().st_mtime_ns
     expected = np.load(last / "z_star.npy")
+    work = json.loads((store.root / "work.json").read_text())
     (store.root / "manifest.json").unlink()  # as if killed before the last shard and the manifest
     shutil.rmtree(last)
     again = run.record()
     assert first.stat().st_mtime_ns == stamp  # kept, not recomputed
     assert again.manifest() == manifest
     assert float(np.abs(np.load(last / "z_star.npy") - expected).max()) <= TOL
+    # the recording's work counts the kept shards too: the uninterrupted recording's layer calls
+    resumed = json.loads((store.root / "work.json").read_text())
+    assert work["layer_calls"] > 0 and work["layer_call_rows"] > 0
+    assert {k: resumed[k] for k in ("layer_calls", "layer_call_rows", "samples")} == {
+        k: work[k] for k in ("layer_calls", "layer_call_rows", "samples")}
 
 
 # --- damaged checkpoints -------------------------------------------------------------------------

@@ -3,10 +3,13 @@ online source (``z*`` once, iterates regenerated), a user's dict batches, and re
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from test_consistency import tiny_problem
+from torch.utils import _pytree as pytree
 
 import cdeq
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
@@ -127,6 +130,93 @@ def test_regenerated_iterates_equal_the_recorded_ones_and_stop_at_each_sample_de
     assert calls.rows == int((depth + 1)[depth > 0].sum())
 
 
+def test_regenerated_iterates_equal_the_recorded_ones_when_samples_stop_early():
+    """With a tolerance, samples stop at different iterations (a stopped sample's later recorded
+    iterates repeat its last): the regenerated iterates are still the recorded ones, at points
+    before and after each sample's stop."""
+    model, x, y = tiny_problem(n=16)
+    cfg = _config(solver={"max_iter": 12, "tol": 1e-2})
+    rec = record(model, [(x, y)], cfg)[0]
+    u = model.inject(x)
+    with torch.no_grad():
+        stops = cfg.solver.build().solve(model.cell, model.initial_state(u), u).nfe
+    index = rec.index
+    pos = torch.randint(0, len(index), (16, 2), generator=torch.Generator().manual_seed(0))
+    pos[:, 1] = len(index) - 1  # every sample's last recorded point: after the early stops
+    points = torch.tensor(index)[pos]
+    assert bool((stops < max(index)).any()) and len(set(stops.tolist())) > 2  # stopped early, apart
+    with torch.no_grad():
+        got = regenerate(model, points, u, cfg.solver.build())
+    want = rec.iterates[torch.arange(16)[:, None], pos]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_pinning_a_recorded_batch_pins_every_tensor_in_it(monkeypatch):
+    """A DataLoader with ``pin_memory=True`` calls a batch's ``pin_memory()``: a TrajectoryBatch
+    returns itself with every tensor (structured inputs and states included) pinned. Pinning
+    needs CUDA, so ``Tensor.pin_memory`` is replaced by a marker here."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from cdeq.consistency.trajectory import TrajectoryBatch
+
+    pinned = set()
+
+    def fake_pin(self, *args, **kwargs):
+        out = self.clone()
+        pinned.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    z = {"a": torch.randn(3, 2), "b": (torch.randn(3, 4),)}
+    batch = TrajectoryBatch(x=(torch.randn(3, 5), {"mask": torch.ones(3)}), y=torch.arange(3),
+                            iterates={"a": torch.randn(3, 2, 2), "b": (torch.randn(3, 2, 4),)},
+                            z_star=z, residual=torch.rand(3, 2), star_residual=torch.rand(3),
+                            index=[0, 4], last=8, points=torch.zeros(3, 2, dtype=torch.long),
+                            part=(0, 3, 3), global_star_residual=torch.rand(3))
+    out = pin_memory(batch)  # what the DataLoader's pinning thread does
+    assert isinstance(out, TrajectoryBatch)
+    tensors = [t for f in dataclasses.fields(out) for t in pytree.tree_leaves(getattr(out, f.name))
+               if isinstance(t, torch.Tensor)]
+    assert len(tensors) == 11 and all(id(t) in pinned for t in tensors)
+    assert out.index == [0, 4] and out.last == 8 and out.part == (0, 3, 3)
+    assert torch.equal(out.z_star["b"][0], z["b"][0])
+
+
+def test_a_resumed_recording_refuses_shards_recorded_with_other_settings(tmp_path):
+    """Resuming into a folder whose shards were recorded with another dtype, number of kept
+    iterates, solver or recording grid is an error naming the setting (never a store that mixes
+    float16 and bfloat16 shards); the same settings resume."""
+    model, x, y = tiny_problem(n=32)
+    items = TensorItems(x, y)
+
+    def killed(i):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    base = {"keep": 3, "dtype": "bfloat16"}
+    with pytest.raises(KeyboardInterrupt):
+        record_arrays(model, items, _config(**base), TrajectoryArrays(tmp_path / "t"), on_recorded=killed)
+    changes = {"record.dtype": {"dtype": "float16"}, "record.keep": {"keep": 2},
+               "record.solver.max_iter": {"solver": {"max_iter": 10, "tol": 0.0}},
+               "record.solver": {"solver": {"max_iter": 12, "tol": 1e-3}},
+               "record.indices": {"indices": [0, 1, 2, 11]}}
+    for name, change in changes.items():
+        with pytest.raises(ValueError, match=rf"shard_00000 was recorded with {name}=.*restore the "
+                                             rf"setting.*or delete"):
+            record_arrays(model, items, _config(**{**base, **change}), TrajectoryArrays(tmp_path / "t"))
+    store = record_arrays(model, items, _config(**base), TrajectoryArrays(tmp_path / "t"))
+    assert len(store) == 2 and store.verify() == []
+
+
+def test_in_memory_trajectories_have_no_files_to_check():
+    model, x, y = tiny_problem(n=16)
+    store = record_arrays(model, TensorItems(x, y), _config(), TrajectoryArrays(None, TensorItems(x, y)),
+                          keep=0)
+    for check in (store.verify, store.check):
+        with pytest.raises(ValueError, match="held in memory"):
+            check()
+
+
 def test_online_distillation_keeps_no_iterate_and_trains(tmp_path):
     """Online: z* and residuals only (no iterate, nothing on disk); the same pairs regenerated
     give the stored distillation's losses, epoch by epoch."""
@@ -134,8 +224,8 @@ def test_online_distillation_keeps_no_iterate_and_trains(tmp_path):
     cfg = _config()
     online = record_arrays(model, TensorItems(x, y), cfg, TrajectoryArrays(None, TensorItems(x, y)),
                            keep=0)
-    stored = record_arrays(model, TensorItems(x, y), cfg, TrajectoryArrays(tmp_path / "s"))
-    stored = TrajectoryArrays(tmp_path / "s", items=TensorItems(x, y))
+    record_arrays(model, TensorItems(x, y), cfg, TrajectoryArrays(tmp_path / "s"))
+    stored = TrajectoryArrays(tmp_path / "s", items=TensorItems(x, y))  # read back from disk
     assert online.keep == 0 and "iterates" not in online.shard(0).arrays
     histories = []
     for source in (online, stored):

@@ -13,11 +13,26 @@ from test_baselines import ToyTask, _model
 from cdeq.consistency import ConsistencyStudent, DistillConfig, RecordConfig, distill, record
 from cdeq.consistency.plans import plan_nfe
 from cdeq.consistency.search import PlanSearchConfig, select_plans
-from cdeq.consistency.tune import TuneConfig, chain_loss, tune, tune_times, tuned_plans, tuned_student
+from cdeq.consistency.tune import (
+    TuneConfig,
+    chain_loss,
+    handover_warning,
+    tune,
+    tune_times,
+    tuned_plans,
+    tuned_student,
+)
 from cdeq.engine.config import ConfigError
 from cdeq.engine.distributed import parts
 from cdeq.run.baselines import BaselineConfig
-from cdeq.run.teacher import TeacherConfig, _solve_with_iterates, _teacher_step, configure_teacher
+from cdeq.run.report import COST_SLACK
+from cdeq.run.teacher import (
+    TeacherConfig,
+    _solve_with_iterates,
+    _teacher_step,
+    configure_teacher,
+    stop_warning,
+)
 from cdeq.solvers import SolverSpec, get_solver
 
 
@@ -189,7 +204,7 @@ def test_a_run_tunes_reports_and_recommends(tmp_path):
         pick = rec["costs"][c]
         valid = report["valid"]["methods"]
         fits = [(n, k) for n, per in valid.items() for k in per
-                if report["cost"]["layer_calls"][n][k] <= int(c) * 1.05]
+                if report["cost"]["layer_calls"][n][k] <= int(c) * COST_SLACK]
         assert valid[pick["method"]][str(pick["budget"])] == max(valid[n][k] for n, k in fits)
         assert pick["cdeq"] == (pick["method"] in ("cdeq", "cdeq_plus", "cdeq_tuned"))
     table = (out / "table.md").read_text()
@@ -198,8 +213,31 @@ def test_a_run_tunes_reports_and_recommends(tmp_path):
     assert ("not a cdeq model" in table) == any(not p["cdeq"] for p in picks)
 
 
+def test_tuned_plans_that_leave_no_budget_to_the_solver_are_warned_of():
+    assert handover_warning(TuneConfig(max_k=2), 6) is None
+    for max_nfe in (2, 1):
+        text = handover_warning(TuneConfig(max_k=2), max_nfe)
+        assert "tune.max_k (2)" in text and f"plans.max_nfe ({max_nfe})" in text
+
+
+def test_the_teacher_stop_warning_names_the_setting_that_stopped_it():
+    """Why the teacher stopped, said for each reason: the plateau (nothing to say), max_steps
+    (raise teacher.max_steps, not epochs), max_epochs with a validation split (raise
+    teacher.epochs), no validation split (no plateau to reach), or early stopping off."""
+    cfg = TeacherConfig(epochs=5, max_steps=7)
+    valid = {"valid": [1.0, 0.9]}
+    assert stop_warning({**valid, "stopped": ["plateau"]}, cfg) is None
+    steps = stop_warning({**valid, "stopped": ["max_steps"]}, cfg)
+    assert "teacher.max_steps (7" in steps and "teacher.epochs" not in steps
+    assert "raise teacher.epochs (now 5)" in stop_warning({**valid, "stopped": ["max_epochs"]}, cfg)
+    alone = stop_warning({"stopped": ["max_epochs"]}, cfg)
+    assert "no validation split" in alone and "raise" not in alone
+    assert stop_warning({**valid, "stopped": ["max_epochs"]}, TeacherConfig(patience=0)) is None
+
+
 def test_tuning_config_is_validated():
     for bad in ({"max_k": 0}, {"samples": -1}, {"train_injection": 1}, {"batch_size": 0}):
         with pytest.raises(ConfigError):
             TuneConfig.from_dict(bad)
-    assert dataclasses.replace(TuneConfig(), max_k=2).max_k == 2
+    with pytest.raises(ConfigError, match="max_k"):  # a replaced value is validated too
+        dataclasses.replace(TuneConfig(), max_k=0)

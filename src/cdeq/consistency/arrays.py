@@ -31,7 +31,7 @@ import logging
 import math
 import mmap
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,10 @@ class TrajectoryArrays:
 
     # --- writing ------------------------------------------------------------------------------
     def shard_dir(self, i: int) -> Path:
-        assert self.root is not None
+        """Shard ``i``'s folder (stored trajectories only)."""
+        if self.root is None:
+            raise ValueError("these trajectories are held in memory (the online source): they have "
+                             "no shard folders to check or verify")
         return self.root / f"shard_{i:05d}"
 
     def has_shard(self, i: int) -> bool:
@@ -193,7 +196,7 @@ class TrajectoryArrays:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        sums, sizes = {}, {}
+        sums: dict[str, str] = {}
         for name, a in arrays.items():
             np.save(tmp / f"{name}.npy", a)
             sums[f"{name}.npy"] = _sha256(tmp / f"{name}.npy")
@@ -431,10 +434,13 @@ class _Rows:
 
     def __getitem__(self, idx: np.ndarray) -> TrajectoryBatch:
         n = len(idx)
-        lo, hi = distributed.split_range(n) if n >= distributed.world_size() else (0, n)
+        # every row of the global minibatch on exactly one rank: with fewer rows than ranks, some
+        # ranks hold none (an empty part, which computes nothing of the step)
+        lo, hi = distributed.split_range(n)
         mine = np.asarray(idx[lo:hi])
         shard_of = np.searchsorted(self.starts, mine, side="right") - 1
-        out: dict[str, np.ndarray] = {}
+        out = {name: np.empty((len(mine), *a.shape[1:]), dtype=a.dtype)
+               for name, a in self.arrays.shard(0).arrays.items()}  # every shard has these arrays
         for s in np.unique(shard_of):
             sel = np.nonzero(shard_of == s)[0]
             rows = mine[sel] - self.starts[s]
@@ -442,12 +448,9 @@ class _Rows:
             rows, sel = rows[order], sel[order]
             shard = self.arrays.shard(int(s))
             for name, a in shard.arrays.items():
-                if name not in out:
-                    out[name] = np.empty((len(mine), *a.shape[1:]), dtype=a.dtype)
                 out[name][sel] = a[rows]
             self.arrays._count(len(rows) * (shard.row_bytes() + _FAULT_AROUND * len(shard.arrays)))
         t = {k: torch.from_numpy(v) for k, v in out.items()}
-        b = len(mine)
         its = None
         if "iterates" in t:
             its = _unpack_points(self.layout, _to_torch(out["iterates"], self.dtype).float())
@@ -457,7 +460,7 @@ class _Rows:
             x, y = t["x"], t["y"]
         points = t["points"].long()
         return TrajectoryBatch(
-            x=x, y=y, iterates=its, z_star=self.layout.unpack(t["z_star"].reshape(b, -1), dtypes=True),
+            x=x, y=y, iterates=its, z_star=self.layout.unpack(t["z_star"], dtypes=True),
             residual=t["residual"], star_residual=t["star_residual"],
             index=sorted(set(points.flatten().tolist())), last=self.last, points=points,
             part=(lo, hi, n), global_star_residual=torch.from_numpy(self.star[idx]))
@@ -492,30 +495,8 @@ def _pack_points(layout: Layout, iterates: Any, b: int) -> Tensor:
 def _unpack_points(layout: Layout, packed: Tensor) -> Any:
     """The iterates' structure, parts ``(B, K, ...)``, from ``(B, K, D)``."""
     b, k = packed.shape[:2]
-    state = layout.unpack(packed.reshape(b * k, -1), dtypes=True)
+    state = layout.unpack(packed.reshape(b * k, packed.shape[2]), dtypes=True)
     return layout.map(lambda t: t.reshape(b, k, *t.shape[1:]), state)
-
-
-def concat(batches: Sequence[TrajectoryBatch]) -> TrajectoryBatch:
-    """Row-wise concatenation of batches of the same store (tensor inputs)."""
-    if len(batches) == 1:
-        return batches[0]
-    first = batches[0]
-    width = max(b.points.shape[1] for b in batches)  # the same within one store
-    cat = _cat_trees
-    return TrajectoryBatch(
-        x=cat([b.x for b in batches]), y=cat([b.y for b in batches]),
-        iterates=None if first.iterates is None else cat([b.iterates for b in batches]),
-        z_star=cat([b.z_star for b in batches]),
-        residual=torch.cat([b.residual for b in batches]),
-        star_residual=torch.cat([b.star_residual for b in batches]),
-        index=sorted({i for b in batches for i in b.index}), last=first.last,
-        points=torch.cat([b.points[:, :width] for b in batches]))
-
-
-def _cat_trees(trees: Sequence[Any]) -> Any:
-    """Row-wise concatenation of structures of tensors (tensors alike)."""
-    return pytree.tree_map(lambda *ts: torch.cat(ts), *trees)
 
 
 def take_items(items: Any, ids: np.ndarray) -> tuple[Any, Any]:
@@ -523,6 +504,9 @@ def take_items(items: Any, ids: np.ndarray) -> tuple[Any, Any]:
     it (batched), else ``items[i]`` stacked."""
     if hasattr(items, "take"):
         return items.take(_tensor(np.asarray(ids, dtype=np.int64)))
+    if len(ids) == 0:  # an empty part of a minibatch: no rows, shaped as a sample
+        x, y = items[0]
+        return torch.as_tensor(x)[None][:0], torch.as_tensor(y)[None][:0]
     xs, ys = zip(*(items[int(i)] for i in ids), strict=True)
     return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
 

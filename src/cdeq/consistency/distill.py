@@ -367,7 +367,8 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
           task_loss: Callable | None, terms: Sequence[LossTerm] = (), index: int = 0,
           solver: Any = None, check: bool = True) -> tuple[dict[str, Tensor], int] | None:
     """This rank's part of minibatch ``index``'s loss terms and the rows it computed (training
-    samples); ``None`` when another rank owns the (unsplittable) minibatch. ``check``: check the
+    samples); ``None`` when this rank computes nothing of it (another rank owns the unsplittable
+    minibatch, or this rank's part of a minibatch with fewer rows than ranks is empty). ``check``: check the
     labels' range (a host read; the first epoch of a run does)."""
     bsz, num_points = (mb.part[2] if mb.part else mb.batch_size), mb.num_points
     star = leaves(mb.z_star)[0]
@@ -379,6 +380,8 @@ def _loss(student: ConsistencyStudent, ema: EMA, mb: TrajectoryBatch, config: Di
     share = 1.0
     if mb.part is not None:  # this rank read only its rows of the global minibatch
         lo, hi, _ = mb.part
+        if hi == lo:
+            return None  # fewer rows than ranks: the others compute this minibatch
         n, m, weight, share = n[lo:hi], m[lo:hi], weight[lo:hi], (hi - lo) / bsz
     elif distributed.world_size() > 1:
         if distributed.splittable(mb.x, mb.y) and bsz >= distributed.world_size():

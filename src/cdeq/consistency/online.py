@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,7 +33,7 @@ from ..engine.precision import to_device
 from ..engine.progress import progress
 from ..engine.tree import tree_map
 from ..solvers.loop import take_rows
-from .arrays import MANIFEST, TrajectoryArrays, bytes_per_sample, take_items
+from .arrays import TrajectoryArrays, bytes_per_sample, take_items
 from .trajectory import RecordConfig, TrajectoryBatch, record_batch
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def record_arrays(model: DEQModel, source: Any, config: RecordConfig, arrays: Tr
     """
     if keep is None:
         keep = min(config.keep, len(config.iterate_indices())) or len(config.iterate_indices())
+    settings = _settings(config, keep)
     count = 0
     for x, y, ids in progress(_batches(source, config, seed, arrays), desc="record"):
         i, count = count, count + 1
@@ -136,19 +138,22 @@ def record_arrays(model: DEQModel, source: Any, config: RecordConfig, arrays: Tr
             continue
         mark = _fingerprint(x, y)
         if arrays.has_shard(i):
-            recorded = arrays._meta(i).get("fingerprint")
+            meta = arrays._meta(i)
+            recorded = meta.get("fingerprint")
             if recorded is not None and recorded != mark:
                 raise ValueError(
                     f"batch {i} differs from the one recorded before the interruption (shard "
-                    f"{arrays.shard_dir(i)}): the loader yields its batches in another order; "
+                    f"{_where(arrays, i)}): the loader yields its batches in another order; "
                     "record from the data set itself (a seeded order) or a loader without shuffling")
+            _check_settings(arrays, i, meta, settings)
             continue
         batch = solve_batch(model, x, y, config, iterates=keep > 0)
         distributed.TALLY.add("record", batch.batch_size)
         if on_recorded is not None:
             on_recorded(i)
         arrays.write(i, to_device(batch, torch.device("cpu")), keep, config.dtype, seed, ids,
-                     extra={"fingerprint": mark})
+                     extra={"fingerprint": mark, "solver": settings["solver"],
+                            "indices": settings["indices"]})
     if count == 0:
         raise ValueError("record got no batches: the training data is empty")
     if arrays.root is None and distributed.is_distributed():  # every rank needs every sample
@@ -163,6 +168,36 @@ def record_arrays(model: DEQModel, source: Any, config: RecordConfig, arrays: Tr
                    "inputs": "ids" if order is not None else "batches"})
     distributed.barrier()
     return arrays
+
+
+_SETTINGS = {"keep": "record.keep", "dtype": "record.dtype", "last": "record.solver.max_iter",
+             "solver": "record.solver", "indices": "record.indices"}
+"""A shard's recording settings (its ``meta.json`` keys) and the configuration keys they come from."""
+
+
+def _settings(config: RecordConfig, keep: int) -> dict[str, Any]:
+    """The recording settings a shard's meta keeps (:data:`_SETTINGS`), as JSON data."""
+    return {"keep": keep, "dtype": config.dtype, "last": config.solver.max_iter,
+            "solver": json.loads(json.dumps(config.solver.to_dict())),
+            "indices": [int(i) for i in config.iterate_indices()]}
+
+
+def _where(arrays: TrajectoryArrays, i: int) -> str:
+    return f"shard {i}" if arrays.root is None else str(arrays.shard_dir(i))
+
+
+def _check_settings(arrays: TrajectoryArrays, i: int, meta: dict[str, Any],
+                    settings: dict[str, Any]) -> None:
+    """A kept shard must have been recorded with the current settings (a resumed recording would
+    mix, say, bfloat16 and float16 shards otherwise); a shard of an earlier version that lacks a
+    key is not checked on it."""
+    for key, name in _SETTINGS.items():
+        if key in meta and meta[key] != settings[key]:
+            folder = f" or delete {arrays.root} to record again" if arrays.root is not None else ""
+            raise ValueError(
+                f"{_where(arrays, i)} was recorded with {name}={meta[key]!r} ({key} in its "
+                f"meta.json), but this recording has {name}={settings[key]!r}: restore the setting to "
+                f"resume the interrupted recording{folder}")
 
 
 @torch.no_grad()
@@ -226,12 +261,4 @@ def choose_mode(config: RecordConfig, state_numel: int, samples: int, input_byte
     return mode, sizes
 
 
-def is_arrays(root: Any) -> bool:
-    """Whether a folder holds per-sample arrays (this module's format) rather than shards."""
-    try:
-        return read_json(root / MANIFEST).get("format") == "arrays"
-    except (FileNotFoundError, OSError):
-        return False
-
-
-__all__ = ["choose_mode", "is_arrays", "projected_bytes", "record_arrays", "regenerate", "solve_batch"]
+__all__ = ["choose_mode", "projected_bytes", "record_arrays", "regenerate", "solve_batch"]

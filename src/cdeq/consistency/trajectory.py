@@ -22,6 +22,7 @@ stopped.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ from ..engine.progress import progress
 from ..engine.tree import Layout, leaves, tree_map
 from ..solvers import SolverSpec
 
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -160,6 +162,16 @@ class TrajectoryBatch:
         if self.points is not None:
             return self.points
         return torch.tensor(self.index, device=self.residual.device).expand(self.batch_size, -1)
+
+    def pin_memory(self) -> TrajectoryBatch:
+        """The batch with every tensor in it (structures included) in page-locked memory: what a
+        ``torch.utils.data.DataLoader`` with ``pin_memory=True`` calls on each batch it yields, so
+        that the copy to the GPU can overlap the step (needs CUDA)."""
+        def pin(value: Any) -> Any:
+            return value.pin_memory() if isinstance(value, Tensor) else value
+
+        return dataclasses.replace(self, **{f.name: tree_map(pin, getattr(self, f.name))
+                                            for f in dataclasses.fields(self)})
 
     def take(self, rows: Tensor) -> TrajectoryBatch:
         """Rows ``rows`` of the batch."""
@@ -376,29 +388,65 @@ def _state_parts(batch: TrajectoryBatch, dtype: str) -> list[dict[str, Any]]:
     return [{**part, "stored": dtype} for part in Layout.of(batch.z_star).describe()]
 
 
+class ShardWork:
+    """Each recorded shard's share of running counts (``counts()``, e.g. a
+    :class:`cdeq.engine.fit.LayerCalls`' ``as_dict``), so that a recording killed and resumed
+    counts the work of the shards it kept, not only of those it recorded again.
+
+    Call it as a recording's ``on_recorded(i)`` hook (after shard ``i`` is solved, before it is
+    kept): it keeps what ``counts()`` grew by since the last call, in ``folder / "<i>.json"``
+    (written by the shard's rank before the shard itself), or with ``folder=None`` (a recording
+    held in memory, never resumed) in memory. :meth:`totals` sums every shard's.
+    """
+
+    def __init__(self, folder: Path | None, counts: Callable[[], dict[str, int]]) -> None:
+        self.folder, self.counts = folder, counts
+        self._done: dict[str, int] = {}
+        self._mine: dict[int, dict[str, int]] = {}  # in memory: this rank's shards
+        if folder is not None:
+            if distributed.is_main():
+                folder.mkdir(parents=True, exist_ok=True)
+            distributed.barrier()
+
+    def __call__(self, i: int) -> None:
+        now = self.counts()
+        share = {k: v - self._done.get(k, 0) for k, v in now.items()}
+        self._done.update(now)
+        if self.folder is None:
+            self._mine[i] = share
+        else:
+            write_json(self.folder / f"{i}.json", share)
+
+    def totals(self, shards: int) -> dict[str, int]:
+        """The counts summed over shards ``0 .. shards - 1`` (every rank's; a collective)."""
+        if self.folder is None:
+            every: dict[int, dict[str, int]] = {}
+            for part in distributed.gather_list(self._mine):
+                every.update(part)
+            per = [every.get(i) for i in range(shards)]
+        else:
+            per = [read_json(self.folder / f"{i}.json") if (self.folder / f"{i}.json").exists()
+                   else None for i in range(shards)]
+        unknown = [i for i, p in enumerate(per) if p is None]
+        if unknown:
+            logger.warning("the work of %d recorded shard(s) (%s...) was not kept (recorded by an "
+                           "earlier version): the recording's work leaves them out", len(unknown),
+                           unknown[:5])
+        totals: dict[str, int] = {}
+        for p in per:
+            for k, v in (p or {}).items():
+                totals[k] = totals.get(k, 0) + v
+        return totals
+
+
 def record_counted(model: DEQModel, batches: Iterable[tuple[Any, Any]], config: RecordConfig,
                    store: TrajectoryStore, counts: Callable[[], dict[str, int]]) -> dict[str, int]:
     """:func:`record` into ``store``, keeping each shard's share of the running ``counts()`` (e.g.
-    layer calls) in ``store.root / "work" / "<i>.json"``, written (by the shard's rank) before the
-    shard itself, so that a killed and resumed recording still counts the shards it kept. Returns
-    the totals over every shard."""
-    folder = store.root / "work"
-    if distributed.is_main():
-        folder.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    done: dict[str, int] = {}
-
-    def recorded(i: int) -> None:
-        now = counts()
-        write_json(folder / f"{i}.json", {k: v - done.get(k, 0) for k, v in now.items()})
-        done.update(now)
-
-    record(model, batches, config, store=store, on_recorded=recorded)
-    totals: dict[str, int] = {}
-    for i in range(len(store)):
-        for k, v in read_json(folder / f"{i}.json").items():
-            totals[k] = totals.get(k, 0) + v
-    return totals
+    layer calls) in ``store.root / "work" / "<i>.json"`` (:class:`ShardWork`). Returns the totals
+    over every shard."""
+    work = ShardWork(store.root / "work", counts)
+    record(model, batches, config, store=store, on_recorded=work)
+    return work.totals(len(store))
 
 
 def warn_unconverged(summary: dict[str, float], tol: float, threshold: float = 0.05) -> bool:

@@ -45,7 +45,7 @@ from .student import ConsistencyStudent
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TuneConfig", "tune", "tune_times", "tuned_plans", "tuned_student"]
+__all__ = ["TuneConfig", "handover_warning", "tune", "tune_times", "tuned_plans", "tuned_student"]
 
 Batches = Callable[[int, torch.Generator], Iterable[tuple[Any, Any]]]
 """``(epoch, generator) -> (x, y)`` training batches (the whole training split, shuffled)."""
@@ -88,6 +88,17 @@ class TuneConfig(Config):
                 isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0 for t in self.times)):
             raise ConfigError(f"times={self.times!r} is not valid; give max_k={self.max_k} positive "
                               "times, or [] for the default")
+
+
+def handover_warning(config: TuneConfig, max_nfe: int) -> str | None:
+    """Why C-DEQ tuned would never hand over to the teacher's solver: its tuned plans cover every
+    budget of the plan search (``max_k >= max_nfe``, the search's ``max_nfe``); ``None`` when some
+    budget hands over."""
+    if config.max_k < max_nfe:
+        return None
+    return (f"tune.max_k ({config.max_k}) >= plans.max_nfe ({max_nfe}): C-DEQ tuned's plans are its "
+            "tuned jumps at every budget, none hands over to the teacher's solver; raise "
+            "plans.max_nfe above tune.max_k (or lower tune.max_k) for hand-over plans")
 
 
 def tuned_student(student: ConsistencyStudent, config: TuneConfig) -> ConsistencyStudent:

@@ -14,12 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .cost import OURS
-from .report import label
-
-COSTS = (1, 2, 3, 4)
-SLACK = 1.05
-"""The equal-cost slack of :mod:`cdeq.run.report` (a truncated solver's residual norms add about
-1% to its layer calls)."""
+from .report import COST_SLACK, EQUAL_COSTS, fits_cost, label
 
 __all__ = ["recommend", "with_totals"]
 
@@ -67,9 +62,9 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
                 "test_metric": report["methods"].get(name, {}).get(k)}
 
     costs: dict[str, Any] = {}
-    for c in COSTS:
+    for c in EQUAL_COSTS:
         pool = [(name, k, v) for name, per in valid.items() for k, v in per.items()
-                if k in calls.get(name, {}) and calls[name][k] <= c * SLACK]
+                if k in calls.get(name, {}) and fits_cost(calls[name][k], c)]
         best = max(pool, key=lambda p: (sign * p[2], -calls[p[0]][p[1]])) if pool else None
         costs[str(c)] = pick(*best) if best else None
     tac = (report.get("teacher_accuracy_cost") or {}).get("by_flops", {}).get("any_method")
@@ -78,5 +73,5 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
         teacher = pick(tac["method"], str(tac["budget"]), tac["valid_metric"])
     return {"costs": costs, "teacher_accuracy": teacher,
             "rule": f"on validation data: the best metric within each cost (layer-call equivalents, "
-                    f"{SLACK:g}x slack; equal metrics: the cheaper), and the cheapest method within "
+                    f"{COST_SLACK:g}x slack; equal metrics: the cheaper), and the cheapest method within "
                     "the teacher-accuracy tolerance"}

@@ -116,6 +116,12 @@ def _cost_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fits_cost(layer_calls: float, cost: float) -> bool:
+    """Whether a method's ``layer_calls`` (layer-call equivalents per sample) fit the cost ``cost``
+    (:data:`COST_SLACK` included): the rule of every equal-cost comparison."""
+    return layer_calls <= cost * COST_SLACK
+
+
 def equal_cost(report: dict[str, Any], costs: tuple = EQUAL_COSTS
                ) -> dict[str, dict[int, tuple[float, float | None, str] | None]]:
     """``{method: {c: (metric, std, budget)}}``: each method's best metric at a cost of at most
@@ -125,7 +131,7 @@ def equal_cost(report: dict[str, Any], costs: tuple = EQUAL_COSTS
     for name, values in report["methods"].items():
         out[name] = {}
         for c in costs:
-            fit = [k for k, v in calls.get(name, {}).items() if v <= c * COST_SLACK and k in values]
+            fit = [k for k, v in calls.get(name, {}).items() if fits_cost(v, c) and k in values]
             if not fit:
                 out[name][c] = None
                 continue

@@ -36,19 +36,20 @@ import torch
 from ..consistency.arrays import TrajectoryArrays
 from ..consistency.distill import DistillConfig, TaskBatches, distill
 from ..consistency.online import choose_mode, record_arrays
-from ..consistency.plans import plans_from_json, plans_to_json
+from ..consistency.plans import plan_to_json, plans_from_json, plans_to_json
 from ..consistency.plus import PlusConfig, load_plus, train_plus
 from ..consistency.schedule import TimeSchedule
 from ..consistency.search import select_plans
 from ..consistency.student import ConsistencyStudent
 from ..consistency.trajectory import (
     RecordConfig,
+    ShardWork,
     TrajectoryStore,
     record_counted,
     residual_summary,
     warn_unconverged,
 )
-from ..consistency.tune import tune, tune_times, tuned_plans, tuned_student
+from ..consistency.tune import handover_warning, tune, tune_times, tuned_plans, tuned_student
 from ..deq.model import DEQModel
 from ..engine import distributed
 from ..engine.fit import LayerCalls, batch_rows
@@ -63,7 +64,7 @@ from .directory import RunDirectory, writes
 from .evaluate import evaluate, exact_mode
 from .recommend import recommend, with_totals
 from .report import markdown_table, write_report
-from .teacher import configure_teacher, evaluate_model, train_teacher
+from .teacher import configure_teacher, evaluate_model, stop_warning, train_teacher
 
 __all__ = ["Run", "RunConfig", "build_config"]
 
@@ -186,9 +187,9 @@ class Run(RunDirectory):
         self.log(f"teacher: held-out {self.task.metric} {result['metric']:.4f} at "
                  f"{result['nfe']:.1f} NFE ({elapsed:.0f}s training; {len(history['steps'])} epochs, "
                  f"stopped: {stopped}; the weights of epoch {best + 1}, the best on validation)")
-        if stopped != "plateau":
-            self.log(f"warning: the teacher stopped at {stopped} before its validation plateau; "
-                     f"raise teacher.epochs (now {cfg.teacher.epochs})")
+        warning = stop_warning(history, cfg.teacher)
+        if warning is not None:
+            self.log(f"warning: {warning}")
         work = {"steps": history["steps"][-1], "samples": sum(history["samples"]),
                 "epochs": len(history["steps"]), "best_epoch": best, "stopped": stopped,
                 **history["layer_calls"][-1], "distributed": distributed.TALLY.summary("train")}
@@ -219,10 +220,12 @@ class Run(RunDirectory):
                                      cache_bytes=cfg.record.cache_bytes)
             source = items if items is not None else self.task.record_batches(cfg.record.batch_size)
             with LayerCalls(teacher.cell) as calls, self.autocast():
+                # each shard's layer calls, kept beside it (a resumed recording counts the shards
+                # it kept); the online source, recorded whole in each process, keeps them in memory
+                shard_work = ShardWork(None if mode == "online" else root / "work", calls.as_dict)
                 record_arrays(teacher, source, cfg.record, store, keep=0 if mode == "online" else None,
-                              seed=cfg.seed)
-            every = distributed.gather_list(calls.as_dict())  # each rank solved its own shards
-            work = {k: sum(c[k] for c in every) for k in every[0]}
+                              seed=cfg.seed, on_recorded=shard_work)
+            work = shard_work.totals(len(store))  # every rank's shards
             if mode == "online":
                 self._online = store
         spread = distributed.TALLY.summary("record")
@@ -377,6 +380,9 @@ class Run(RunDirectory):
         training split; its hand-over plans are chosen on the selection (validation) data."""
 
         cfg = self.config
+        warning = handover_warning(cfg.tune, cfg.plans.max_nfe)
+        if warning is not None:
+            self.log(f"warning: {warning}")
         teacher = self.teacher()
         source = self.student(teacher)
         torch.manual_seed(cfg.seed)
@@ -492,10 +498,12 @@ class Run(RunDirectory):
         return distilled + max(samples("student_plus", ("init", "joint")),
                                samples("student_tuned", ("tune",)))
 
-    def _extra_methods(self, teacher: DEQModel, plus: ConsistencyStudent | None
+    def _extra_methods(self, teacher: DEQModel, plus: ConsistencyStudent | None,
+                       tuned: ConsistencyStudent | None = None
                        ) -> tuple[dict, dict[str, float], dict[str, dict]]:
-        """C-DEQ+ and the trained baselines as ``evaluate``'s ``extra_methods``, their training
-        wall times and their training work (steps, samples)."""
+        """C-DEQ+ and C-DEQ tuned (when given: the loaded students) and the trained baselines as
+        ``evaluate``'s ``extra_methods``, their training wall times and their training work
+        (steps, samples)."""
 
         methods: dict = {}
         costs: dict[str, float] = {}
@@ -505,8 +513,7 @@ class Run(RunDirectory):
             meta, own = self.read_meta("student_plus"), self.read_meta("student")
             costs["cdeq_plus"] = own.get("train_time_s", 0.0) + meta.get("train_time_s", 0.0)
             work["cdeq_plus"] = {"from_cdeq": own.get("work"), **meta.get("work", {})}
-        if (self.dir / "student_tuned.safetensors").exists():
-            tuned = self.student_tuned(teacher)
+        if tuned is not None:
             methods["cdeq_tuned"] = lambda x, k: tuned.predict(x, nfe=k)
             meta, own = self.read_meta("student_tuned"), self.read_meta("student")
             costs["cdeq_tuned"] = own.get("train_time_s", 0.0) + meta.get("train_time_s", 0.0)
@@ -542,7 +549,9 @@ class Run(RunDirectory):
         student = self.student(teacher)
         has_plus = (self.dir / "student_plus.safetensors").exists()
         plus = self.student_plus(teacher, student) if has_plus else None
-        extra, extra_costs, extra_work = self._extra_methods(teacher, plus)
+        has_tuned = (self.dir / "student_tuned.safetensors").exists()
+        tuned = self.student_tuned(teacher) if has_tuned else None
+        extra, extra_costs, extra_work = self._extra_methods(teacher, plus, tuned)
         with self.autocast():
             report = evaluate(self.task, teacher, student, self.config.evaluate, extra_methods=extra,
                               seed=self.config.seed)
@@ -551,10 +560,8 @@ class Run(RunDirectory):
                                         for k in report["budgets"]}
                 report["exact_mode_plus"] = exact_mode(self.task, teacher, plus, self.config.evaluate,
                                                        report["budgets"])
-            if "cdeq_tuned" in extra:
-                tuned_plans = self.read_meta("student_tuned")["plans"]
-                report["plans_tuned"] = {str(k): tuned_plans[str(max(int(b) for b in tuned_plans
-                                                                     if int(b) <= k))]
+            if tuned is not None:
+                report["plans_tuned"] = {str(k): plan_to_json(tuned.plan_for(k))
                                          for k in report["budgets"]}
         report["precision"] = self.config.precision
         if "timing" in report:  # measured by rank 0

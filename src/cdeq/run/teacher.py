@@ -1,7 +1,7 @@
 """Teacher training: :func:`cdeq.engine.fit.fit` over a task's batches with the DEQ's backward strategy,
 trained to its plateau: it stops when the validation loss has not improved for ``patience``
-epochs (the best epoch's weights are kept), and the history says why it stopped (``"plateau"`` or
-``"max_epochs"``).
+epochs (the best epoch's weights are kept), and the history says why it stopped (``"plateau"``,
+``"max_epochs"`` or ``"max_steps"``; :func:`stop_warning` says what each means for a user).
 
 Fixed-point correction (``fp_correction`` > 0; as TorchDEQ's ``fp_correction`` and DEQ-Flow's
 sparse fixed-point correction): besides the task loss on ``z*``, the task loss of ``fp_states``
@@ -221,6 +221,26 @@ def train_teacher(
     history["layer_calls"] = [calls.across_ranks()]
     model.eval()
     return history
+
+
+def stop_warning(history: dict[str, Any], config: TeacherConfig) -> str | None:
+    """What to tell a user about why the teacher's training ended (``history["stopped"]``, from
+    :func:`train_teacher`), or ``None`` when it reached its validation plateau (or early stopping
+    was off: ``patience`` 0)."""
+    stopped = history["stopped"][-1]
+    if stopped == "plateau":
+        return None
+    if stopped == "max_steps":
+        return (f"the teacher stopped at teacher.max_steps ({config.max_steps} optimiser steps) "
+                "before its validation plateau; raise teacher.max_steps (0: no limit) to train it "
+                "to the plateau")
+    if "valid" not in history:
+        return (f"the task has no validation split: the teacher trained all {config.epochs} epochs "
+                "(teacher.epochs) and keeps the last weights; there is no plateau to stop at")
+    if config.patience == 0:
+        return None  # early stopping off: every epoch was asked for
+    return (f"the teacher stopped at max_epochs before its validation plateau; raise "
+            f"teacher.epochs (now {config.epochs})")
 
 
 @torch.no_grad()
