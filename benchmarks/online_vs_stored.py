@@ -1,15 +1,15 @@
 """Online against stored trajectories: C-DEQ and C-DEQ+ test metrics at 1-4 calls, from the reports
 of runs that share each seed's teacher.
 
-Each seed ``S`` has two run directories: ``stored/seed_S`` (``record.mode=stored``) and
-``online/seed_S`` (``record.mode=online``, started with the stored run's ``teacher.safetensors``);
+Each seed ``S`` has two run directories: ``STORED/seed_S`` (a run with stored trajectories) and
+``ONLINE/seed_S`` (``record.mode=online``, started with the stored run's ``teacher.safetensors``);
 this reads their ``report.json`` files, prints the mean and standard deviation over seeds of each
 method and budget in both modes, each seed's difference, and whether the online mean lies within
 one standard deviation (of the stored runs) of the stored mean; it writes the table and the
 numbers as JSON.
 
-    python benchmarks/online_vs_stored.py docs/results/mnist_online \\
-        --out benchmarks/results/online_vs_stored_mnist.json
+    python benchmarks/online_vs_stored.py --stored docs/results/mnist \\
+        --online docs/results/mnist_online --out benchmarks/results/online_vs_stored_mnist.json
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ BUDGETS = ("1", "2", "3", "4")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="folder with stored/seed_S and online/seed_S")
+    parser.add_argument("--stored", type=Path, required=True, help="folder of stored runs seed_S")
+    parser.add_argument("--online", type=Path, required=True, help="folder of online runs seed_S")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    seeds = sorted(int(p.name.split("_")[1]) for p in (args.root / "stored").glob("seed_*")
-                   if (args.root / "online" / p.name / "report.json").exists())
-    reports = {mode: {s: json.loads((args.root / mode / f"seed_{s}" / "report.json").read_text())
-                      for s in seeds} for mode in ("stored", "online")}
+    roots = {"stored": args.stored, "online": args.online}
+    seeds = sorted(int(p.name.split("_")[1]) for p in args.stored.glob("seed_*")
+                   if (args.online / p.name / "report.json").exists())
+    reports = {mode: {s: json.loads((root / f"seed_{s}" / "report.json").read_text()) for s in seeds}
+               for mode, root in roots.items()}
     rows, lines = [], [f"| method | calls | stored ({len(seeds)} seeds) | online | online - stored, "
                        "per seed | within one std |", "|---|---:|---|---|---|---|"]
     for method in METHODS:
@@ -55,8 +57,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"seeds": seeds, "root": str(args.root), "rows": rows,
-                                    "table": table}, indent=2))
+    args.out.write_text(json.dumps({"seeds": seeds, **{m: str(r) for m, r in roots.items()},
+                                    "rows": rows, "table": table}, indent=2))
 
 
 if __name__ == "__main__":
