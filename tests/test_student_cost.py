@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cdeq.consistency.student import ConsistencyStudent, StudentConfig
+from cdeq.tasks.graphs.data import GraphDataError
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "student_cost.py"
 _spec = importlib.util.spec_from_file_location("student_cost", _PATH)
@@ -29,7 +30,10 @@ def folder(tmp_path_factory):
 
 def _cell(name, quick, folder):
     torch.manual_seed(0)
-    teacher, task = bench.build_cell_model(name, quick, folder)
+    try:
+        teacher, task = bench.build_cell_model(name, quick, folder)
+    except (FileNotFoundError, GraphDataError) as error:  # no shared data folder beside this checkout
+        pytest.skip(f"{name}'s data is not available: {error}")
     return teacher, bench.example_input(task, BATCH.get(name, 1))
 
 
