@@ -220,7 +220,9 @@ def test_paper_size_is_one_key(tmp_path):
     assert OgbnConfig(data=root, size="paper", hidden=32).hidden == 32  # a given value wins
     user = OgbnTask.resolve_user_config({"task_config": {"size": "paper"}}, root)
     assert user["teacher"]["epochs"] == 20
+    assert user["task_config"]["batch_nodes"] == 4096  # over the task preset's, in a run too
     task = OgbnTask(cfg)
+    assert task.build_model().deq.solver.options.max_iter == 30  # the paper's training solver
     (x, y) = next(iter(task.train_batches(1, generator=torch.Generator().manual_seed(0))))
     logits, _ = task.build_model()(x)
     assert logits.shape == (1, x[0].shape[0], 3)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..deq.model import DEQModel
-from ..engine.config import Config
+from ..engine.config import Config, merged
 from ..solvers import SolverSpec
 
 Batch = tuple[Any, Any]
@@ -39,6 +39,9 @@ class Task:
         Config: the dataclass of the task's settings (model size, data, training).
         presets: ``{"full": sections, "quick": sections}``, the task's run defaults as data
             (kept in the domain's ``presets.py``).
+        paper: the run sections ``task_config.size="paper"`` selects (the paper's model sizes
+            and solver budgets, ``task_config`` among them), or ``None`` where the task has no
+            paper size.
     """
 
     name: ClassVar[str] = ""
@@ -46,6 +49,7 @@ class Task:
     higher_is_better: ClassVar[bool] = True
     Config: ClassVar[type[Config]] = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    paper: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -119,8 +123,12 @@ class Task:
     @classmethod
     def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
         """The user's configuration sections completed with what this task infers from the data
-        path (``data``, from ``--data``); the default infers nothing. Returns a new dict."""
-        return copy.deepcopy(user)
+        path (``data``, from ``--data``); with ``task_config.size="paper"``, the :attr:`paper`
+        sections over the task's preset and under the user's settings. Returns a new dict."""
+        out = copy.deepcopy(user)
+        if cls.paper is not None and out.get("task_config", {}).get("size") == "paper":
+            out = merged(copy.deepcopy(cls.paper), out)
+        return out
 
     @classmethod
     def variants(cls, user: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
@@ -133,6 +141,8 @@ class Task:
         teacher section of this task's preset, so that a model built outside a run and a run's
         model start from the same settings."""
         teacher = self.run_defaults(quick).get("teacher", {})
+        if self.paper is not None and getattr(self.config, "size", "") == "paper":
+            teacher = merged(teacher, self.paper.get("teacher", {}))
         out: dict[str, Any] = {}
         for key, arg in (("train_solver", "solver"), ("eval_solver", "eval_solver")):
             if key in teacher:

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from ...deq.model import DEQModel
-from ...engine.config import Config, ConfigError, check_choice, check_int, check_range, merged
+from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
 from ..base import Batch, register_task
 from . import presets
 from .data import GraphDataError
@@ -147,6 +146,7 @@ class OgbnTask(GraphTask):
 
     name: ClassVar[str] = "ogbn"
     Config: ClassVar[type[Config]] = OgbnConfig
+    paper: ClassVar[dict[str, Any] | None] = presets.OGBN_PAPER  # IGNN's width, larger subgraphs
     presets: ClassVar[dict[str, dict[str, Any]]] = presets.OGBN
 
     def __init__(self, config: OgbnConfig | None = None) -> None:
@@ -164,15 +164,6 @@ class OgbnTask(GraphTask):
     def variants(cls, user: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
         """One run (OGB's transductive setting)."""
         return [(None, user)]
-
-    @classmethod
-    def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
-        """With ``task_config.size="paper"``, the paper preset's run settings under the user's."""
-        out = super().resolve_user_config(user, data)
-        if out.get("task_config", {}).get("size") == "paper":
-            run = {k: v for k, v in presets.OGBN_PAPER.items() if k != "task_config"}
-            out = merged(copy.deepcopy(run), out)
-        return out
 
     # --- batches ------------------------------------------------------------------------------
     def _batches(self, ids: np.ndarray, per_batch: int, limit: int, seeds: Iterator[int]

@@ -17,7 +17,6 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...deq.layer import SolverSpec
 from ...deq.model import DEQModel
 from ...engine.batches import TensorItems
-from ...engine.config import Config, ConfigError, check_choice, check_int, check_range, merged
+from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
 from ..base import Task, register_task
 from ..datadir import data_dir
 from . import presets
@@ -212,6 +210,8 @@ class ImageTask(Task):
     metric = "accuracy"
     higher_is_better = True
     Config = ImageConfig
+    # MDEQ-small's shape and solver budgets (set before `presets` names the dict here)
+    paper: ClassVar[dict[str, Any] | None] = {**presets.PAPER_RUN, "task_config": presets.PAPER_TASK}
     presets = presets.IMAGES
     dataset: ClassVar[str | None] = None  # a built-in dataset this task always uses
 
@@ -281,25 +281,11 @@ class ImageTask(Task):
     def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
         """``images`` with ``--data``: the reader chosen from the path (a folder with ``train/<class>/``
         is an image folder, another folder IDX, a file npz), unless ``task_config.dataset`` is given.
-        With ``task_config.size="paper"``, MDEQ-small's shape and run settings (``presets.PAPER_TASK``,
-        ``presets.PAPER_RUN``) over the task's preset and under the user's settings."""
+        With ``task_config.size="paper"``, MDEQ-small's shape and run settings (:attr:`paper`)."""
         out = super().resolve_user_config(user, data)
         if cls.dataset is None and data:
             kind = "folder" if is_image_folder(data) else "idx" if Path(data).is_dir() else "npz"
             out.setdefault("task_config", {}).setdefault("dataset", kind)
-        if out.get("task_config", {}).get("size") == "paper":
-            paper = {**copy.deepcopy(presets.PAPER_RUN), "task_config": dict(presets.PAPER_TASK)}
-            out = merged(paper, out)
-        return out
-
-    def preset_solvers(self, quick: bool = False) -> dict[str, Any]:
-        """The preset's teacher solvers; with ``size="paper"`` MDEQ's (``presets.PAPER_RUN``)."""
-        out = super().preset_solvers(quick)
-        if self.config.size == "paper":
-            teacher = presets.PAPER_RUN["teacher"]
-            out.update(solver=SolverSpec.from_dict(teacher["train_solver"]),
-                       eval_solver=SolverSpec.from_dict(teacher["eval_solver"]),
-                       backward=teacher["backward"])
         return out
 
     def _augment(self, x: Tensor, gen: torch.Generator) -> Tensor:

@@ -15,7 +15,6 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -24,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...deq.layer import SolverSpec
 from ...deq.model import DEQModel
-from ...engine.config import Config, ConfigError, check_choice, check_int, check_range, merged
+from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
 from ...engine.fit import model_device
 from ..base import Batch, Task, register_task
 from . import presets
@@ -138,6 +136,8 @@ class TextTask(Task):
     metric: ClassVar[str] = "nats_per_char"
     higher_is_better: ClassVar[bool] = False
     Config: ClassVar[type[Config]] = TextConfig
+    # the DEQ-Transformer's sizes and solver budgets (set before `presets` names the dict here)
+    paper: ClassVar[dict[str, Any] | None] = {**presets.PAPER_RUN, "task_config": presets.PAPER_TASK}
     presets: ClassVar[dict[str, dict[str, Any]]] = presets.TEXT
 
     def __init__(self, config: TextConfig | None = None) -> None:
@@ -157,26 +157,6 @@ class TextTask(Task):
             if n < config.seq_len + 1:
                 raise ValueError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = "
                                  f"{config.seq_len + 1}; lower seq_len or give more text")
-
-    @classmethod
-    def resolve_user_config(cls, user: dict[str, Any], data: str | None) -> dict[str, Any]:
-        """With ``task_config.size="paper"``, the paper's model sizes and run settings
-        (``presets.PAPER_TASK``, ``presets.PAPER_RUN``) over the task's preset and under the
-        user's settings."""
-        out = super().resolve_user_config(user, data)
-        if out.get("task_config", {}).get("size") == "paper":
-            paper = {**copy.deepcopy(presets.PAPER_RUN), "task_config": dict(presets.PAPER_TASK)}
-            out = merged(paper, out)
-        return out
-
-    def preset_solvers(self, quick: bool = False) -> dict[str, Any]:
-        """The preset's teacher solvers; with ``size="paper"`` the paper's."""
-        out = super().preset_solvers(quick)
-        if self.config.size == "paper":
-            teacher = presets.PAPER_RUN["teacher"]
-            out.update(solver=SolverSpec.from_dict(teacher["train_solver"]),
-                       eval_solver=SolverSpec.from_dict(teacher["eval_solver"]))
-        return out
 
     def data_path(self) -> str:
         if not self.config.data:
