@@ -119,6 +119,10 @@ def test_interrupted_distillation_resumes_to_the_same_student(killed_and_resumed
     b, meta_b = load_tensors(tmp_path / "b" / "student.safetensors", kind="student")
     assert _max_diff(a, b) <= TOL
     assert meta_a["plans"] == meta_b["plans"]
+    # the work of the epoch before the interruption is counted once, as in the uninterrupted run
+    work_a, work_b = meta_a["work"]["distill"], meta_b["work"]["distill"]
+    for key in ("samples", "layer_calls", "layer_call_rows", "distributed"):
+        assert work_b[key] == work_a[key], key
     history = load_checkpoint(tmp_path / "b" / "student.ckpt")["state"]["history"]
     assert len(history["epoch_time"]) == 3
     assert meta_b["train_time_s"] == pytest.approx(sum(history["epoch_time"]))

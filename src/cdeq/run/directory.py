@@ -36,6 +36,7 @@ from ..consistency.arrays import TrajectoryArrays
 from ..consistency.trajectory import TrajectoryStore
 from ..engine import distributed
 from ..engine.config import ConfigError
+from ..engine.fit import LayerCalls
 from ..engine.io import (
     CorruptFileError,
     acquire_lock,
@@ -315,19 +316,33 @@ class RunDirectory:
             return None
 
     def resumed(self, name: str, module: torch.nn.Module, what: str,
-                loop: Callable[[int, dict | None, Callable[[int, dict], None]], dict]) -> dict:
+                loop: Callable[[int, dict | None, Callable[[int, dict], None]], dict],
+                stage: str = "", counted: LayerCalls | None = None) -> dict:
         """Run a trained stage: resume ``module`` from ``DIR/NAME.ckpt`` when there is one, run
         ``loop(start_epoch, state, on_epoch_end)`` (``on_epoch_end(epoch, state)`` writes the
-        checkpoint) and return the loop's history (a resumed loop's holds the earlier epochs too)."""
+        checkpoint) and return the loop's history (a resumed loop's holds the earlier epochs too).
+        The stage's work counted so far (``counted``'s layer calls, the samples this rank added to
+        ``distributed.TALLY`` under ``stage``) is kept in the checkpoint and restored with it, so
+        a resumed stage reports the work of an uninterrupted one."""
         start, state = 0, None
         ckpt = self.read_checkpoint(name)
         if ckpt is not None:
             module.load_state_dict(ckpt["model"])
             start, state = ckpt["epoch"] + 1, ckpt["state"]
+            done = ckpt.get("counted", {})
+            if counted is not None:
+                counted.calls += int(done.get("calls", 0))
+                counted.rows += int(done.get("rows", 0))
+            if stage:
+                distributed.TALLY.add(stage, int(done.get("samples", 0)))
             self.log(f"resuming {what} after epoch {start}")
 
         def save(epoch: int, st: dict) -> None:
-            self.write_checkpoint(name, {"epoch": epoch, "model": module.state_dict(), "state": st})
+            work = {"calls": counted.calls if counted is not None else 0,
+                    "rows": counted.rows if counted is not None else 0,
+                    "samples": distributed.TALLY.counts.get(stage, 0) if stage else 0}
+            self.write_checkpoint(name, {"epoch": epoch, "model": module.state_dict(), "state": st,
+                                         "counted": work})
 
         return loop(start, state, save)
 

@@ -177,7 +177,8 @@ class Run(RunDirectory):
         with self.autocast():  # the run's precision: each optimiser step autocasts
             history = self.resumed("teacher", model, "teacher training", lambda start, state, save: (
                 train_teacher(self.task, model, cfg.teacher, seed=cfg.seed,
-                              on_epoch_end=save, start_epoch=start, optimizer_state=state)))
+                              on_epoch_end=save, start_epoch=start, optimizer_state=state)),
+                stage="train")
         elapsed = sum(history["epoch_time"])  # every epoch's, those before a resume included
         model.eval()
         with self.autocast():
@@ -304,7 +305,8 @@ class Run(RunDirectory):
         with self.autocast(), self.counted(teacher) as counted:
             history = self.resumed("student", student, "distillation", lambda start, state, save: (
                 distill(student, trajectories, cfg.distill, task_loss=self.task.loss, seed=cfg.seed,
-                        on_epoch_end=save, start_epoch=start, resume_state=state)))
+                        on_epoch_end=save, start_epoch=start, resume_state=state)),
+                stage="distill", counted=counted)
         elapsed = sum(history["epoch_time"])
         self.log(f"distilled in {elapsed:.0f}s")
         search, calls = self._search_plans(student, teacher)
