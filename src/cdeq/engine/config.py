@@ -199,6 +199,14 @@ class Config:
         except TypeError as err:  # a field given a value of the wrong kind
             raise ConfigError(f"{key_path or cls.__name__}: {err}") from err
 
+    def fill_defaults(self, values: Mapping[str, Any]) -> None:
+        """Set each field named in ``values`` that still holds its declared default (a preset
+        under the values a user gave: ``size="paper"``, ``quick=True``); call before validation."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if getattr(self, key) == defaults[key]:
+                setattr(self, key, value)
+
     def to_dict(self) -> dict[str, Any]:
         """The configuration as nested plain data (what ``config.json`` holds)."""
         return dataclasses.asdict(self)

@@ -103,10 +103,7 @@ class OgbnConfig(Config):
 
     def __post_init__(self) -> None:
         if self.size == "paper":
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for key, value in presets.OGBN_PAPER["task_config"].items():
-                if key != "size" and getattr(self, key) == defaults[key]:
-                    setattr(self, key, value)
+            self.fill_defaults(presets.OGBN_PAPER["task_config"])
         super().__post_init__()
 
     def validate(self) -> None:

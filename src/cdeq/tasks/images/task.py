@@ -96,10 +96,7 @@ class ImageConfig(Config):
 
     def __post_init__(self) -> None:
         if self.size == "paper":
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for key, value in presets.PAPER_TASK.items():
-                if getattr(self, key) == defaults[key]:
-                    setattr(self, key, value)
+            self.fill_defaults(presets.PAPER_TASK)
         super().__post_init__()
 
     def validate(self) -> None:
