@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ...deq.model import DEQModel
-from ...engine.config import Config, ConfigError, check_choice, check_int, check_range
+from ...engine.config import Config, ConfigError, check_choice, check_int
 from ..base import Batch, register_task
 from . import presets
 from .data import GraphDataError
@@ -43,7 +43,7 @@ from .model import GraphInjection, IGNNCell, NodeHead
 from .ogb import load_ogb
 from .sampler import NeighbourSampler
 from .store import GraphStore
-from .task import GraphTask
+from .task import GraphTask, check_ignn
 
 __all__ = ["OgbnConfig", "OgbnTask"]
 
@@ -114,17 +114,7 @@ class OgbnConfig(Config):
             raise ConfigError("the ogbn task needs data: an OGB dataset folder (raw/, split/), "
                               "e.g. --data ogbn-arxiv/")
         check_choice("size", self.size, ["", "paper"])
-        check_int("hidden", self.hidden, minimum=1)
-        if isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float)) \
-                or not 0 < self.kappa < 1:
-            raise ConfigError(f"kappa={self.kappa!r} is not valid; it must lie in (0, 1)")
-        check_choice("w_constraint", self.w_constraint, ["scale", "project"])
-        check_choice("w_init", self.w_init, ["random", "identity"])
-        check_choice("activation", self.activation, ["relu", "tanh"])
-        check_int("inject_hops", self.inject_hops, minimum=0)
-        check_range("input_dropout", self.input_dropout, 0.0, 0.95)
-        check_range("head_dropout", self.head_dropout, 0.0, 0.95)
-        check_int("head_hidden", self.head_hidden, minimum=0)
+        check_ignn(self)
         if not isinstance(self.fanouts, (list, tuple)) or any(
                 isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in self.fanouts):
             raise ConfigError(f"fanouts={self.fanouts!r} is not valid; give a list of positive integers "

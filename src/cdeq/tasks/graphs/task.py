@@ -42,6 +42,23 @@ from .readers import load_facebook, load_planetoid, load_saved_graph
 
 __all__ = ["CoraTask", "FacebookTask", "GraphConfig", "GraphTask", "PlanetoidTask"]
 
+def check_ignn(config: Any) -> None:
+    """Check the IGNN model's settings that the graph configurations share (``hidden``, ``kappa``,
+    the weight constraint and initialisation, activation, injection hops, dropouts, head width);
+    a bad value is a :class:`ConfigError` naming its key."""
+    check_int("hidden", config.hidden, minimum=1)
+    if isinstance(config.kappa, bool) or not isinstance(config.kappa, (int, float)) \
+            or not 0 < config.kappa < 1:
+        raise ConfigError(f"kappa={config.kappa!r} is not valid; it must lie in (0, 1)")
+    check_choice("w_constraint", config.w_constraint, ["scale", "project"])
+    check_choice("w_init", config.w_init, ["random", "identity"])
+    check_choice("activation", config.activation, ["relu", "tanh"])
+    check_int("inject_hops", config.inject_hops, minimum=0)
+    check_range("input_dropout", config.input_dropout, 0.0, 0.95)
+    check_range("head_dropout", config.head_dropout, 0.0, 0.95)
+    check_int("head_hidden", config.head_hidden, minimum=0)
+
+
 @dataclasses.dataclass
 class GraphConfig(Config):
     """Settings of a graph task.
@@ -90,17 +107,7 @@ class GraphConfig(Config):
         if not isinstance(self.data, str):
             raise ConfigError(f"data={self.data!r} is not valid; it must be a path string")
         check_choice("setting", self.setting, ["transductive", "inductive"])
-        check_int("hidden", self.hidden, minimum=1)
-        if isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float)) \
-                or not 0 < self.kappa < 1:
-            raise ConfigError(f"kappa={self.kappa!r} is not valid; it must lie in (0, 1)")
-        check_choice("w_constraint", self.w_constraint, ["scale", "project"])
-        check_choice("w_init", self.w_init, ["random", "identity"])
-        check_choice("activation", self.activation, ["relu", "tanh"])
-        check_int("inject_hops", self.inject_hops, minimum=0)
-        check_range("input_dropout", self.input_dropout, 0.0, 0.95)
-        check_range("head_dropout", self.head_dropout, 0.0, 0.95)
-        check_int("head_hidden", self.head_hidden, minimum=0)
+        check_ignn(self)
         if not isinstance(self.normalize_features, bool):
             raise ConfigError(f"normalize_features={self.normalize_features!r} must be true or false")
         check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)
